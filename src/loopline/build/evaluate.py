@@ -1,0 +1,69 @@
+"""Evaluate: the candidate on the test split, overall and per segment (condition, camera)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from loopline.build.images import label_indices, load_images
+from loopline.config import EvaluateConfig
+from loopline.errors import require_extra
+from loopline.metrics import classification_report
+from loopline.pipeline import StepContext
+
+
+class EvaluateParams(EvaluateConfig):
+    labels: list[str]
+
+
+def segment_reports(
+    test: pd.DataFrame, y: np.ndarray, pred: np.ndarray, labels: list[str], segments: list[str]
+) -> dict[str, dict[str, Any]]:
+    """Metrics per value of each segment column; columns the data lacks are skipped."""
+    out: dict[str, dict[str, Any]] = {}
+    for column in segments:
+        if column not in test.columns:
+            continue
+        values = test[column].astype(str).to_numpy()
+        out[column] = {}
+        for value in sorted(set(values)):
+            mask = values == value
+            report = classification_report(y[mask], pred[mask], labels)
+            report.pop("confusion_matrix")
+            out[column][value] = report
+    return out
+
+
+def evaluate(
+    ctx: StepContext,
+    splits: pd.DataFrame,
+    weights: dict[str, np.ndarray],
+    model: dict[str, Any],
+    params: EvaluateParams,
+) -> dict[str, Any]:
+    require_extra("torch", "train")
+    from loopline.build import trainer
+
+    test = splits[splits["split"] == "test"].reset_index(drop=True)
+    spec = trainer.ModelSpec.from_dict(model["spec"])
+    x = load_images(ctx, test, spec.input_size, "test images")
+    y = label_indices(test, params.labels)
+    logits = trainer.predict_logits(trainer.load_state(spec, weights), x)
+    pred = logits.argmax(axis=1)
+    report = classification_report(y, pred, params.labels)
+    missing = [s for s in params.segments if s not in test.columns]
+    if missing:
+        ctx.log(f"segments not in the data, skipped: {', '.join(missing)}")
+    report["segments"] = segment_reports(test, y, pred, params.labels, params.segments)
+    ctx.log(
+        f"test accuracy {report['accuracy']:.4f}, macro P/R/F1 {report['macro_precision']:.4f}/"
+        f"{report['macro_recall']:.4f}/{report['macro_f1']:.4f} on {report['n']} images"
+    )
+    for column, values in report["segments"].items():
+        ctx.log(
+            f"by {column}: "
+            + ", ".join(f"{v} acc={r['accuracy']:.3f}" for v, r in values.items())
+        )
+    return report

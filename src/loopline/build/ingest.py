@@ -1,0 +1,85 @@
+"""Ingest: read the source's records into a versioned dataset.
+
+The dataset version is the sha256 of all records (path, label, metadata and the sha256 of
+each file's bytes), so ingesting the same data twice gives the same version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pandas as pd
+
+from loopline.config import DataConfig
+from loopline.pipeline import StepContext
+
+
+def dataset_version(records: pd.DataFrame) -> str:
+    """Content hash of a records table, independent of row order."""
+    ordered = records.sort_values("path", kind="stable").reset_index(drop=True)
+    ordered = ordered[sorted(ordered.columns)]
+    return hashlib.sha256(ordered.to_csv(index=False).encode()).hexdigest()
+
+
+def ingest(ctx: StepContext, params: DataConfig) -> dict[str, Any]:
+    res = ctx.resources
+    source = res.source
+    records = source.list_records()
+    for column, allowed in params.filter.items():
+        if column not in records.columns:
+            raise_missing(column, records)
+        records = records[records[column].astype(str).isin([str(v) for v in allowed])]
+    records = records.reset_index(drop=True)
+    bar = ctx.progress(len(records), "hashing files")
+
+    def digest(path: str) -> tuple[str, int]:
+        try:
+            data = source.read_bytes(path)
+        except Exception as err:  # a missing or unsafe path is quarantined by validate
+            ctx.log(f"unreadable {path}: {err}")
+            return "", -1
+        finally:
+            bar.advance()
+        return hashlib.sha256(data).hexdigest(), len(data)
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        hashed = list(pool.map(digest, records["path"].tolist()))
+    bar.close()
+    records["sha256"] = [h for h, _ in hashed]
+    records["bytes"] = [n for _, n in hashed]
+    records = records.fillna("").astype({c: str for c in records.columns if c != "bytes"})
+    version = dataset_version(records)
+    records_sha = hashlib.sha256(records.to_csv(index=False).encode()).hexdigest()
+    stats = {
+        "labels": records["label"].value_counts().sort_index().to_dict(),
+        "columns": list(records.columns),
+    }
+    res.store.add_dataset_version(
+        version=version,
+        name=res.config.project,
+        source_uri=source.uri,
+        n_records=len(records),
+        records_sha256=records_sha,
+        stats=stats,
+        created_by_run=ctx.run_id,
+    )
+    ctx.log(f"dataset version {version[:12]}: {len(records)} records from {source.uri}")
+    return {"records": records, "dataset": {"version": version, "n_records": len(records),
+                                            "source": source.uri}}
+
+
+def raise_missing(column: str, records: pd.DataFrame) -> None:
+    from loopline.errors import ConfigError
+
+    raise ConfigError(
+        f"data.filter names column {column!r}, which the source lacks; "
+        f"columns: {', '.join(records.columns)}"
+    )
+
+
+def source_fingerprint(ctx: StepContext) -> str:
+    """Cache extra for ingest: the step re-runs whenever the source's content changes."""
+    source = ctx.resources.source
+    return f"{source.uri}|{source.fingerprint()}"

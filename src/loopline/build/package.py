@@ -1,0 +1,116 @@
+"""Package: export to ONNX, prove ONNX Runtime matches torch, write the model bundle.
+
+The bundle (see ``loopline.bundle``) holds the self-contained ONNX model, labels,
+preprocessing spec, metadata, the build context of a torch-free serving image, and a
+sha256 manifest. It is stored in the artifact store by content.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from loopline import __version__
+from loopline.build.images import load_images
+from loopline.bundle import PreprocessSpec, to_input, write_bundle
+from loopline.config import PackageConfig
+from loopline.errors import PipelineError, require_extra
+from loopline.pipeline import StepContext
+
+
+def git_commit(root: Path) -> str | None:
+    """The user project's git commit, if the project is a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def parity_check(
+    onnx_path: Path, torch_logits: np.ndarray, x: np.ndarray, tolerance: float
+) -> float:
+    """Largest |ORT - torch| logit difference on ``x``; raises when above ``tolerance``."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for start in range(0, len(x), 256):
+        (ort_logits,) = session.run(["logits"], {"input": to_input(x[start : start + 256])})
+        diff = float(np.abs(ort_logits - torch_logits[start : start + 256]).max())
+        worst = max(worst, diff)
+    if worst > tolerance:
+        raise PipelineError(
+            f"ONNX Runtime's logits differ from torch's by {worst:.2e} on the test split, "
+            f"over package.tolerance={tolerance:g}; the export is not faithful"
+        )
+    return worst
+
+
+def package(
+    ctx: StepContext,
+    weights: dict[str, np.ndarray],
+    model: dict[str, Any],
+    metrics: dict[str, Any],
+    splits: pd.DataFrame,
+    dataset: dict[str, Any],
+    decision: dict[str, Any],
+    params: PackageConfig,
+) -> bytes:
+    require_extra("onnx", "train")
+    from loopline.build import trainer
+    from loopline.deploy.image import image_context_files
+
+    spec = trainer.ModelSpec.from_dict(model["spec"])
+    net = trainer.load_state(spec, weights)
+    test = splits[splits["split"] == "test"].reset_index(drop=True)
+    x = load_images(ctx, test, spec.input_size, "test images")
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = Path(tmp) / "model.onnx"
+        trainer.export_onnx(net, spec.input_size, onnx_path, opset=params.opset)
+        extra = [p.name for p in Path(tmp).iterdir() if p.name != "model.onnx"]
+        if extra:
+            raise PipelineError(f"ONNX export wrote extra files {extra}; expected one file")
+        worst = parity_check(onnx_path, trainer.predict_logits(net, x), x, params.tolerance)
+        ctx.log(f"ONNX Runtime matches torch on {len(x)} test images (max |diff| {worst:.2e})")
+        model_bytes = onnx_path.read_bytes()
+
+        res = ctx.resources
+        preprocess = PreprocessSpec(height=spec.input_size, width=spec.input_size)
+        metadata = {
+            "name": res.config.model.name,
+            "run_id": ctx.run_id,
+            "dataset_version": dataset["version"],
+            "metrics": {k: metrics[k] for k in
+                        ("accuracy", "macro_precision", "macro_recall", "macro_f1")},
+            "spec": spec.to_dict(),
+            "params": model["best_params"],
+            "loopline_version": __version__,
+            "git_commit": git_commit(res.config.root),
+            "parity_max_abs_diff": worst,
+            "gate": {"accepted": decision["accepted"], "rules": decision["rules"]},
+        }
+        files: dict[str, bytes] = {
+            "model.onnx": model_bytes,
+            "labels.json": json.dumps(model["labels"]).encode(),
+            "preprocess.json": json.dumps(preprocess.to_dict(), indent=2).encode(),
+            "metadata.json": json.dumps(metadata, indent=2, sort_keys=True).encode(),
+        }
+        files.update(image_context_files())
+        tar = Path(tmp) / "bundle.tar"
+        write_bundle(files, tar)
+        data = tar.read_bytes()
+    ctx.log(f"bundle: {len(files) + 1} files, {len(data) / 1e6:.2f} MB")
+    return data

@@ -1,0 +1,85 @@
+"""How the CLI shows things: rich tables and progress for people, JSON for scripts."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+class _Bar:
+    def __init__(self, progress: Progress, task: Any) -> None:
+        self._progress = progress
+        self._task = task
+
+    def advance(self, n: int = 1) -> None:
+        self._progress.advance(self._task, n)
+
+    def close(self) -> None:
+        self._progress.remove_task(self._task)
+
+
+class _Quiet:
+    def advance(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class RichReporter:
+    """Shows a run step by step: a line per step (ran, cached, failed) and progress bars."""
+
+    def __init__(self, quiet: bool = False, verbose: bool = False) -> None:
+        self.quiet = quiet
+        self.verbose = verbose
+        self.out = err_console if quiet else console
+        self._progress = Progress(
+            TextColumn("  [cyan]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=self.out,
+            transient=True,
+            disable=quiet or not self.out.is_terminal,
+        )
+        self._t0 = time.perf_counter()
+
+    def __enter__(self) -> RichReporter:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._progress.stop()
+
+    def step_started(self, step: str) -> None:
+        pass
+
+    def step_finished(self, step: str, status: str, seconds: float, note: str = "") -> None:
+        if self.quiet:
+            return
+        style = {"succeeded": "green", "cached": "blue", "failed": "red"}.get(status, "white")
+        label = {"succeeded": "ran", "cached": "skipped (cached)"}.get(status, status)
+        extra = f" [dim]{note}[/dim]" if note else ""
+        self.out.print(f"[{style}]✔[/{style}] {step:<9} {label} in {seconds:.1f}s{extra}"
+                       if status != "failed" else f"[red]✘ {step:<9} failed[/red]{extra}")
+
+    def log(self, step: str, message: str) -> None:
+        if not self.quiet:
+            self.out.print(f"  [dim]{step}:[/dim] {message}", highlight=False)
+
+    def progress(self, step: str, total: int | None, description: str) -> Any:
+        if self._progress.disable:
+            return _Quiet()
+        return _Bar(self._progress, self._progress.add_task(description, total=total))

@@ -1,0 +1,181 @@
+"""A content-addressed artifact store over any fsspec filesystem.
+
+Artifacts are stored under ``<root>/sha256/<aa>/<digest>``. Hashing, atomic writes and
+verification live here, once, above every backend: a write goes to a temporary name and is
+moved into place only when complete, and every read re-hashes the bytes and refuses a
+mismatch. The backend itself is plain fsspec (a local folder, ``s3://``, ``memory://``...).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import fsspec
+
+from loopline.errors import IntegrityError, NotFound, StoreError
+
+CHUNK = 1 << 20
+_HEX = set("0123456789abcdef")
+
+
+@dataclass(frozen=True)
+class ArtifactRef:
+    """What a stored artifact is: its digest, size and where it lives."""
+
+    sha256: str
+    size: int
+    uri: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"sha256": self.sha256, "size": self.size, "uri": self.uri}
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_digest(digest: str) -> str:
+    if len(digest) != 64 or not set(digest) <= _HEX:
+        raise NotFound(f"invalid artifact digest {digest!r}: expected 64 lowercase hex characters")
+    return digest
+
+
+class ArtifactStore:
+    """Put bytes or files by content; get them back verified."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        except (ImportError, ValueError) as err:
+            raise StoreError(f"unsupported artifact store URL {url!r}: {err}") from None
+        self.root = self.root.rstrip("/")
+        self._local = "file" in _protocols(self.fs)
+        try:
+            self.fs.makedirs(f"{self.root}/sha256", exist_ok=True)
+            self.fs.makedirs(f"{self.root}/tmp", exist_ok=True)
+        except OSError as err:
+            raise StoreError(f"cannot use artifact store {url!r}: {err}") from None
+
+    # -- naming --------------------------------------------------------------------------
+    def _path(self, digest: str) -> str:
+        digest = _check_digest(digest)
+        return f"{self.root}/sha256/{digest[:2]}/{digest}"
+
+    def uri(self, digest: str) -> str:
+        path = self._path(digest)
+        protocol = _protocols(self.fs)[0]
+        return path if protocol == "file" else f"{protocol}://{path}"
+
+    def exists(self, digest: str) -> bool:
+        return bool(self.fs.exists(self._path(digest)))
+
+    # -- writing -------------------------------------------------------------------------
+    def put_bytes(self, data: bytes) -> ArtifactRef:
+        digest = hashlib.sha256(data).hexdigest()
+        if not self.exists(digest):
+            self._commit(digest, lambda f: f.write(data))
+        return ArtifactRef(digest, len(data), self.uri(digest))
+
+    def put_json(self, obj: Any) -> ArtifactRef:
+        return self.put_bytes(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode())
+
+    def put_file(self, path: str | Path) -> ArtifactRef:
+        digest = sha256_file(path)
+        size = os.path.getsize(path)
+        if not self.exists(digest):
+
+            def copy(f: IO[bytes]) -> None:
+                with open(path, "rb") as src:
+                    while chunk := src.read(CHUNK):
+                        f.write(chunk)
+
+            self._commit(digest, copy)
+        return ArtifactRef(digest, size, self.uri(digest))
+
+    def _commit(self, digest: str, write: Any) -> None:
+        final = self._path(digest)
+        tmp = f"{self.root}/tmp/{digest}.{uuid.uuid4().hex}"
+        try:
+            with self.fs.open(tmp, "wb") as f:
+                write(f)
+                if self._local:
+                    f.flush()
+                    os.fsync(f.fileno())
+            self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
+            self.fs.mv(tmp, final)
+        finally:
+            if self.fs.exists(tmp):
+                self.fs.rm(tmp)
+        # Re-check what landed, so a faulty backend cannot register a bad digest.
+        self._verify(final, digest)
+
+    # -- reading -------------------------------------------------------------------------
+    def _verify(self, path: str, digest: str) -> None:
+        h = hashlib.sha256()
+        with self.fs.open(path, "rb") as f:
+            while chunk := f.read(CHUNK):
+                h.update(chunk)
+        if h.hexdigest() != digest:
+            raise IntegrityError(
+                f"artifact sha256:{digest[:12]} is corrupt or tampered with "
+                f"(content hashes to {h.hexdigest()[:12]}); refusing to use it"
+            )
+
+    def get_bytes(self, digest: str) -> bytes:
+        path = self._path(digest)
+        try:
+            with self.fs.open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise NotFound(f"artifact sha256:{digest} is missing from {self.url}") from None
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != digest:
+            raise IntegrityError(
+                f"artifact sha256:{digest[:12]} is corrupt or tampered with "
+                f"(content hashes to {actual[:12]}); refusing to use it"
+            )
+        return data
+
+    def get_json(self, digest: str) -> Any:
+        return json.loads(self.get_bytes(digest))
+
+    def get_file(self, digest: str, dest: str | Path) -> Path:
+        """Copy an artifact to a local file, verified; ``dest`` appears only when complete."""
+        dest = Path(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.part")
+        h = hashlib.sha256()
+        try:
+            try:
+                src = self.fs.open(self._path(digest), "rb")
+            except FileNotFoundError:
+                raise NotFound(f"artifact sha256:{digest} is missing from {self.url}") from None
+            with src, open(tmp, "wb") as out:
+                while chunk := src.read(CHUNK):
+                    h.update(chunk)
+                    out.write(chunk)
+            if h.hexdigest() != digest:
+                raise IntegrityError(
+                    f"artifact sha256:{digest[:12]} is corrupt or tampered with "
+                    f"(content hashes to {h.hexdigest()[:12]}); refusing to use it"
+                )
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return dest
+
+
+def _protocols(fs: Any) -> tuple[str, ...]:
+    proto = fs.protocol
+    return (proto,) if isinstance(proto, str) else tuple(proto)

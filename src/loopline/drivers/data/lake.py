@@ -1,0 +1,128 @@
+"""A data lake: a local folder or any fsspec URL holding images.
+
+Two layouts: a manifest (CSV or Parquet with ``path,label`` and metadata columns) or one
+folder per class. Every path is checked to stay inside the lake's root.
+"""
+
+from __future__ import annotations
+
+import io
+import posixpath
+from collections.abc import Callable
+from typing import Any
+
+import fsspec
+import pandas as pd
+
+from loopline.errors import DataSourceError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def safe_join(root: str, rel: str) -> str:
+    """Join ``rel`` under ``root``; refuse absolute paths and any that climb out of root."""
+    rel = str(rel).replace("\\", "/")
+    if not rel or rel.startswith("/") or "://" in rel or (len(rel) > 1 and rel[1] == ":"):
+        raise DataSourceError(f"path {rel!r} must be relative to the data root")
+    norm = posixpath.normpath(rel)
+    if norm == ".." or norm.startswith("../"):
+        raise DataSourceError(f"path {rel!r} escapes the data root")
+    return f"{root.rstrip('/')}/{norm}"
+
+
+class Lake:
+    """Images in a folder or object store, described by a manifest or by class folders."""
+
+    def __init__(self, uri: str, layout: str = "auto", manifest: str = "manifest.csv") -> None:
+        self.uri = uri
+        self.layout = layout
+        self.manifest = manifest
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(uri)
+        except (ImportError, ValueError) as err:
+            raise DataSourceError(f"unsupported data lake URL {uri!r}: {err}") from None
+        self.root = self.root.rstrip("/")
+        self._local = "file" in (
+            (self.fs.protocol,) if isinstance(self.fs.protocol, str) else self.fs.protocol
+        )
+        if not self.fs.isdir(self.root):
+            raise DataSourceError(
+                f"data lake not found: {uri} (generate one with `loopline datagen --out {uri}`)"
+            )
+
+    @classmethod
+    def from_config(cls, src: Any, resolve: Callable[[str], str]) -> Lake:
+        return cls(resolve(src.uri), layout=src.layout, manifest=src.manifest)
+
+    # -- records ---------------------------------------------------------------------------
+    def list_records(self) -> pd.DataFrame:
+        layout = self.layout
+        if layout == "auto":
+            layout = "manifest" if self.fs.exists(self._manifest_path()) else "folders"
+        df = self._from_manifest() if layout == "manifest" else self._from_folders()
+        return df.reset_index(drop=True)
+
+    def _manifest_path(self) -> str:
+        return safe_join(self.root, self.manifest)
+
+    def _from_manifest(self) -> pd.DataFrame:
+        path = self._manifest_path()
+        if not self.fs.exists(path):
+            raise DataSourceError(f"manifest {self.manifest} not found in {self.uri}")
+        with self.fs.open(path, "rb") as f:
+            raw = f.read()
+        try:
+            if self.manifest.endswith(".parquet"):
+                df = pd.read_parquet(io.BytesIO(raw))
+            else:
+                df = pd.read_csv(io.BytesIO(raw), dtype=str, keep_default_na=False)
+        except Exception as err:  # pandas raises many kinds for a broken file
+            raise DataSourceError(f"cannot read manifest {self.manifest}: {err}") from None
+        missing = {"path", "label"} - set(df.columns)
+        if missing:
+            raise DataSourceError(
+                f"manifest {self.manifest} lacks column(s) {', '.join(sorted(missing))}; "
+                "required: path,label (plus any metadata columns)"
+            )
+        return df.astype({"path": str, "label": str})
+
+    def _from_folders(self) -> pd.DataFrame:
+        rows = []
+        for path in sorted(self.fs.find(self.root)):
+            rel = path[len(self.root) + 1 :]
+            parts = rel.split("/")
+            if len(parts) < 2 or not rel.lower().endswith(IMAGE_SUFFIXES):
+                continue
+            rows.append({"path": rel, "label": parts[0]})
+        if not rows:
+            raise DataSourceError(
+                f"no images found in {self.uri}: expected a {self.manifest} or one folder "
+                "per class (e.g. car/0001.png)"
+            )
+        return pd.DataFrame(rows)
+
+    def fingerprint(self) -> str:
+        """A cheap digest of the lake's listing (path, size, mtime): changes when files do."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for path, info in sorted(self.fs.find(self.root, detail=True).items()):
+            mtime = info.get("mtime") or info.get("LastModified") or info.get("created") or ""
+            h.update(f"{path}\0{info.get('size')}\0{mtime}\n".encode())
+        return h.hexdigest()
+
+    # -- bytes -----------------------------------------------------------------------------
+    def read_bytes(self, path: str) -> bytes:
+        full = safe_join(self.root, path)
+        if self._local:
+            import os
+
+            real = os.path.realpath(full)
+            if not real.startswith(os.path.realpath(self.root) + os.sep):
+                raise DataSourceError(f"path {path!r} escapes the data root (via a link)")
+        try:
+            with self.fs.open(full, "rb") as f:
+                data: bytes = f.read()
+                return data
+        except FileNotFoundError:
+            raise DataSourceError(f"{path} is listed but missing from {self.uri}") from None

@@ -1,0 +1,59 @@
+"""A data warehouse: an SQL query over a SQLAlchemy URL returning ``path,label,...`` rows.
+
+The query gives the records; the image bytes are read from ``images_root`` (a lake).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pandas as pd
+from sqlalchemy import create_engine, text
+from sqlalchemy.exc import SQLAlchemyError
+
+from loopline.drivers.data.lake import Lake
+from loopline.errors import DataSourceError
+
+
+class Warehouse:
+    def __init__(self, url: str, query: str, images_root: str) -> None:
+        self.url = url
+        self.query = query
+        self.uri = f"{url} :: {query}"
+        self.images = Lake(images_root, layout="folders")
+
+    @classmethod
+    def from_config(cls, src: Any, resolve: Callable[[str], str]) -> Warehouse:
+        if not src.url or not src.query:
+            raise DataSourceError("a warehouse source needs data.source.url and data.source.query")
+        root = src.images_root or src.uri
+        return cls(src.url, src.query, resolve(root))
+
+    def list_records(self) -> pd.DataFrame:
+        try:
+            engine = create_engine(self.url)
+            with engine.connect() as conn:
+                df = pd.read_sql_query(text(self.query), conn)
+            engine.dispose()
+        except SQLAlchemyError as err:
+            first = str(err).strip().splitlines()[0]
+            raise DataSourceError(f"warehouse query failed: {first}") from None
+        missing = {"path", "label"} - set(df.columns)
+        if missing:
+            raise DataSourceError(
+                f"warehouse query must return columns path,label; missing {', '.join(missing)}"
+            )
+        df = df.astype({"path": str})
+        df["label"] = df["label"].fillna("").astype(str)
+        return df
+
+    def fingerprint(self) -> str:
+        """Digest of the query's rows and of the images' listing."""
+        import hashlib
+
+        rows = self.list_records().to_csv(index=False).encode()
+        return hashlib.sha256(rows + self.images.fingerprint().encode()).hexdigest()
+
+    def read_bytes(self, path: str) -> bytes:
+        return self.images.read_bytes(path)
