@@ -65,6 +65,33 @@ def step_sections(config: Config) -> dict[str, BaseModel]:
     }
 
 
+def preflight(config: Config) -> None:
+    """Fail fast, before any work, on what the config gets wrong."""
+    import importlib.util
+
+    from loopline.build.gate import parse_rule
+    from loopline.drivers.data import open_source
+    from loopline.errors import ConfigError
+
+    arch = config.train.architecture
+    if arch != "cnn":
+        module, _, cls = arch.partition(":")
+        found = None
+        if module and cls:
+            try:
+                found = importlib.util.find_spec(module)
+            except (ImportError, ValueError):
+                found = None
+        if found is None:
+            raise ConfigError(
+                f"unknown architecture {arch!r}: use 'cnn' or 'package.module:ClassName' "
+                "naming an importable torch.nn.Module"
+            )
+    for rule in config.gate.rules:
+        parse_rule(rule)
+    open_source(config)
+
+
 @dataclass
 class BuildResult:
     run_id: str
@@ -100,6 +127,7 @@ def build(
         previous = store.get_run(resume)
         config = parse_config(previous.config, config.root, f"run {previous.id}")
         resume = previous.id
+    preflight(config)
     resources = BuildResources(config=config, store=store, artifacts=artifacts, actor=actor)
 
     def record_lineage(run_id: str, step: str, values: dict[str, Any]) -> None:

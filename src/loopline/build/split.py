@@ -12,11 +12,12 @@ from loopline.pipeline import StepContext
 
 def split(ctx: StepContext, clean: pd.DataFrame, params: SplitConfig) -> pd.DataFrame:
     rng = np.random.default_rng(params.seed)
+    clean = clean.reset_index(drop=True)  # index labels are positions from here on
     assignment = np.empty(len(clean), dtype=object)
     # Sort by path first so the split depends on content, not on listing order.
     ordered = clean.sort_values("path", kind="stable")
     for label, group in ordered.groupby("label", sort=True):
-        idx = group.index.to_numpy()
+        idx = group.index.to_numpy().copy()
         rng.shuffle(idx)
         n = len(idx)
         n_test = max(1, round(n * params.test)) if n >= 3 else 0
