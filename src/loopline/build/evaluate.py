@@ -67,3 +67,34 @@ def evaluate(
             + ", ".join(f"{v} acc={r['accuracy']:.3f}" for v, r in values.items())
         )
     return report
+
+
+def evaluate_registered(resources: Any, ref: str, reporter: Any = None) -> dict[str, Any]:
+    """Evaluate a registered model (its ONNX bundle) on every valid record of the source.
+
+    Used to measure a model on data it was not built from, e.g. a day-only model on fog
+    and night images. The records are ingested and validated as in a build (the dataset
+    version is recorded), then scored with ONNX Runtime, overall and per segment.
+    """
+    from loopline.build.gate import evaluate_bundle
+    from loopline.build.ingest import ingest
+    from loopline.build.pipeline import step_sections
+    from loopline.build.validate import validate
+    from loopline.pipeline.step import SilentReporter
+
+    config = resources.config
+    mv = resources.store.resolve_model(ref)
+    sections = step_sections(config)
+    ctx = StepContext(
+        run_id="evaluate", step="evaluate", reporter=reporter or SilentReporter(),
+        resources=resources,
+    )
+    ingested = ingest(ctx, sections["data"])
+    clean = validate(ctx, ingested["records"], sections["validate"])["clean"]
+    labels = config.data.labels
+    report, pred = evaluate_bundle(ctx, mv.bundle_sha256, clean, labels, return_pred=True)
+    y = label_indices(clean, labels)
+    report["segments"] = segment_reports(clean, y, pred, labels, config.evaluate.segments)
+    report["model"] = f"{mv.name}:{mv.version}"
+    report["dataset_version"] = ingested["dataset"]["version"]
+    return report

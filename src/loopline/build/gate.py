@@ -73,8 +73,12 @@ def production_fingerprint(ctx: StepContext) -> str:
 
 
 def evaluate_bundle(
-    ctx: StepContext, bundle_sha256: str, test: pd.DataFrame, labels: list[str]
-) -> dict[str, Any]:
+    ctx: StepContext,
+    bundle_sha256: str,
+    test: pd.DataFrame,
+    labels: list[str],
+    return_pred: bool = False,
+) -> Any:
     """Evaluate a registered bundle with ONNX Runtime on ``test`` (same split as the candidate)."""
     import onnxruntime as ort
 
@@ -97,7 +101,8 @@ def evaluate_bundle(
         (logits,) = session.run(["logits"], {"input": to_input(x[start : start + 256])})
         preds.append(logits.argmax(axis=1))
     pred = np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
-    return classification_report(label_indices(test, labels), pred, labels)
+    report = classification_report(label_indices(test, labels), pred, labels)
+    return (report, pred) if return_pred else report
 
 
 def gate(

@@ -351,6 +351,48 @@ def models_alias(
     console.print(f"{name}@{alias} -> {name}:{version}")
 
 
+@app.command("evaluate")
+def evaluate_cmd(
+    ref: Annotated[str, typer.Argument(help="NAME, NAME:VERSION or NAME@ALIAS.")],
+    config: ConfigOpt = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a config key, e.g. --set data.source.uri=other"),
+    ] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Score a registered model on the configured data source, overall and per segment.
+
+    Every valid record of the source is used (no split), so this measures a model on data
+    it was not built from: e.g. a model trained on `day` images, on fog and night images.
+    """
+    from rich.table import Table
+
+    from loopline.build.evaluate import evaluate_registered
+    from loopline.build.pipeline import open_stores
+    from loopline.build.resources import BuildResources
+    from loopline.cli.output import RichReporter
+
+    try:
+        cfg = _config(config, set_)
+        store, artifacts = open_stores(cfg)
+        with RichReporter(quiet=True) as reporter:
+            report = evaluate_registered(BuildResources(cfg, store, artifacts), ref, reporter)
+    except LooplineError as err:
+        fail(err)
+    if json_out:
+        print_json(report)
+        return
+    console.print(f"{report['model']} on {report['n']} images "
+                  f"(dataset {report['dataset_version'][:12]}): accuracy "
+                  f"{report['accuracy']:.4f}, macro-F1 {report['macro_f1']:.4f}")
+    for column, values in report["segments"].items():
+        table = Table(column, "images", "accuracy", "macro-F1")
+        for value, r in values.items():
+            table.add_row(value, str(r["n"]), f"{r['accuracy']:.3f}", f"{r['macro_f1']:.3f}")
+        console.print(table)
+
+
 def _register_optional() -> None:
     try:
         from loopline.cli import serve
