@@ -168,7 +168,7 @@ class Config(Section):
     def metadata_url(self) -> str:
         url = os.environ.get("LOOPLINE_DB_URL") or self.store.metadata_url
         if url:
-            return url
+            return _resolve_sqlite(url, self._root)
         return f"sqlite:///{(self.state_dir / 'loopline.db').resolve()}"
 
     def artifacts_url(self) -> str:
@@ -177,6 +177,21 @@ class Config(Section):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)
+
+
+def _resolve_sqlite(url: str, root: Path) -> str:
+    """Make a relative SQLite file path relative to the project root, like other paths.
+
+    SQLAlchemy reads ``sqlite:///x.db`` relative to the working directory, which would put
+    the store wherever the command happens to be run from.
+    """
+    scheme, sep, rest = url.partition(":///")
+    if not sep or scheme.split("+")[0] != "sqlite":
+        return url
+    path, q, query = rest.partition("?")
+    if not path or path.startswith(("/", ":memory:", "file:")) or Path(path).is_absolute():
+        return url
+    return f"{scheme}:///{(root / path).resolve()}{q}{query}"
 
 
 def _parse_value(raw: str) -> Any:
@@ -236,7 +251,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" (line {mark.line + 1})" if mark is not None else ""
-            raise ConfigError(f"{file}: invalid YAML{where}: {getattr(err, 'problem', err)}")
+            raise ConfigError(
+                f"{file}: invalid YAML{where}: {getattr(err, 'problem', err)}"
+            ) from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{file}: expected a mapping of sections at the top level")
         data = loaded or {}

@@ -28,6 +28,12 @@ def encode(value: Any) -> tuple[str, bytes]:
     if isinstance(value, bytes):
         return "bytes", value
     if isinstance(value, dict) and value and all(isinstance(v, np.ndarray) for v in value.values()):
+        objects = [name for name, v in value.items() if v.dtype.hasobject]
+        if objects:  # np.savez would pickle them, and decode refuses pickles
+            raise TypeError(
+                f"array(s) {', '.join(map(str, objects))} hold Python objects; "
+                "steps return numeric or string numpy arrays"
+            )
         buf = io.BytesIO()
         np.savez(buf, **value)
         return "npz", buf.getvalue()

@@ -111,7 +111,10 @@ class Runner:
                 )
             self.store.update_run(run_id, status="running", error=None, finished_at=None)
             self.store.audit("loopline", "run.resume", run_id)
+            # What this run already did is kept even with the cache off: that is resuming.
+            done = {s.step: s for s in self.store.list_steps(run_id) if s.status == "succeeded"}
         else:
+            done = {}
             run_id = run_id or new_run_id()
             self.store.create_run(
                 run_id,
@@ -129,7 +132,7 @@ class Runner:
         outcomes: list[StepOutcome] = []
         for step in pipeline:
             try:
-                outcome = self._run_step(run_id, step, sections, refs, values)
+                outcome = self._run_step(run_id, step, sections, refs, values, done)
             except BaseException as err:
                 reason = _reason(err)
                 status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
@@ -162,6 +165,7 @@ class Runner:
         sections: dict[str, BaseModel],
         refs: dict[str, dict[str, Any]],
         values: dict[str, Any],
+        done: dict[str, Any],
     ) -> StepOutcome:
         section = sections.get(step.params) if step.params else None
         params = section.model_dump(mode="json") if section is not None else {}
@@ -184,16 +188,25 @@ class Runner:
         self.reporter.step_started(step.name)
 
         hit = self.store.find_cached_step(step.name, key) if self.use_cache else None
+        if hit is None and step.name in done and done[step.name].cache_key == key:
+            hit = done[step.name]
         if hit is not None and self._outputs_present(hit.outputs, step):
             for name in step.outputs:
                 refs[name] = hit.outputs[name]
                 values[name] = self._load(hit.outputs[name])
-            sid = self.store.start_step(run_id, step.name, cached=True, cached_from=hit.run_id,
-                                        **common)
-            self.store.finish_step(sid, status="succeeded", outputs=hit.outputs,
-                                   log=f"cached: reused the outputs of run {hit.run_id}",
-                                   duration_s=0.0)
-            self.reporter.step_finished(step.name, "cached", 0.0, f"from run {hit.run_id}")
+            # Name the run that produced the outputs, not one that itself reused them.
+            source = hit.cached_from or hit.run_id
+            sid = self.store.start_step(
+                run_id, step.name, cached=True, cached_from=source, **common
+            )
+            self.store.finish_step(
+                sid,
+                status="succeeded",
+                outputs=hit.outputs,
+                log=f"cached: reused the outputs of run {source}",
+                duration_s=0.0,
+            )
+            self.reporter.step_finished(step.name, "cached", 0.0, f"from run {source}")
             return StepOutcome(step.name, "cached", 0.0, hit.outputs)
 
         sid = self.store.start_step(run_id, step.name, cached=False, **common)

@@ -112,13 +112,21 @@ class ArtifactStore:
                 if self._local:
                     f.flush()
                     os.fsync(f.fileno())
+            # Check the bytes before they get the digest's name: a source that changed while
+            # it was copied must not land under a name it does not match.
+            self._verify(tmp, digest)
             self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
             self.fs.mv(tmp, final)
         finally:
             if self.fs.exists(tmp):
                 self.fs.rm(tmp)
-        # Re-check what landed, so a faulty backend cannot register a bad digest.
-        self._verify(final, digest)
+        if not self._local:
+            # Re-check what landed, so a faulty backend cannot register a bad digest.
+            try:
+                self._verify(final, digest)
+            except IntegrityError:
+                self.fs.rm(final)
+                raise
 
     # -- reading -------------------------------------------------------------------------
     def _verify(self, path: str, digest: str) -> None:

@@ -84,7 +84,10 @@ class Lake:
                 f"manifest {self.manifest} lacks column(s) {', '.join(sorted(missing))}; "
                 "required: path,label (plus any metadata columns)"
             )
-        return df.astype({"path": str, "label": str})
+        df = df.astype({"path": str})
+        # A Parquet manifest holds nulls where a CSV holds "": both mean unlabelled, not "None".
+        df["label"] = df["label"].fillna("").astype(str)
+        return df
 
     def _from_folders(self) -> pd.DataFrame:
         rows = []

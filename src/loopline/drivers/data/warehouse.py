@@ -33,11 +33,15 @@ class Warehouse:
     def list_records(self) -> pd.DataFrame:
         try:
             engine = create_engine(self.url)
-            with engine.connect() as conn:
-                df = pd.read_sql_query(text(self.query), conn)
-            engine.dispose()
-        except SQLAlchemyError as err:
-            first = str(err).strip().splitlines()[0]
+            try:
+                with engine.connect() as conn:
+                    df = pd.read_sql_query(text(self.query), conn)
+            finally:  # a failed query must not leave a pool of open connections behind
+                engine.dispose()
+        except (SQLAlchemyError, pd.errors.DatabaseError) as err:
+            # pandas wraps a failed statement's SQLAlchemyError in its own DatabaseError.
+            cause = err.__cause__ if isinstance(err.__cause__, SQLAlchemyError) else err
+            first = str(cause).strip().splitlines()[0]
             raise DataSourceError(f"warehouse query failed: {first}") from None
         missing = {"path", "label"} - set(df.columns)
         if missing:
