@@ -51,10 +51,20 @@ def loopline_ingest_validate(lake: Path, work: Path) -> float:
     pipeline = Pipeline(
         "ingest-validate",
         [
-            Step("ingest", ingest, outputs=("records", "dataset"), params="data",
-                 cache_extra=source_fingerprint),
-            Step("validate", validate, inputs=("records",),
-                 outputs=("clean", "quarantine", "report"), params="validate"),
+            Step(
+                "ingest",
+                ingest,
+                outputs=("records", "dataset"),
+                params="data",
+                cache_extra=source_fingerprint,
+            ),
+            Step(
+                "validate",
+                validate,
+                inputs=("records",),
+                outputs=("clean", "quarantine", "report"),
+                params="validate",
+            ),
         ],
     )
     runner = Runner(store, artifacts, resources=resources, use_cache=False)
@@ -84,8 +94,10 @@ def main() -> None:
         print(f"{'pipeline':<40}{'images/s':>12}")
         print(f"{'plain Pillow decode (1 thread)':<40}{best_plain:>12.0f}")
         print(f"{'loopline ingest + validate':<40}{best_ours:>12.0f}")
-        print(f"ingest+validate throughput ratio (loopline / plain Pillow): "
-              f"{best_ours / best_plain:.2f}x")
+        print(
+            f"ingest+validate throughput ratio (loopline / plain Pillow): "
+            f"{best_ours / best_plain:.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -140,8 +140,11 @@ def test_gate_rules_parse_and_check() -> None:
     assert parse_rule("macro_precision >= 0.80") == ("macro_precision", ">=", 0.8)
     checked = check_rules(
         report,
-        ["macro_precision >= 0.8", "per_class.bus.recall > 0.6",
-         "segments.condition.fog.accuracy < 0.5"],
+        [
+            "macro_precision >= 0.8",
+            "per_class.bus.recall > 0.6",
+            "segments.condition.fog.accuracy < 0.5",
+        ],
     )
     assert [c["passed"] for c in checked] == [True, False, True]
     assert lookup(report, "per_class.bus.recall") == 0.5

@@ -53,8 +53,9 @@ def test_init_writes_the_vehicle_config(tmp_path: Path) -> None:
 
 
 def test_datagen_json(tmp_path: Path) -> None:
-    code, out, _ = invoke("datagen", "--out", str(tmp_path / "lake"), "--images", "40",
-                          "--cameras", "2", "--json")
+    code, out, _ = invoke(
+        "datagen", "--out", str(tmp_path / "lake"), "--images", "40", "--cameras", "2", "--json"
+    )
     assert code == 0
     data = json.loads(out)
     assert data["images"] >= 40
@@ -65,8 +66,10 @@ def test_datagen_json(tmp_path: Path) -> None:
 
 def test_build_missing_lake(tmp_path: Path) -> None:
     cfg = tmp_path / "loopline.yaml"
-    cfg.write_text(f"data: {{source: {{uri: {tmp_path / 'nolake'}}}}}\n"
-                   f"store: {{metadata_url: 'sqlite:///{tmp_path}/m.db'}}\n")
+    cfg.write_text(
+        f"data: {{source: {{uri: {tmp_path / 'nolake'}}}}}\n"
+        f"store: {{metadata_url: 'sqlite:///{tmp_path}/m.db'}}\n"
+    )
     code, _, err = invoke("build", "-c", str(cfg))
     assert code == 1
     assert "loopline datagen" in one_line_error(err)
@@ -90,8 +93,15 @@ def test_build_config_errors(
 ) -> None:
     cfg = tmp_path / "loopline.yaml"
     cfg.write_text(content)
-    args = ["build", "-c", str(cfg), "--set", f"data.source.uri={tiny_lake}",
-            "--set", f"store.metadata_url=sqlite:///{tmp_path}/m.db"]
+    args = [
+        "build",
+        "-c",
+        str(cfg),
+        "--set",
+        f"data.source.uri={tiny_lake}",
+        "--set",
+        f"store.metadata_url=sqlite:///{tmp_path}/m.db",
+    ]
     for s in sets:
         args += ["--set", s]
     code, _, err = invoke(*args)
@@ -103,8 +113,13 @@ def test_build_config_errors(
 
 
 def test_unreachable_database(project: Path) -> None:
-    code, _, err = invoke("build", "-c", str(project), "--set",
-                          "store.metadata_url=postgresql+psycopg://postgres@127.0.0.1:1/nope")
+    code, _, err = invoke(
+        "build",
+        "-c",
+        str(project),
+        "--set",
+        "store.metadata_url=postgresql+psycopg://postgres@127.0.0.1:1/nope",
+    )
     assert code == 1
     line = one_line_error(err)
     assert "cannot reach the metadata store" in line and "127.0.0.1:1" in line

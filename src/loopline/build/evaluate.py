@@ -63,8 +63,7 @@ def evaluate(
     )
     for column, values in report["segments"].items():
         ctx.log(
-            f"by {column}: "
-            + ", ".join(f"{v} acc={r['accuracy']:.3f}" for v, r in values.items())
+            f"by {column}: " + ", ".join(f"{v} acc={r['accuracy']:.3f}" for v, r in values.items())
         )
     return report
 
@@ -79,18 +78,22 @@ def evaluate_registered(resources: Any, ref: str, reporter: Any = None) -> dict[
     from loopline.build.gate import evaluate_bundle
     from loopline.build.ingest import ingest
     from loopline.build.pipeline import step_sections
-    from loopline.build.validate import validate
+    from loopline.build.validate import ValidateParams, validate
     from loopline.pipeline.step import SilentReporter
 
     config = resources.config
     mv = resources.store.resolve_model(ref)
     sections = step_sections(config)
     ctx = StepContext(
-        run_id="evaluate", step="evaluate", reporter=reporter or SilentReporter(),
+        run_id="evaluate",
+        step="evaluate",
+        reporter=reporter or SilentReporter(),
         resources=resources,
     )
-    ingested = ingest(ctx, sections["data"])
-    clean = validate(ctx, ingested["records"], sections["validate"])["clean"]
+    ingested = ingest(ctx, config.data)
+    validate_params = sections["validate"]
+    assert isinstance(validate_params, ValidateParams)
+    clean = validate(ctx, ingested["records"], validate_params)["clean"]
     labels = config.data.labels
     report, pred = evaluate_bundle(ctx, mv.bundle_sha256, clean, labels, return_pred=True)
     y = label_indices(clean, labels)

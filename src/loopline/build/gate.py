@@ -93,9 +93,7 @@ def evaluate_bundle(
     size = bundle.preprocess.height
     x = load_images(ctx, test, size, "test images (production model)")
     opts = ort.SessionOptions()
-    session = ort.InferenceSession(
-        str(bundle.model_path), opts, providers=["CPUExecutionProvider"]
-    )
+    session = ort.InferenceSession(str(bundle.model_path), opts, providers=["CPUExecutionProvider"])
     preds = []
     for start in range(0, len(x), 256):
         (logits,) = session.run(["logits"], {"input": to_input(x[start : start + 256])})

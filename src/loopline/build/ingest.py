@@ -66,8 +66,10 @@ def ingest(ctx: StepContext, params: DataConfig) -> dict[str, Any]:
         created_by_run=ctx.run_id,
     )
     ctx.log(f"dataset version {version[:12]}: {len(records)} records from {source.uri}")
-    return {"records": records, "dataset": {"version": version, "n_records": len(records),
-                                            "source": source.uri}}
+    return {
+        "records": records,
+        "dataset": {"version": version, "n_records": len(records), "source": source.uri},
+    }
 
 
 def raise_missing(column: str, records: pd.DataFrame) -> None:

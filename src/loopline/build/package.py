@@ -93,8 +93,9 @@ def package(
             "name": res.config.model.name,
             "run_id": ctx.run_id,
             "dataset_version": dataset["version"],
-            "metrics": {k: metrics[k] for k in
-                        ("accuracy", "macro_precision", "macro_recall", "macro_f1")},
+            "metrics": {
+                k: metrics[k] for k in ("accuracy", "macro_precision", "macro_recall", "macro_f1")
+            },
             "spec": spec.to_dict(),
             "params": model["best_params"],
             "loopline_version": __version__,

@@ -29,23 +29,52 @@ def build_pipeline() -> Pipeline:
     return Pipeline(
         "build",
         [
-            Step("ingest", ingest, outputs=("records", "dataset"), params="data",
-                 cache_extra=source_fingerprint),
-            Step("validate", validate, inputs=("records",),
-                 outputs=("clean", "quarantine", "report"), params="validate"),
+            Step(
+                "ingest",
+                ingest,
+                outputs=("records", "dataset"),
+                params="data",
+                cache_extra=source_fingerprint,
+            ),
+            Step(
+                "validate",
+                validate,
+                inputs=("records",),
+                outputs=("clean", "quarantine", "report"),
+                params="validate",
+            ),
             Step("split", split, inputs=("clean",), outputs=("splits",), params="split"),
-            Step("train", train, inputs=("splits",), outputs=("weights", "model"),
-                 params="train"),
-            Step("evaluate", evaluate, inputs=("splits", "weights", "model"),
-                 outputs=("metrics",), params="evaluate"),
-            Step("gate", gate, inputs=("metrics", "splits"), outputs=("decision",),
-                 params="gate", cache_extra=production_fingerprint, halt=halt_if_rejected),
-            Step("package", package,
-                 inputs=("weights", "model", "metrics", "splits", "dataset", "decision"),
-                 outputs=("bundle",), params="package"),
-            Step("register", register,
-                 inputs=("bundle", "metrics", "model", "dataset", "decision"),
-                 outputs=("registered",), params="model"),
+            Step("train", train, inputs=("splits",), outputs=("weights", "model"), params="train"),
+            Step(
+                "evaluate",
+                evaluate,
+                inputs=("splits", "weights", "model"),
+                outputs=("metrics",),
+                params="evaluate",
+            ),
+            Step(
+                "gate",
+                gate,
+                inputs=("metrics", "splits"),
+                outputs=("decision",),
+                params="gate",
+                cache_extra=production_fingerprint,
+                halt=halt_if_rejected,
+            ),
+            Step(
+                "package",
+                package,
+                inputs=("weights", "model", "metrics", "splits", "dataset", "decision"),
+                outputs=("bundle",),
+                params="package",
+            ),
+            Step(
+                "register",
+                register,
+                inputs=("bundle", "metrics", "model", "dataset", "decision"),
+                outputs=("registered",),
+                params="model",
+            ),
         ],
     )
 
@@ -55,11 +84,11 @@ def step_sections(config: Config) -> dict[str, BaseModel]:
     labels = {"labels": config.data.labels}
     return {
         "data": config.data,
-        "validate": ValidateParams(**config.validate_.model_dump(), **labels),
+        "validate": ValidateParams.model_validate({**config.validate_.model_dump(), **labels}),
         "split": config.split,
-        "train": TrainParams(**config.train.model_dump(), **labels),
-        "evaluate": EvaluateParams(**config.evaluate.model_dump(), **labels),
-        "gate": GateParams(**config.gate.model_dump(), **labels),
+        "train": TrainParams.model_validate({**config.train.model_dump(), **labels}),
+        "evaluate": EvaluateParams.model_validate({**config.evaluate.model_dump(), **labels}),
+        "gate": GateParams.model_validate({**config.gate.model_dump(), **labels}),
         "package": config.package,
         "model": config.model,
     }
@@ -137,8 +166,14 @@ def build(
             reg = values["registered"]
             store.update_run(run_id, model_name=reg["name"], model_version=reg["version"])
 
-    runner = Runner(store, artifacts, reporter=reporter, resources=resources,
-                    use_cache=use_cache, after_step=record_lineage)
+    runner = Runner(
+        store,
+        artifacts,
+        reporter=reporter,
+        resources=resources,
+        use_cache=use_cache,
+        after_step=record_lineage,
+    )
     result: RunResult = runner.run(
         build_pipeline(),
         step_sections(config),
@@ -161,6 +196,8 @@ def build(
         model=model,
         metrics=result.values.get("metrics"),
         reason=result.reason,
-        steps=[{"step": s.step, "status": s.status, "seconds": round(s.seconds, 3)}
-               for s in result.steps],
+        steps=[
+            {"step": s.step, "status": s.status, "seconds": round(s.seconds, 3)}
+            for s in result.steps
+        ],
     )

@@ -25,7 +25,7 @@ def register(
     digest = hashlib.sha256(bundle).hexdigest()
     if not res.artifacts.exists(digest):  # pragma: no cover - the engine stored it
         res.artifacts.put_bytes(bundle)
-    summary = headline(metrics)
+    summary: dict[str, Any] = dict(headline(metrics))
     summary["per_class"] = metrics["per_class"]
     summary["segments"] = {
         column: {value: headline(r) for value, r in values.items()}

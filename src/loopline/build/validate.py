@@ -50,8 +50,10 @@ def _schema_failures(records: pd.DataFrame) -> dict[int, str]:
                 raise ValidationFailed(
                     f"manifest schema: {case['check']} failed for column {case['column']}"
                 ) from None
-            reason = "unreadable file" if case["column"] == "sha256" else (
-                f"schema: {case['column']} fails {case['check']}"
+            reason = (
+                "unreadable file"
+                if case["column"] == "sha256"
+                else (f"schema: {case['column']} fails {case['check']}")
             )
             out.setdefault(int(index), reason)
         return out
@@ -125,7 +127,7 @@ def validate(ctx: StepContext, records: pd.DataFrame, params: ValidateParams) ->
         by_reason[key] = by_reason.get(key, 0) + 1
     share = len(quarantined) / max(len(records), 1)
     per_class = {label: int((clean["label"] == label).sum()) for label in params.labels}
-    report = {
+    report: dict[str, Any] = {
         "records": len(records),
         "valid": len(clean),
         "quarantined": len(quarantined),

@@ -106,7 +106,11 @@ def datagen(
         with Progress(console=err_console, transient=True, disable=json_out) as progress:
             task = progress.add_task("generating images", total=images)
             summary = generate_lake(
-                out, images=images, seed=seed, conditions=names, cameras=cameras,
+                out,
+                images=images,
+                seed=seed,
+                conditions=names,
+                cameras=cameras,
                 progress=lambda n: progress.advance(task, n),
             )
     except LooplineError as err:
@@ -151,13 +155,25 @@ def build(
     try:
         cfg = _config(config, set_)
         with RichReporter(quiet=json_out) as reporter:
-            result = run_build(cfg, resume=resume, reporter=reporter, use_cache=not no_cache,
-                               actor=os.environ.get("USER", "cli"))
+            result = run_build(
+                cfg,
+                resume=resume,
+                reporter=reporter,
+                use_cache=not no_cache,
+                actor=os.environ.get("USER", "cli"),
+            )
     except LooplineError as err:
         fail(err)
     if json_out:
-        print_json({"run_id": result.run_id, "status": result.status, "model": result.model,
-                    "reason": result.reason, "steps": result.steps})
+        print_json(
+            {
+                "run_id": result.run_id,
+                "status": result.status,
+                "model": result.model,
+                "reason": result.reason,
+                "steps": result.steps,
+            }
+        )
     elif result.status == "succeeded" and result.model:
         m = result.model
         met = m["metrics"]
@@ -194,8 +210,15 @@ def runs_list(
     table = Table("run", "status", "trigger", "dataset", "model", "started", "error")
     for r in runs:
         model = f"{r.model_name}:{r.model_version}" if r.model_version else ""
-        table.add_row(r.id, r.status, r.trigger, (r.dataset_version or "")[:12], model,
-                      _when(r.started_at), (r.error or "")[:60])
+        table.add_row(
+            r.id,
+            r.status,
+            r.trigger,
+            (r.dataset_version or "")[:12],
+            model,
+            _when(r.started_at),
+            (r.error or "")[:60],
+        )
     console.print(table)
 
 
@@ -231,9 +254,11 @@ def runs_show(
         data["trials"] = [t.to_dict() for t in trials]
         print_json(data)
         return
-    console.print(f"run [bold]{run.id}[/bold] {run.status} ({run.trigger}) "
-                  f"dataset {(run.dataset_version or '-')[:12]} "
-                  f"model {run.model_name or '-'}:{run.model_version or '-'}")
+    console.print(
+        f"run [bold]{run.id}[/bold] {run.status} ({run.trigger}) "
+        f"dataset {(run.dataset_version or '-')[:12]} "
+        f"model {run.model_name or '-'}:{run.model_version or '-'}"
+    )
     if run.error:
         console.print(f"[red]{run.error}[/red]", highlight=False)
     table = Table("step", "status", "cached", "seconds", "outputs")
@@ -245,9 +270,14 @@ def runs_show(
     if trials:
         t = Table("trial", "state", "params", "val macro-F1", "epochs", "seconds")
         for tr in trials:
-            t.add_row(str(tr.number), tr.state, str(tr.params),
-                      f"{tr.value:.4f}" if tr.value is not None else "-", str(tr.epochs),
-                      f"{tr.duration_s or 0:.1f}")
+            t.add_row(
+                str(tr.number),
+                tr.state,
+                str(tr.params),
+                f"{tr.value:.4f}" if tr.value is not None else "-",
+                str(tr.epochs),
+                f"{tr.duration_s or 0:.1f}",
+            )
         console.print(t)
 
 
@@ -289,9 +319,15 @@ def models_list(ctx: typer.Context, config: ConfigOpt = None, json_out: JsonOpt 
     table = Table("model", "version", "aliases", "accuracy", "macro-F1", "dataset", "run")
     for m in rows:
         met = m["metrics"]
-        table.add_row(m["name"], str(m["version"]), ",".join(m["aliases"]),
-                      f"{met.get('accuracy', 0):.3f}", f"{met.get('macro_f1', 0):.3f}",
-                      (m["dataset_version"] or "")[:12], m["run_id"] or "")
+        table.add_row(
+            m["name"],
+            str(m["version"]),
+            ",".join(m["aliases"]),
+            f"{met.get('accuracy', 0):.3f}",
+            f"{met.get('macro_f1', 0):.3f}",
+            (m["dataset_version"] or "")[:12],
+            m["run_id"] or "",
+        )
     console.print(table)
 
 
@@ -313,22 +349,34 @@ def models_show(
     from rich.table import Table
 
     met = data["metrics"]
-    console.print(f"[bold]{data['name']}:{data['version']}[/bold] "
-                  f"aliases: {', '.join(data['aliases']) or '-'}")
-    console.print(f"accuracy {met['accuracy']:.4f}  macro P/R/F1 {met['macro_precision']:.4f} / "
-                  f"{met['macro_recall']:.4f} / {met['macro_f1']:.4f}")
+    console.print(
+        f"[bold]{data['name']}:{data['version']}[/bold] "
+        f"aliases: {', '.join(data['aliases']) or '-'}"
+    )
+    console.print(
+        f"accuracy {met['accuracy']:.4f}  macro P/R/F1 {met['macro_precision']:.4f} / "
+        f"{met['macro_recall']:.4f} / {met['macro_f1']:.4f}"
+    )
     table = Table("class", "precision", "recall", "F1", "support")
     for label, r in met.get("per_class", {}).items():
-        table.add_row(label, f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}",
-                      str(r["support"]))
+        table.add_row(
+            label,
+            f"{r['precision']:.3f}",
+            f"{r['recall']:.3f}",
+            f"{r['f1']:.3f}",
+            str(r["support"]),
+        )
     console.print(table)
     for column, values in met.get("segments", {}).items():
-        console.print(f"by {column}: " + ", ".join(
-            f"{v} acc {r['accuracy']:.3f}" for v, r in values.items()))
+        console.print(
+            f"by {column}: " + ", ".join(f"{v} acc {r['accuracy']:.3f}" for v, r in values.items())
+        )
     console.print(f"bundle {data['bundle_uri']}\nsha256 {data['bundle_sha256']}")
     lin = data["lineage"]
-    console.print(f"dataset {data['dataset_version']}  run {data['run_id']}  "
-                  f"git {lin.get('git_commit') or '-'}  loopline {lin.get('loopline_version')}")
+    console.print(
+        f"dataset {data['dataset_version']}  run {data['run_id']}  "
+        f"git {lin.get('git_commit') or '-'}  loopline {lin.get('loopline_version')}"
+    )
     console.print(f"params {lin.get('params')}")
 
 
@@ -383,9 +431,11 @@ def evaluate_cmd(
     if json_out:
         print_json(report)
         return
-    console.print(f"{report['model']} on {report['n']} images "
-                  f"(dataset {report['dataset_version'][:12]}): accuracy "
-                  f"{report['accuracy']:.4f}, macro-F1 {report['macro_f1']:.4f}")
+    console.print(
+        f"{report['model']} on {report['n']} images "
+        f"(dataset {report['dataset_version'][:12]}): accuracy "
+        f"{report['accuracy']:.4f}, macro-F1 {report['macro_f1']:.4f}"
+    )
     for column, values in report["segments"].items():
         table = Table(column, "images", "accuracy", "macro-F1")
         for value, r in values.items():

@@ -72,8 +72,11 @@ class RichReporter:
         style = {"succeeded": "green", "cached": "blue", "failed": "red"}.get(status, "white")
         label = {"succeeded": "ran", "cached": "skipped (cached)"}.get(status, status)
         extra = f" [dim]{note}[/dim]" if note else ""
-        self.out.print(f"[{style}]✔[/{style}] {step:<9} {label} in {seconds:.1f}s{extra}"
-                       if status != "failed" else f"[red]✘ {step:<9} failed[/red]{extra}")
+        self.out.print(
+            f"[{style}]✔[/{style}] {step:<9} {label} in {seconds:.1f}s{extra}"
+            if status != "failed"
+            else f"[red]✘ {step:<9} failed[/red]{extra}"
+        )
 
     def log(self, step: str, message: str) -> None:
         if not self.quiet:

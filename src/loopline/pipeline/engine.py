@@ -212,8 +212,10 @@ class Runner:
         sid = self.store.start_step(run_id, step.name, cached=False, **common)
         t0 = time.perf_counter()
         try:
-            kwargs = {name: values[name] if name in values else self._load(refs[name])
-                      for name in step.inputs}
+            kwargs = {
+                name: values[name] if name in values else self._load(refs[name])
+                for name in step.inputs
+            }
             if section is not None:
                 kwargs["params"] = section
             result = step.func(ctx, **kwargs)
@@ -270,8 +272,10 @@ def _reason(err: BaseException) -> str:
     if isinstance(err, KeyboardInterrupt):
         return "interrupted"
     text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0]}" if text and not isinstance(err, LooplineError) else (
-        text[0] if text else type(err).__name__
+    return (
+        f"{type(err).__name__}: {text[0]}"
+        if text and not isinstance(err, LooplineError)
+        else (text[0] if text else type(err).__name__)
     )
 
 

@@ -11,7 +11,7 @@ connection = config.attributes.get("connection")
 if connection is None:  # pragma: no cover - only when run through the alembic CLI
     from sqlalchemy import create_engine
 
-    connection = create_engine(config.get_main_option("sqlalchemy.url")).connect()
+    connection = create_engine(config.get_main_option("sqlalchemy.url") or "").connect()
 
 context.configure(
     connection=connection,
