@@ -14,11 +14,14 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-## Generate the example data lake and build a model from it.
+## Generate the example data lake, build a model from it, then show the domain shift:
+## a model trained on daytime images only, scored on every condition.
 demo: $(STAMP)
 	@test -f loopline.yaml || $(BIN)/loopline init
 	$(BIN)/loopline datagen --out lake --images 5000
 	$(BIN)/loopline build
+	$(BIN)/loopline build --set 'data.filter={condition: [day]}' --set model.name=vehicles-day
+	$(BIN)/loopline evaluate vehicles-day@candidate
 	$(BIN)/loopline models
 
 ## The whole test suite (PostgreSQL tests included; they never skip in CI).

@@ -429,8 +429,8 @@ class MetadataStore:
 
         Returns one result per item, in order: ``status`` is ``recorded`` (new), ``updated``
         (a different label replaced the old one), ``unchanged`` (the same label again) or
-        ``error`` with an ``error`` message (unknown prediction id, or a label not in
-        ``labels`` when given).
+        ``error`` with a ``code`` (``unknown_prediction``, ``unknown_label``: not in
+        ``labels`` when given) and an ``error`` message.
         """
         from loopline.drivers.metadata.models import Feedback, Prediction
 
@@ -454,9 +454,11 @@ class MetadataStore:
                         results.append(out)
                         if labels is not None and label not in labels:
                             out["status"] = "error"
+                            out["code"] = "unknown_label"
                             out["error"] = f"unknown label {label!r}; expected one of {labels}"
                         elif pid not in known:
                             out["status"] = "error"
+                            out["code"] = "unknown_prediction"
                             out["error"] = f"unknown prediction_id {pid!r}"
                         elif pid not in existing:
                             fb = Feedback(prediction_id=pid, label=label, at=now, updated_at=now)
