@@ -102,7 +102,7 @@ class TrainConfig(Section):
     lr: float = Field(0.003, gt=0.0)
     weight_decay: float = Field(1e-4, ge=0.0)
     batch_size: int = Field(64, ge=1)
-    epochs: int = Field(8, ge=1)
+    epochs: int = Field(10, ge=1)
     patience: int = Field(3, ge=1)
     augment: bool = True
     seed: int = 0

@@ -406,18 +406,17 @@ class MetadataStore:
 
         if not rows:
             return 0
-        table = Prediction.__table__
         dialect = self.engine.dialect.name
         if dialect == "sqlite":
             from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-            stmt: Any = sqlite_insert(table).on_conflict_do_nothing(index_elements=["id"])
+            stmt: Any = sqlite_insert(Prediction).on_conflict_do_nothing(index_elements=["id"])
         elif dialect == "postgresql":
             from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-            stmt = pg_insert(table).on_conflict_do_nothing(index_elements=["id"])
+            stmt = pg_insert(Prediction).on_conflict_do_nothing(index_elements=["id"])
         else:
-            stmt = insert(table)
+            stmt = insert(Prediction)
         with self.engine.begin() as conn:
             conn.execute(stmt, rows)
         return len(rows)
