@@ -1,0 +1,97 @@
+"""The build context of a bundle's serving image: Dockerfile, pinned requirements, source.
+
+Every bundle carries these files (the package step adds them), so an extracted bundle is a
+complete ``docker build`` / ``podman build`` context. The image holds no torch: only what
+``python -m loopline.deploy.server`` imports, pinned to the versions this bundle was built
+and tested with.
+"""
+
+from __future__ import annotations
+
+from importlib import metadata
+from pathlib import Path
+
+import loopline
+
+# Distributions the server imports at run time (psycopg: the log may go to PostgreSQL).
+SERVE_REQUIREMENTS = (
+    "fastapi",
+    "starlette",
+    "uvicorn",
+    "uvloop",
+    "httptools",
+    "onnxruntime",
+    "numpy",
+    "pillow",
+    "prometheus-client",
+    "sqlalchemy",
+    "alembic",
+    "pydantic",
+    "orjson",
+    "python-multipart",
+    "pyyaml",
+    "fsspec",
+    "psycopg",
+)
+OPTIONAL = frozenset({"uvloop", "httptools", "psycopg"})
+EXTRAS = {"psycopg": "[binary]"}
+# Parts of the package the server never imports (training needs torch).
+EXCLUDED = ("examples", "build", "cli")
+
+DOCKERFILE = """\
+# Serving image of a Loopline model bundle: no torch, runs as a non-root user.
+# Build it from the extracted bundle folder:
+#   docker build -t loopline-model .        (or: podman build -t loopline-model .)
+#   docker run -p 8080:8080 -e LOOPLINE_SERVE_TOKEN=... loopline-model
+FROM python:3.11-slim
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN useradd --create-home --uid 10001 loopline
+COPY requirements-serve.txt /bundle/requirements-serve.txt
+RUN pip install --no-cache-dir -r /bundle/requirements-serve.txt
+COPY . /bundle
+ENV PYTHONPATH=/bundle
+USER loopline
+# The prediction log defaults to a SQLite file here; set LOOPLINE_DB_URL for PostgreSQL.
+WORKDIR /home/loopline
+EXPOSE 8080
+HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 CMD ["python", "-c", \\
+"import urllib.request as u; u.urlopen('http://127.0.0.1:8080/v2/health/ready', timeout=2)"]
+CMD ["python", "-m", "loopline.deploy.server", "--bundle", "/bundle", \\
+     "--host", "0.0.0.0", "--port", "8080"]
+"""
+
+
+def serve_requirements() -> str:
+    """``requirements-serve.txt``: the server's dependencies pinned to the installed versions."""
+    lines = ["# The serving image's dependencies, pinned to the versions Loopline was tested with."]
+    for name in SERVE_REQUIREMENTS:
+        try:
+            version = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            if name in OPTIONAL:
+                continue
+            raise
+        lines.append(f"{name}{EXTRAS.get(name, '')}=={version}")
+    return "\n".join(lines) + "\n"
+
+
+def package_sources() -> dict[str, bytes]:
+    """``loopline/<path>.py`` for every module of the installed package the server may need."""
+    root = Path(loopline.__file__).parent
+    out: dict[str, bytes] = {}
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if rel.parts[0] in EXCLUDED or "__pycache__" in rel.parts:
+            continue
+        out[f"loopline/{rel.as_posix()}"] = path.read_bytes()
+    return out
+
+
+def image_context_files() -> dict[str, bytes]:
+    """Every file of the image's build context, by bundle path (Dockerfile at the root)."""
+    files = {
+        "Dockerfile": DOCKERFILE.encode(),
+        "requirements-serve.txt": serve_requirements().encode(),
+    }
+    files.update(package_sources())
+    return files

@@ -1,0 +1,177 @@
+"""Prometheus metrics of a prediction server, labelled by model and version.
+
+Request counters and latency come from a pure ASGI middleware (every endpoint, 4xx and 5xx
+included); batch sizes, predictions per class and confidence are observed once per batch
+on the batcher thread, so the request path pays for two observations only. Children of
+labelled metrics are bound once and cached: no label lookup per request.
+
+With several worker processes, ``PROMETHEUS_MULTIPROC_DIR`` is set by the server's main and
+``/metrics`` aggregates every worker's values.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import numpy as np
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+CONFIDENCE_BUCKETS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+
+
+class ServerMetrics:
+    """The metrics of one served model version."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, model: str, version: int | str, labels: list[str]) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        mv = ("model", "version")
+        self._mv = (model, str(version))
+        self.requests = Counter(
+            "loopline_requests",
+            "HTTP requests by endpoint and status code",
+            [*mv, "endpoint", "code"],
+            registry=r,
+        )
+        self.errors = Counter(
+            "loopline_request_errors",
+            "HTTP requests answered with a 4xx or 5xx status",
+            [*mv, "endpoint", "code"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "loopline_request_duration_seconds",
+            "time from request to response",
+            [*mv, "endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "loopline_batch_size", "images per model run", mv, buckets=BATCH_BUCKETS, registry=r
+        )
+        self.inference = Histogram(
+            "loopline_inference_duration_seconds",
+            "time of one model run (a batch)",
+            mv,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.predictions = Counter(
+            "loopline_predictions", "predictions by predicted class", [*mv, "label"], registry=r
+        )
+        self.confidence = Histogram(
+            "loopline_prediction_confidence",
+            "confidence of the predicted class",
+            mv,
+            buckets=CONFIDENCE_BUCKETS,
+            registry=r,
+        )
+        self.log_written = Counter(
+            "loopline_prediction_log_written_rows", "prediction rows stored", mv, registry=r
+        )
+        self.log_dropped = Counter(
+            "loopline_prediction_log_dropped_rows",
+            "prediction rows dropped because the store was unreachable too long",
+            mv,
+            registry=r,
+        )
+        self.log_pending = Gauge(
+            "loopline_prediction_log_pending_rows",
+            "prediction rows waiting to be stored",
+            mv,
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self._batch = self.batch_size.labels(*self._mv)
+        self._inference = self.inference.labels(*self._mv)
+        self._confidence = self.confidence.labels(*self._mv)
+        self._per_class = [self.predictions.labels(*self._mv, label) for label in labels]
+        self._written = self.log_written.labels(*self._mv)
+        self._dropped = self.log_dropped.labels(*self._mv)
+        self._pending = self.log_pending.labels(*self._mv)
+        self._request_children: dict[tuple[str, int], tuple[Any, Any, Any]] = {}
+
+    # -- observations -----------------------------------------------------------------------
+    def observe_request(self, endpoint: str, code: int, seconds: float) -> None:
+        children = self._request_children.get((endpoint, code))
+        if children is None:
+            children = (
+                self.requests.labels(*self._mv, endpoint, str(code)),
+                self.errors.labels(*self._mv, endpoint, str(code)) if code >= 400 else None,
+                self.latency.labels(*self._mv, endpoint),
+            )
+            self._request_children[(endpoint, code)] = children
+        children[0].inc()
+        if children[1] is not None:
+            children[1].inc()
+        children[2].observe(seconds)
+
+    def observe_batch(
+        self, n_images: int, seconds: float, top: np.ndarray, conf: np.ndarray
+    ) -> None:
+        self._batch.observe(n_images)
+        self._inference.observe(seconds)
+        for index, count in enumerate(np.bincount(top, minlength=len(self._per_class)).tolist()):
+            if count:
+                self._per_class[index].inc(count)
+        for c in conf.tolist():
+            self._confidence.observe(c)
+
+    def log_rows_written(self, n: int) -> None:
+        self._written.inc(n)
+
+    def log_rows_dropped(self, n: int) -> None:
+        self._dropped.inc(n)
+
+    def set_log_pending(self, n: int) -> None:
+        self._pending.set(n)
+
+    def render(self) -> bytes:
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            from prometheus_client import multiprocess
+
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry)
+        return generate_latest(self.registry)
+
+
+class MetricsMiddleware:
+    """Count every HTTP request and time it, labelled by route template and status code."""
+
+    def __init__(self, app: Any, metrics: ServerMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_status(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "unmatched"
+            self.metrics.observe_request(endpoint, status, time.perf_counter() - start)

@@ -1,0 +1,411 @@
+"""The model at serving time: an ONNX Runtime session behind a dynamic batcher.
+
+Request handlers put jobs (encoded images, or tensors from the v2 protocol) on a queue and
+await a future. A batcher thread takes every job that is waiting, decodes the images, runs
+the model once on the stacked batch and answers all the jobs with one wake-up of the event
+loop. Decoding and inference therefore never block the event loop, and Pillow and ONNX
+Runtime release the GIL while they work, so HTTP keeps being served in parallel.
+
+Several batcher threads may share the queue and the session (ONNX Runtime sessions are safe
+to run concurrently). With one ONNX Runtime thread each, different batches are decoded and
+run on different cores, which costs less CPU per image than spreading one batch over a
+spinning ONNX Runtime thread pool.
+
+A lone request never waits for company. Once traffic is concurrent (the previous batch held
+more than one job) a batch may wait up to ``max_delay_ms`` to fill up to ``max_batch_size``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from loopline.bundle import Bundle, PreprocessSpec, decode_image, to_input
+from loopline.errors import InvalidInput, LooplineError
+
+log = logging.getLogger("loopline.deploy")
+
+# ITU-R BT.601 luma weights: brightness and contrast are the mean and spread of luma.
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+class Overloaded(LooplineError):
+    """More requests are waiting than the server accepts; retry later."""
+
+    status_code = 503
+
+
+class ModelRuntime:
+    """An ONNX Runtime session over a verified bundle's ``model.onnx``."""
+
+    def __init__(
+        self,
+        model_path: Path,
+        labels: list[str],
+        spec: PreprocessSpec,
+        *,
+        intra_op_threads: int = 1,
+        inter_op_threads: int = 1,
+    ) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = intra_op_threads
+        opts.inter_op_num_threads = inter_op_threads
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Spinning worker threads would steal the core the HTTP side runs on.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        try:
+            self.session = ort.InferenceSession(
+                str(model_path), opts, providers=["CPUExecutionProvider"]
+            )
+        except Exception as err:  # ORT raises its own exception types
+            raise LooplineError(f"ONNX Runtime cannot load {model_path}: {err}") from None
+        self.labels = list(labels)
+        self.spec = spec
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        outputs = {o.name: o for o in self.session.get_outputs()}
+        if spec.input_name not in inputs or spec.output_name not in outputs:
+            raise LooplineError(
+                f"{model_path}: expected input {spec.input_name!r} and output "
+                f"{spec.output_name!r}, found inputs {sorted(inputs)} and outputs {sorted(outputs)}"
+            )
+        self.input_name = spec.input_name
+        self.output_name = spec.output_name
+        shape = inputs[spec.input_name].shape
+        expected = [3, spec.height, spec.width]
+        if len(shape) != 4 or any(
+            isinstance(d, int) and d != e for d, e in zip(shape[1:], expected, strict=True)
+        ):
+            raise LooplineError(
+                f"{model_path}: input shape {shape} does not match preprocess.json "
+                f"[N, 3, {spec.height}, {spec.width}]"
+            )
+        n_out = outputs[spec.output_name].shape[-1]
+        if isinstance(n_out, int) and n_out != len(labels):
+            raise LooplineError(
+                f"{model_path}: the model has {n_out} outputs but labels.json names {len(labels)}"
+            )
+
+    @property
+    def input_shape(self) -> list[int]:
+        """One input item's shape: [3, H, W]."""
+        return [3, self.spec.height, self.spec.width]
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """float32 [N, 3, H, W] pixels 0..255 to float32 logits [N, C]."""
+        return self.session.run([self.output_name], {self.input_name: x})[0]
+
+
+@dataclass
+class ServedModel:
+    """What a server serves: the model's registered identity and its loaded runtime."""
+
+    name: str
+    version: int
+    bundle: Bundle
+    bundle_sha256: str
+    runtime: ModelRuntime
+
+    @property
+    def labels(self) -> list[str]:
+        return self.runtime.labels
+
+
+@dataclass
+class JobResult:
+    """The answer to one job: one row per image."""
+
+    ids: list[str]
+    top: np.ndarray  # int [n]
+    confidence: np.ndarray  # float32 [n]
+    probabilities: np.ndarray  # float32 [n, C]
+    logits: np.ndarray  # float32 [n, C]
+
+
+@dataclass(slots=True)
+class Job:
+    """One request's work: encoded images or a ready tensor, and where to send the answer."""
+
+    images: list[bytes] | None
+    tensor: np.ndarray | None
+    n: int
+    metadata: dict[str, Any] | None
+    source: str
+    received: float
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[JobResult]
+    # filled by the batcher thread
+    x: np.ndarray | None = None
+    stats: list[dict[str, Any]] = field(default_factory=list)
+
+
+_STOP = object()
+
+
+def image_stats(pixels: np.ndarray, channels_last: bool) -> np.ndarray:
+    """Cheap per-image statistics: brightness, contrast (luma mean, std), mean R, G, B.
+
+    ``pixels`` is [N, H, W, 3] (channels last) or [N, 3, H, W]; values 0..255.
+    """
+    x = pixels.astype(np.float32, copy=False)
+    if channels_last:
+        means = x.mean(axis=(1, 2))
+        luma = x @ _LUMA
+    else:
+        means = x.mean(axis=(2, 3))
+        luma = np.tensordot(_LUMA, x, axes=([0], [1]))
+    flat = luma.reshape(len(x), -1)
+    return np.column_stack([flat.mean(axis=1), flat.std(axis=1), means])
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+class Batcher:
+    """Coalesces concurrent jobs into batches for one ``ModelRuntime`` on one thread.
+
+    ``on_batch(jobs, prediction_per_job, seconds)`` runs on the batcher thread after each
+    batch (the prediction log and metrics hook in there, off the request path).
+    """
+
+    def __init__(
+        self,
+        runtime: ModelRuntime,
+        *,
+        max_batch_size: int = 32,
+        max_delay_ms: float = 1.0,
+        max_queue: int = 2048,
+        threads: int = 1,
+        on_batch: Callable[[list[Job], list[JobResult], float], None] | None = None,
+    ) -> None:
+        self.runtime = runtime
+        self.max_batch_size = max_batch_size
+        self.max_delay = max_delay_ms / 1000.0
+        self.max_queue = max_queue
+        self.on_batch = on_batch
+        self.threads = threads
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._accepting = False
+        self._concurrent = False
+
+    # -- lifecycle (event loop side) ----------------------------------------------------
+    def start(self) -> None:
+        if self._threads:
+            return
+        self._accepting = True
+        for i in range(self.threads):
+            t = threading.Thread(target=self._run, name=f"loopline-batcher-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop accepting, answer every job already queued, then end the thread."""
+        self._accepting = False
+        for _ in self._threads:
+            self._queue.put(_STOP)
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        self._threads = []
+        # A job that slipped in behind the stop markers still gets an answer.
+        rest = []
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not _STOP:
+                rest.append(item)
+        if rest:
+            self._process(rest)
+
+    @property
+    def running(self) -> bool:
+        return self._accepting and any(t.is_alive() for t in self._threads)
+
+    # -- submitting (event loop side) ---------------------------------------------------
+    def submit(
+        self,
+        *,
+        images: list[bytes] | None = None,
+        tensor: np.ndarray | None = None,
+        metadata: dict[str, Any] | None = None,
+        source: str = "v1",
+    ) -> asyncio.Future[JobResult]:
+        """Queue images (encoded JPEG/PNG) or a float32 [n, 3, H, W] tensor; await the result."""
+        if not self._accepting:
+            raise Overloaded("the server is shutting down; retry on another replica")
+        if self._queue.qsize() >= self.max_queue:
+            raise Overloaded(f"more than {self.max_queue} requests are waiting; retry later")
+        loop = asyncio.get_running_loop()
+        n = len(images) if images is not None else len(tensor)  # type: ignore[arg-type]
+        fut: asyncio.Future[JobResult] = loop.create_future()
+        self._queue.put(Job(images, tensor, n, metadata, source, time.time(), loop, fut))
+        return fut
+
+    # -- the batcher thread ----------------------------------------------------------------
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            job = self._queue.get()
+            if job is _STOP:
+                break
+            jobs = [job]
+            n = job.n
+            deadline = None
+            while n < self.max_batch_size:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    if not self._concurrent or self.max_delay <= 0:
+                        break
+                    if deadline is None:
+                        deadline = time.monotonic() + self.max_delay
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    try:
+                        nxt = self._queue.get(timeout=remaining)
+                    except queue.Empty:
+                        break
+                if nxt is _STOP:
+                    stopping = True
+                    break
+                jobs.append(nxt)
+                n += nxt.n
+            self._concurrent = len(jobs) > 1
+            self._process(jobs)
+
+    def _process(self, jobs: list[Job]) -> None:
+        answers: list[tuple[Job, JobResult | None, BaseException | None]] = []
+        try:
+            ready = self._prepare(jobs, answers)
+            if ready:
+                t0 = time.perf_counter()
+                preds = self._infer(ready)
+                seconds = time.perf_counter() - t0
+                answers.extend((job, pred, None) for job, pred in zip(ready, preds, strict=True))
+                if self.on_batch is not None:
+                    try:
+                        self.on_batch(ready, preds, seconds)
+                    except Exception:  # logging must never cost an answer
+                        log.exception("prediction hook failed")
+        except Exception as err:
+            log.exception("batch failed")
+            done = {id(j) for j, _, _ in answers}
+            answers.extend(
+                (j, None, LooplineError(f"inference failed: {err}"))
+                for j in jobs
+                if id(j) not in done
+            )
+        _deliver(answers)
+
+    def _prepare(
+        self, jobs: list[Job], answers: list[tuple[Job, JobResult | None, BaseException | None]]
+    ) -> list[Job]:
+        """Decode every job's images; a job with one bad image fails alone and whole."""
+        spec = self.runtime.spec
+        ready = []
+        for job in jobs:
+            if job.images is not None:
+                try:
+                    pixels = np.stack([_decode(i, data, spec) for i, data in enumerate(job.images)])
+                except InvalidInput as err:
+                    answers.append((job, None, err))
+                    continue
+                job.x = to_input(pixels)
+                stats = image_stats(job.x, channels_last=False)
+                sizes: list[int | None] = [len(b) for b in job.images]
+            else:
+                assert job.tensor is not None
+                job.x = job.tensor
+                stats = image_stats(job.tensor, channels_last=False)
+                sizes = [None] * job.n
+            job.stats = [
+                _stats_dict(row, size) for row, size in zip(stats.tolist(), sizes, strict=True)
+            ]
+            ready.append(job)
+        return ready
+
+    def _infer(self, jobs: list[Job]) -> list[JobResult]:
+        xs = [j.x for j in jobs if j.x is not None]
+        x = xs[0] if len(xs) == 1 else np.concatenate(xs)
+        step = self.max_batch_size
+        if len(x) <= step:
+            logits = self.runtime.run(x)
+        else:  # one job larger than a batch
+            logits = np.concatenate(
+                [self.runtime.run(x[i : i + step]) for i in range(0, len(x), step)]
+            )
+        probs = softmax(logits)
+        top = probs.argmax(axis=1)
+        conf = probs[np.arange(len(probs)), top]
+        out = []
+        start = 0
+        for job in jobs:
+            end = start + job.n
+            ids = [uuid.uuid4().hex for _ in range(job.n)]
+            out.append(
+                JobResult(ids, top[start:end], conf[start:end], probs[start:end], logits[start:end])
+            )
+            start = end
+        return out
+
+
+def _decode(index: int, data: bytes, spec: PreprocessSpec) -> np.ndarray:
+    if not data:
+        raise InvalidInput(f"image {index + 1} is empty: send JPEG or PNG bytes")
+    try:
+        return decode_image(data, spec)
+    except InvalidInput as err:
+        raise InvalidInput(f"image {index + 1}: {err}") from None
+
+
+def _stats_dict(row: list[float], size: int | None) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "brightness": round(row[0], 3),
+        "contrast": round(row[1], 3),
+        "mean_rgb": [round(v, 2) for v in row[2:5]],
+    }
+    if size is not None:
+        out["bytes"] = size
+    return out
+
+
+def _deliver(answers: list[tuple[Job, JobResult | None, BaseException | None]]) -> None:
+    """Hand results to their event loops: one thread-safe wake-up per loop per batch."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
+    for job, pred, err in answers:
+        by_loop.setdefault(job.loop, []).append((job.future, pred, err))
+    for loop, items in by_loop.items():
+        # A closed loop raises RuntimeError: nobody is waiting for these any more.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(_set_results, items)
+
+
+def _set_results(items: list[Any]) -> None:
+    for fut, pred, err in items:
+        if fut.done():
+            continue
+        if err is None:
+            fut.set_result(pred)
+        else:
+            fut.set_exception(err)

@@ -1,0 +1,410 @@
+"""The prediction server: a FastAPI app over one verified model bundle, run by uvicorn.
+
+``create_app`` builds the app for a loaded model; ``load_model`` resolves a registry
+reference (``NAME``, ``NAME:VERSION``, ``NAME@ALIAS``) or a bundle folder/tar, verifies it
+(the registered sha256 of the tar, then every file against the bundle's manifest) and loads
+it into ONNX Runtime; ``serve`` does both and runs uvicorn. The container image runs::
+
+    python -m loopline.deploy.server --bundle /bundle --host 0.0.0.0 --port 8080
+
+Client mistakes become a JSON 4xx ``{"error": "..."}``; nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from loopline import __version__
+from loopline.bundle import Bundle, extract_bundle, fetch_bundle, load_bundle
+from loopline.deploy import oip, v1
+from loopline.deploy.auth import BearerAuth, Unauthorized
+from loopline.deploy.limits import BodyLimitMiddleware
+from loopline.deploy.metrics import MetricsMiddleware, ServerMetrics
+from loopline.deploy.predlog import PredictionLog
+from loopline.deploy.runtime import Batcher, Job, JobResult, ModelRuntime, ServedModel
+from loopline.deploy.settings import ServeSettings, load_settings
+from loopline.deploy.state import ServerState
+from loopline.errors import ConfigError, IntegrityError, InvalidInput, LooplineError, NotFound
+
+log = logging.getLogger("loopline.deploy")
+
+
+# -- loading -------------------------------------------------------------------------------------
+@dataclass
+class ModelSource:
+    """Where the model comes from: a registry reference, or a bundle folder or tar."""
+
+    ref: str | None = None
+    bundle: Path | None = None
+    config: Path | None = None
+    name: str | None = None  # overrides for a bundle outside the registry
+    version: int | None = None
+
+
+def load_model(source: ModelSource, settings: ServeSettings) -> tuple[ServedModel, Any]:
+    """Verify and load the model; also open the metadata store when the log is on.
+
+    Returns the served model and the store (or None). Raises LooplineError with a clear
+    message when the model is unknown or its bundle does not verify.
+    """
+    from loopline.config import load_config
+    from loopline.drivers.metadata.store import MetadataStore
+
+    if (source.ref is None) == (source.bundle is None):
+        raise ConfigError("give either a model reference (NAME[:VERSION|@ALIAS]) or --bundle")
+    cfg = load_config(source.config)
+    url = settings.metadata_url or cfg.metadata_url()
+    store = None
+    # A private folder per start, removed once the model is in memory: a registered bundle
+    # is verified from its tar every time, never trusted from an earlier extraction.
+    with tempfile.TemporaryDirectory(prefix="loopline-serve-") as tmp:
+        if source.ref is not None:
+            from loopline.drivers.artifacts.store import ArtifactStore
+
+            store = MetadataStore(url)
+            mv = store.resolve_model(source.ref)
+            name, version, digest = mv.name, mv.version, mv.bundle_sha256
+            try:
+                bundle = fetch_bundle(ArtifactStore(cfg.artifacts_url()), digest, Path(tmp))
+            except IntegrityError as err:
+                raise IntegrityError(f"refusing to serve {name}:{version}: {err}") from None
+        else:
+            assert source.bundle is not None
+            bundle, digest = _open_bundle(Path(source.bundle), Path(tmp))
+            meta = bundle.metadata
+            name = source.name or meta.get("model_name") or meta.get("name") or "model"
+            given = source.version
+            if given is None:
+                given = int(os.environ.get("LOOPLINE_MODEL_VERSION") or meta.get("version") or 0)
+            version = given
+            if settings.log_predictions:
+                store = MetadataStore(url)
+        runtime = ModelRuntime(
+            bundle.model_path,
+            bundle.labels,
+            bundle.preprocess,
+            intra_op_threads=settings.intra_op_threads,
+            inter_op_threads=settings.inter_op_threads,
+        )
+    return ServedModel(str(name), int(version), bundle, digest, runtime), store
+
+
+def _open_bundle(path: Path, tmp: Path) -> tuple[Bundle, str]:
+    if not path.exists():
+        raise NotFound(f"bundle {path} does not exist")
+    try:
+        if path.is_file():
+            digest = _sha256(path)
+            return load_bundle(extract_bundle(path, tmp / digest)), digest
+        return load_bundle(path), _sha256(path / "MANIFEST.json")
+    except IntegrityError as err:
+        raise IntegrityError(f"refusing to serve bundle {path}: {err}") from None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# -- the app ---------------------------------------------------------------------------------------
+def create_app(
+    served: ServedModel,
+    settings: ServeSettings | None = None,
+    store: Any | None = None,
+    *,
+    spill_dir: Path | None = None,
+) -> FastAPI:
+    """The FastAPI app serving ``served``; predictions are logged to ``store`` if given."""
+    settings = settings or ServeSettings()
+    if settings.require_token_for_predict and not settings.tokens():
+        raise ConfigError("require_token_for_predict is set but no token is configured")
+    metrics = ServerMetrics(served.name, served.version, served.labels)
+    predlog = None
+    if settings.log_predictions and store is not None:
+        predlog = PredictionLog(
+            store.log_predictions,
+            flush_interval_s=settings.flush_interval_s,
+            flush_max_rows=settings.flush_max_rows,
+            max_pending_rows=settings.max_pending_rows,
+            spill_dir=spill_dir or Path.cwd(),
+            on_written=metrics.log_rows_written,
+            on_dropped=metrics.log_rows_dropped,
+        )
+    batcher = Batcher(
+        served.runtime,
+        max_batch_size=settings.max_batch_size,
+        max_delay_ms=settings.max_delay_ms,
+        max_queue=settings.max_queue,
+        threads=settings.inference_threads,
+        on_batch=_batch_hook(served, settings, metrics, predlog),
+    )
+    state = ServerState(
+        served=served,
+        settings=settings,
+        batcher=batcher,
+        metrics=metrics,
+        auth=BearerAuth(settings.tokens()),
+        predlog=predlog,
+        store=store if predlog is not None else None,
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if predlog is not None:
+            predlog.start()
+        batcher.start()
+        state.ready = True
+        log.info("serving %s:%s (%s)", served.name, served.version, served.bundle_sha256[:12])
+        try:
+            yield
+        finally:
+            # uvicorn has answered every in-flight request by now; drain and write the log.
+            state.ready = False
+            await asyncio.to_thread(batcher.stop)
+            if predlog is not None:
+                await asyncio.to_thread(predlog.close)
+
+    app = FastAPI(
+        title="Loopline prediction server",
+        version=__version__,
+        summary=f"Serving {served.name}:{served.version}",
+        lifespan=lifespan,
+    )
+    app.state.loopline = state
+    _add_error_handlers(app)
+    v1.add_routes(app, state)  # the hot routes first: routing tries them in order
+    oip.add_routes(app, state)
+
+    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics")
+    async def prometheus() -> Response:
+        if predlog is not None:
+            metrics.set_log_pending(predlog.pending)
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: counts 413s too
+    return app
+
+
+def _batch_hook(
+    served: ServedModel,
+    settings: ServeSettings,
+    metrics: ServerMetrics,
+    predlog: PredictionLog | None,
+) -> Any:
+    """Metrics and prediction-log rows for each batch, on the batcher thread."""
+    name, version, labels = served.name, served.version, served.labels
+    keep_probs = settings.log_probabilities
+
+    def on_batch(jobs: list[Job], results: list[JobResult], seconds: float) -> None:
+        top = np.concatenate([r.top for r in results])
+        conf = np.concatenate([r.confidence for r in results])
+        metrics.observe_batch(len(top), seconds, top, conf)
+        if predlog is None:
+            return
+        rows = []
+        for job, res in zip(jobs, results, strict=True):
+            probs = np.round(res.probabilities, 6).tolist() if keep_probs else [None] * job.n
+            for pid, t, c, p, stats in zip(
+                res.ids, res.top.tolist(), res.confidence.tolist(), probs, job.stats, strict=True
+            ):
+                rows.append(
+                    {
+                        "id": pid,
+                        "at": job.received,
+                        "model_name": name,
+                        "model_version": version,
+                        "source": job.source,
+                        "label": labels[t],
+                        "confidence": c,
+                        "probabilities": p,
+                        "request_metadata": job.metadata,
+                        "input_stats": stats,
+                    }
+                )
+        predlog.add(rows)
+
+    return on_batch
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        orjson.dumps({"error": message}),
+        status_code=status,
+        media_type="application/json",
+        headers=headers,
+    )
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(LooplineError)
+    async def loopline_error(request: Request, err: LooplineError) -> Response:
+        status = getattr(err, "status_code", None)
+        if status is None:
+            status = (
+                404 if isinstance(err, NotFound) else 400 if isinstance(err, InvalidInput) else 500
+            )
+        headers = None
+        if isinstance(err, Unauthorized):
+            headers = {"WWW-Authenticate": "Bearer"}
+        elif status == 503:
+            headers = {"Retry-After": "1"}
+        if status >= 500:
+            log.error("%s %s: %s", request.method, request.url.path, err)
+        return _error(status, str(err), headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException) -> Response:
+        message = err.detail if isinstance(err.detail, str) else str(err.detail)
+        if err.status_code == 404:
+            message = f"no such endpoint: {request.method} {request.url.path}"
+        elif err.status_code == 405:
+            message = f"method {request.method} is not allowed on {request.url.path}"
+        return _error(err.status_code, message, dict(err.headers or {}))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, err: RequestValidationError) -> Response:
+        return _error(400, f"invalid request: {err.errors()[0].get('msg', err)}")
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, err: Exception) -> Response:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return _error(500, "internal server error (logged on the server)")
+
+
+# -- running ---------------------------------------------------------------------------------------
+_WORKER_SOURCE = "LOOPLINE_SERVE_SOURCE"
+
+
+def serve(source: ModelSource, settings: ServeSettings, *, log_level: str = "info") -> None:
+    """Verify and load the model, then run uvicorn until SIGTERM/SIGINT (graceful)."""
+    import uvicorn
+
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    # Fail fast, with a clear message, before binding the port (and before forking workers).
+    served, store = load_model(source, settings)
+    options: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "loop": "uvloop",
+        "http": "httptools",
+        "access_log": False,
+        "log_level": log_level,
+        "backlog": 2048,
+        "timeout_graceful_shutdown": 30,
+    }
+    if settings.workers == 1:
+        uvicorn.run(create_app(served, settings, store), **options)
+        return
+    # Several processes share the port; each loads (and verifies) the model itself.
+    if store is not None:
+        store.close()
+    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="loopline-prom-"))
+    os.environ.update(settings.to_env())
+    os.environ[_WORKER_SOURCE] = orjson.dumps(
+        {k: str(v) if isinstance(v, Path) else v for k, v in source.__dict__.items()}
+    ).decode()
+    uvicorn.run(
+        "loopline.deploy.server:worker_app", factory=True, workers=settings.workers, **options
+    )
+
+
+def worker_app() -> FastAPI:
+    """App factory for worker processes (``--workers N``): settings come from the environment."""
+    raw: dict[str, Any] = orjson.loads(os.environ[_WORKER_SOURCE])
+    for key in ("bundle", "config"):
+        if raw.get(key):
+            raw[key] = Path(raw[key])
+    source = ModelSource(**raw)
+    settings = load_settings()
+    served, store = load_model(source, settings)
+    return create_app(served, settings, store)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m loopline.deploy.server",
+        description="Serve a Loopline model bundle (Open Inference Protocol v2 and /v1 images).",
+    )
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--bundle", type=Path, help="an extracted bundle folder or a bundle tar")
+    what.add_argument("--model", help="a registered model: NAME, NAME:VERSION or NAME@ALIAS")
+    p.add_argument("--config", type=Path, help="loopline.yaml (default: ./loopline.yaml)")
+    p.add_argument("--model-name", help="name of a --bundle model (default: its metadata)")
+    p.add_argument("--model-version", type=int, help="version of a --bundle model")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--workers", type=int)
+    p.add_argument("--max-batch-size", type=int)
+    p.add_argument("--max-delay-ms", type=float)
+    p.add_argument("--inference-threads", type=int)
+    p.add_argument("--intra-op-threads", type=int)
+    p.add_argument("--inter-op-threads", type=int)
+    p.add_argument("--max-body-bytes", type=int)
+    p.add_argument("--token-file", type=Path, help="file holding the bearer token(s)")
+    p.add_argument("--require-token-for-predict", action="store_true", default=None)
+    p.add_argument("--no-log", dest="log_predictions", action="store_false", default=None)
+    p.add_argument("--flush-interval-s", type=float)
+    p.add_argument("--metadata-url", help="where the prediction log goes (SQLAlchemy URL)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+SETTING_FLAGS = (
+    "host", "port", "workers", "max_batch_size", "max_delay_ms", "inference_threads",
+    "intra_op_threads", "inter_op_threads", "max_body_bytes", "require_token_for_predict",
+    "log_predictions", "flush_interval_s", "metadata_url",
+)  # fmt: skip
+
+
+def make_settings(options: dict[str, Any], token_file: Path | None = None) -> ServeSettings:
+    """Settings from the environment, with flags (``options``, None = unset) on top."""
+    overrides = dict(options)
+    if token_file is not None:
+        try:
+            overrides["token"] = token_file.read_text().strip()
+        except OSError as err:
+            raise ConfigError(f"cannot read --token-file {token_file}: {err}") from None
+    return load_settings(overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = make_settings({k: getattr(args, k) for k in SETTING_FLAGS}, args.token_file)
+        source = ModelSource(
+            ref=args.model,
+            bundle=args.bundle,
+            config=args.config,
+            name=args.model_name,
+            version=args.model_version,
+        )
+        serve(source, settings, log_level=args.log_level)
+    except LooplineError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

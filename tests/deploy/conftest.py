@@ -1,0 +1,284 @@
+"""Fixtures for the serving tests: a real bundle of a tiny CNN, registered in a real store,
+and real uvicorn servers on free loopback ports (in a thread or a subprocess).
+
+The CNN is exported with torch here, in the tests; the server under test never imports it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+LABELS = ["car", "van", "truck", "bus", "motorcycle"]
+SIZE = 32
+TOKEN = "s3cret-token"
+
+
+def export_tiny_cnn(path: Path, size: int = SIZE, width: int = 8, depth: int = 2) -> None:
+    """A conv-pool CNN with normalisation inside, exported as ONE self-contained ONNX file."""
+    import torch
+    from torch import nn
+
+    class TinyCNN(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            layers: list[nn.Module] = []
+            c = 3
+            for _ in range(depth):
+                layers += [nn.Conv2d(c, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+                c = width
+            self.features = nn.Sequential(*layers)
+            self.head = nn.Linear(width, len(LABELS))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = (x / 255.0 - 0.5) / 0.25
+            return self.head(self.features(x).mean(dim=(2, 3)))
+
+    torch.manual_seed(0)
+    net = TinyCNN().eval()
+    torch.onnx.export(
+        net,
+        (torch.zeros(1, 3, size, size),),
+        str(path),
+        dynamo=False,
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+        opset_version=17,
+    )
+
+
+def bundle_files(model: bytes, size: int = SIZE, name: str = "vehicles") -> dict[str, bytes]:
+    from loopline.bundle import PreprocessSpec
+    from loopline.deploy.image import image_context_files
+
+    files = {
+        "model.onnx": model,
+        "labels.json": json.dumps(LABELS).encode(),
+        "preprocess.json": json.dumps(PreprocessSpec(height=size, width=size).to_dict()).encode(),
+        "metadata.json": json.dumps({"name": name, "metrics": {"accuracy": 0.5}}).encode(),
+    }
+    files.update(image_context_files())
+    return files
+
+
+@pytest.fixture(scope="session")
+def model_bytes(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    path = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    export_tiny_cnn(path)
+    return path.read_bytes()
+
+
+@dataclass
+class Project:
+    """A project folder whose store holds one registered model, vehicles:1."""
+
+    root: Path
+    config: Path
+    bundle_tar: Path
+    bundle_sha256: str
+
+    def store(self) -> Any:
+        from loopline.config import load_config
+        from loopline.drivers.metadata.store import MetadataStore
+
+        return MetadataStore(load_config(self.config).metadata_url())
+
+
+def make_project(root: Path, model: bytes) -> Project:
+    from loopline.bundle import write_bundle
+    from loopline.config import load_config
+    from loopline.drivers.artifacts.store import ArtifactStore
+    from loopline.drivers.metadata.store import MetadataStore
+
+    root.mkdir(parents=True, exist_ok=True)
+    config = root / "loopline.yaml"
+    config.write_text("project: vehicles\nmodel: {name: vehicles}\n")
+    cfg = load_config(config)
+    tar = root / "bundle.tar"
+    sha = write_bundle(bundle_files(model), tar)
+    ref = ArtifactStore(cfg.artifacts_url()).put_file(tar)
+    store = MetadataStore(cfg.metadata_url())
+    store.register_model(
+        "vehicles",
+        metrics={"accuracy": 0.5},
+        bundle_uri=ref.uri,
+        bundle_sha256=ref.sha256,
+        dataset_version=None,
+        run_id=None,
+        lineage={},
+    )
+    store.close()
+    return Project(root, config, tar, sha)
+
+
+@pytest.fixture
+def fresh_project(tmp_path: Path, model_bytes: bytes) -> Project:
+    return make_project(tmp_path / "project", model_bytes)
+
+
+@pytest.fixture(scope="module")
+def module_project(tmp_path_factory: pytest.TempPathFactory, model_bytes: bytes) -> Project:
+    return make_project(tmp_path_factory.mktemp("project"), model_bytes)
+
+
+# -- images --------------------------------------------------------------------------------
+def image_bytes(seed: int, fmt: str = "PNG", size: tuple[int, int] = (48, 40)) -> bytes:
+    """A random-ish picture: a coloured background with a block, as PNG or JPEG bytes."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    pixels = np.empty((size[1], size[0], 3), dtype=np.uint8)
+    pixels[:] = rng.integers(0, 256, 3)
+    x, y = rng.integers(0, size[0] // 2), rng.integers(0, size[1] // 2)
+    pixels[y : y + size[1] // 2, x : x + size[0] // 2] = rng.integers(0, 256, 3)
+    pixels = np.clip(pixels + rng.integers(-20, 20, pixels.shape), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def reference_labels(model: bytes, images: list[bytes]) -> list[str]:
+    """Top-1 labels from ONNX Runtime in process, on the same decoded pixels."""
+    import onnxruntime as ort
+
+    from loopline.bundle import PreprocessSpec, decode_image, to_input
+
+    spec = PreprocessSpec(height=SIZE, width=SIZE)
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    x = to_input(np.stack([decode_image(b, spec) for b in images]))
+    (logits,) = session.run(["logits"], {"input": x})
+    return [LABELS[i] for i in logits.argmax(axis=1)]
+
+
+# -- servers -------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(url: str, timeout: float = 30.0, alive: Callable[[], bool] | None = None) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if alive is not None and not alive():
+            raise RuntimeError("the server process ended before it was ready")
+        try:
+            if httpx.get(f"{url}/v2/health/ready", timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"server at {url} not ready after {timeout}s")
+
+
+@contextmanager
+def run_in_thread(app: Any) -> Iterator[str]:
+    """Run ``app`` on uvicorn in a thread; yield its base URL; stop it gracefully."""
+    import uvicorn
+
+    port = free_port()
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_level="warning", access_log=False, lifespan="on"
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, alive=thread.is_alive)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+@dataclass
+class Running:
+    url: str
+    app: Any
+    project: Project
+
+    @property
+    def state(self) -> Any:
+        return self.app.state.loopline
+
+
+@contextmanager
+def serving(project: Project, **settings: Any) -> Iterator[Running]:
+    """Serve vehicles:1 of ``project`` in a thread with the given settings."""
+    from loopline.deploy.server import ModelSource, create_app, load_model
+    from loopline.deploy.settings import ServeSettings
+
+    options: dict[str, Any] = {"token": TOKEN, "max_body_bytes": 1 << 20, "flush_interval_s": 0.2}
+    options.update(settings)
+    cfg = ServeSettings(**options)
+    served, store = load_model(ModelSource(ref="vehicles:1", config=project.config), cfg)
+    app = create_app(served, cfg, store, spill_dir=project.root)
+    with run_in_thread(app) as url:
+        yield Running(url, app, project)
+    if store is not None:
+        store.close()
+
+
+@pytest.fixture(scope="module")
+def server(module_project: Project) -> Iterator[Running]:
+    """One server per test module, default settings plus a token."""
+    with serving(module_project) as running:
+        yield running
+
+
+@dataclass
+class Process:
+    url: str
+    proc: Any
+    log: Path
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM (graceful) and wait; returns the exit code."""
+        import signal
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return int(self.proc.wait(timeout))
+
+
+@contextmanager
+def server_process(project: Project, *args: str) -> Iterator[Process]:
+    """``python -m loopline.deploy.server --model vehicles:1`` in a subprocess."""
+    import os
+    import subprocess
+    import sys
+
+    port = free_port()
+    log = project.root / f"server-{port}.log"
+    cmd = [
+        sys.executable, "-m", "loopline.deploy.server", "--model", "vehicles:1",
+        "--config", str(project.config), "--port", str(port), "--log-level", "warning", *args,
+    ]  # fmt: skip
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, cwd=project.root,
+            env={**os.environ, "LOOPLINE_SERVE_TOKEN": TOKEN},
+        )  # fmt: skip
+    running = Process(f"http://127.0.0.1:{port}", proc, log)
+    try:
+        wait_ready(running.url, timeout=60, alive=lambda: proc.poll() is None)
+        yield running
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

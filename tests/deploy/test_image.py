@@ -1,0 +1,90 @@
+"""The serving image's build context, and (slow) the image's contents in a fresh virtualenv.
+
+No container engine runs here, so the slow test does what the Dockerfile does: a fresh
+virtualenv with only ``requirements-serve.txt`` installed (from the package index), the
+bundle on PYTHONPATH, and the Dockerfile's command. Run it with ``LOOPLINE_SLOW=1``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import httpx
+import pytest
+
+from loopline.bundle import extract_bundle
+from loopline.deploy.image import image_context_files
+from tests.deploy.conftest import TOKEN, Project, free_port, image_bytes, wait_ready
+
+
+def test_context_files() -> None:
+    files = image_context_files()
+    docker = files["Dockerfile"].decode()
+    assert docker.startswith("# Serving image") and "FROM python:3.11-slim" in docker
+    assert "USER loopline" in docker and "ENV PYTHONPATH=/bundle" in docker
+    assert "EXPOSE 8080" in docker and "/v2/health/ready" in docker
+    assert "pip install --no-cache-dir -r /bundle/requirements-serve.txt" in docker
+    assert (
+        'CMD ["python", "-m", "loopline.deploy.server", "--bundle", "/bundle", \\\n'
+        '     "--host", "0.0.0.0", "--port", "8080"]'
+    ) in docker
+    reqs = files["requirements-serve.txt"].decode().splitlines()[1:]
+    pins = dict(line.split("==") for line in reqs)
+    assert pins["onnxruntime"] == metadata.version("onnxruntime")
+    assert pins["fastapi"] == metadata.version("fastapi")
+    assert not any(name.startswith(("torch", "onnx[", "optuna")) for name in pins)
+    sources = [name for name in files if name.startswith("loopline/")]
+    assert "loopline/deploy/server.py" in sources and "loopline/bundle.py" in sources
+    assert "loopline/drivers/metadata/migrations/versions/0002_predictions.py" in sources
+    assert not [s for s in sources if s.split("/")[1] in ("build", "cli", "examples")]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("LOOPLINE_SLOW") != "1", reason="set LOOPLINE_SLOW=1")
+def test_serving_requirements_alone_serve_the_bundle(
+    fresh_project: Project, tmp_path: Path
+) -> None:
+    folder = extract_bundle(fresh_project.bundle_tar, tmp_path / "bundle")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    python = str(venv / "bin" / "python")
+    subprocess.run(
+        [python, "-m", "pip", "install", "--quiet", "-r", str(folder / "requirements-serve.txt")],
+        check=True, timeout=1200,
+    )  # fmt: skip
+    env = {
+        "PATH": f"{venv / 'bin'}:/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "PYTHONPATH": str(folder),
+        "LOOPLINE_SERVE_TOKEN": TOKEN,
+    }
+    probe = subprocess.run(
+        [python, "-c", "import importlib.util as u, loopline; "
+         "print(loopline.__file__); print(u.find_spec('torch'))"],
+        env=env, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    where, torch_spec = probe.stdout.split()
+    assert where == str(folder / "loopline" / "__init__.py") and torch_spec == "None"
+    port = free_port()
+    home = tmp_path / "home"
+    home.mkdir()
+    proc = subprocess.Popen(
+        [python, "-m", "loopline.deploy.server", "--bundle", str(folder),
+         "--host", "127.0.0.1", "--port", str(port)],
+        env=env, cwd=home, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url, timeout=120, alive=lambda: proc.poll() is None)
+        r = httpx.post(f"{url}/v1/models/vehicles/predict", content=image_bytes(5),
+                       headers={"Content-Type": "image/png"})  # fmt: skip
+        assert r.status_code == 200, r.text
+        assert r.json()["predictions"][0]["model_version"] == 0  # not registered: version 0
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    assert (home / ".loopline" / "loopline.db").exists()  # the log went to the default store
