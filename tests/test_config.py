@@ -36,7 +36,7 @@ def test_defaults_load_without_a_file(tmp_path: Path, monkeypatch: pytest.Monkey
     cfg = load_config()
     assert cfg.model_dump() == Config().model_dump()
     assert cfg.root == tmp_path.resolve()
-    assert cfg.train.epochs == 8 and cfg.split.train == 0.7
+    assert cfg.train.epochs == 10 and cfg.split.train == 0.7
     assert cfg.data.source.kind == "lake" and cfg.model.name == "vehicles"
     assert cfg.metadata_url() == f"sqlite:///{tmp_path.resolve() / '.loopline' / 'loopline.db'}"
     assert cfg.artifacts_url() == str(tmp_path.resolve() / ".loopline" / "artifacts")
