@@ -38,7 +38,7 @@ def register(app: typer.Typer) -> None:
         ] = None,
         port: Annotated[int | None, typer.Option(help="TCP port [8080].")] = None,
         workers: Annotated[
-            int | None, typer.Option(help="Server processes sharing the port [1].")
+            int | None, typer.Option(help="Server processes sharing the port [2].")
         ] = None,
         max_batch_size: Annotated[
             int | None, typer.Option(help="Most images per model run [8].")
@@ -48,7 +48,7 @@ def register(app: typer.Typer) -> None:
             typer.Option(help="Longest wait for a batch to fill under concurrent load [0]."),
         ] = None,
         inference_threads: Annotated[
-            int | None, typer.Option(help="Batcher threads decoding and running batches [2].")
+            int | None, typer.Option(help="Batcher threads per process [1 with several workers, else 2].")
         ] = None,
         intra_op_threads: Annotated[
             int | None, typer.Option(help="ONNX Runtime threads per operator [1].")
