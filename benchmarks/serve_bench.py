@@ -232,7 +232,9 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--servers", default="loopline,bare-onnx,naive-torch")
-    ap.add_argument("--workers", type=int, default=2, help="Loopline server processes (the default)")
+    ap.add_argument(
+        "--workers", type=int, default=2, help="Loopline server processes (the default)"
+    )
     ap.add_argument("--loopline-args", default="", help="extra flags for Loopline's server")
     ap.add_argument(
         "--torch-threads",

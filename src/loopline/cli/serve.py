@@ -48,7 +48,8 @@ def register(app: typer.Typer) -> None:
             typer.Option(help="Longest wait for a batch to fill under concurrent load [0]."),
         ] = None,
         inference_threads: Annotated[
-            int | None, typer.Option(help="Batcher threads per process [1 with several workers, else 2].")
+            int | None,
+            typer.Option(help="Batcher threads per process [1 with several workers, else 2]."),
         ] = None,
         intra_op_threads: Annotated[
             int | None, typer.Option(help="ONNX Runtime threads per operator [1].")

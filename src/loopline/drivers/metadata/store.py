@@ -290,7 +290,11 @@ class MetadataStore:
 
     # -- models ------------------------------------------------------------------------------
     def register_model(
-        self, name: str, *, aliases: tuple[str, ...] = ("candidate",), actor: str = "loopline",
+        self,
+        name: str,
+        *,
+        aliases: tuple[str, ...] = ("candidate",),
+        actor: str = "loopline",
         **fields: Any,
     ) -> ModelVersion:
         """Register the next version of ``name`` and point ``aliases`` at it, atomically."""
