@@ -20,15 +20,13 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from loopline.build.ingest import ingest, source_fingerprint
-from loopline.build.pipeline import step_sections
+from loopline.build.pipeline import build_pipeline, step_sections
 from loopline.build.resources import BuildResources
-from loopline.build.validate import validate
 from loopline.config import parse_config
 from loopline.drivers.artifacts import ArtifactStore
 from loopline.drivers.metadata.store import MetadataStore
 from loopline.examples.vehicles.datagen import generate_lake
-from loopline.pipeline import Pipeline, Runner, Step
+from loopline.pipeline import Runner
 
 
 def plain_pillow(lake: Path) -> float:
@@ -48,25 +46,7 @@ def loopline_ingest_validate(lake: Path, work: Path) -> float:
     store = MetadataStore(f"sqlite:///{work / 'bench.db'}")
     artifacts = ArtifactStore(str(work / "artifacts"))
     resources = BuildResources(config=config, store=store, artifacts=artifacts)
-    pipeline = Pipeline(
-        "ingest-validate",
-        [
-            Step(
-                "ingest",
-                ingest,
-                outputs=("records", "dataset"),
-                params="data",
-                cache_extra=source_fingerprint,
-            ),
-            Step(
-                "validate",
-                validate,
-                inputs=("records",),
-                outputs=("clean", "quarantine", "report"),
-                params="validate",
-            ),
-        ],
-    )
+    pipeline = build_pipeline().until("validate")
     runner = Runner(store, artifacts, resources=resources, use_cache=False)
     n = len(pd.read_csv(lake / "manifest.csv", dtype=str))
     # Timed: the two steps as the engine runs them (store set-up is a one-off, outside).

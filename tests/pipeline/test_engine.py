@@ -411,3 +411,13 @@ def test_halt_stops_the_pipeline_as_rejected(runner: Runner, store: MetadataStor
     result = _run(runner, [A, HALTING_B, C])
     assert result.status == "succeeded"
     assert CALLS == ["c"]
+
+
+def test_until_stops_after_the_named_step() -> None:
+    from loopline.build.pipeline import build_pipeline
+
+    full = build_pipeline()
+    part = full.until("validate")
+    assert [s.name for s in part.steps] == ["ingest", "validate"]
+    with pytest.raises(KeyError, match="no step 'nope'"):
+        full.until("nope")

@@ -112,6 +112,13 @@ class Pipeline:
     def __iter__(self) -> Any:
         return iter(self.steps)
 
+    def until(self, name: str) -> Pipeline:
+        """The steps up to and including ``name``: a pipeline that stops there."""
+        names = [s.name for s in self.steps]
+        if name not in names:
+            raise KeyError(f"no step {name!r} in pipeline {self.name}; steps: {', '.join(names)}")
+        return Pipeline(f"{self.name}[..{name}]", self.steps[: names.index(name) + 1])
+
     def step(self, name: str) -> Step:
         for s in self.steps:
             if s.name == name:
