@@ -1,4 +1,4 @@
-"""Conformance suite of the artifact store: a local folder and fsspec's ``memory://``."""
+"""Conformance suite of the artifact store: a local folder, ``memory://`` and S3 (moto)."""
 
 from __future__ import annotations
 
@@ -16,10 +16,47 @@ from loopline.drivers.artifacts import ArtifactStore
 from loopline.errors import IntegrityError, NotFound, StoreError
 
 
-@pytest.fixture(params=["local", "memory"])
-def artifacts(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ArtifactStore]:
+@pytest.fixture(scope="module")
+def s3_endpoint() -> Iterator[str]:
+    """A real S3 API on loopback: moto's server (no AWS account, no network)."""
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["local", "memory", "s3"])
+def artifacts(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[ArtifactStore]:
     if request.param == "local":
         yield ArtifactStore(str(tmp_path / "artifacts"))
+        return
+    if request.param == "s3":
+        import boto3
+        import fsspec
+
+        endpoint = request.getfixturevalue("s3_endpoint")
+        for key, value in {
+            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }.items():
+            monkeypatch.setenv(key, value)
+        bucket = f"loopline-{uuid.uuid4().hex[:12]}"
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
+        fsspec.filesystem("s3").invalidate_cache()
+        yield ArtifactStore(f"s3://{bucket}/artifacts")
         return
     root = f"memory://loopline-test-{uuid.uuid4().hex}"
     store = ArtifactStore(root)
