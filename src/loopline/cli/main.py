@@ -14,6 +14,7 @@ from typing import Annotated, Any
 import typer
 
 from loopline import __version__
+from loopline.cli import serve as serve_command
 from loopline.cli.output import console, err_console, print_json
 from loopline.errors import LooplineError
 
@@ -443,15 +444,7 @@ def evaluate_cmd(
         console.print(table)
 
 
-def _register_optional() -> None:
-    try:
-        from loopline.cli import serve
-    except ImportError:  # pragma: no cover - serving module missing from a partial install
-        return
-    serve.register(app)
-
-
-_register_optional()
+serve_command.register(app)
 
 
 def run() -> None:
