@@ -10,7 +10,7 @@ import os
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -412,17 +412,55 @@ class MetadataStore:
             return 0
         dialect = self.engine.dialect.name
         if dialect == "sqlite":
-            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-            stmt: Any = sqlite_insert(Prediction).on_conflict_do_nothing(index_elements=["id"])
-        elif dialect == "postgresql":
+            return self._log_predictions_sqlite(rows)
+        if dialect == "postgresql":
             from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-            stmt = pg_insert(Prediction).on_conflict_do_nothing(index_elements=["id"])
+            stmt: Any = pg_insert(Prediction).on_conflict_do_nothing(index_elements=["id"])
         else:
             stmt = insert(Prediction)
         with self.engine.begin() as conn:
             conn.execute(stmt, rows)
+        return len(rows)
+
+    _PREDICTION_COLUMNS = (
+        "id", "at", "model_name", "model_version", "source", "label", "confidence",
+        "probabilities", "request_metadata", "input_stats",
+    )  # fmt: skip
+
+    def _log_predictions_sqlite(self, rows: list[dict[str, Any]]) -> int:
+        """The SQLite fast path: one ``executemany`` on the driver, JSON encoded by orjson.
+
+        The server writes about a thousand rows a second per process; SQLAlchemy's per-row
+        type processing cost ~29 us a row, held the GIL and showed in the server's latency
+        tail. Values are stored exactly as SQLAlchemy's own types store them (a naive UTC
+        ``YYYY-MM-DD HH:MM:SS.ffffff`` text for times, JSON text), so the ORM reads them back.
+        """
+        import orjson
+
+        def js(value: Any) -> str | None:
+            return None if value is None else orjson.dumps(value).decode()
+
+        params = [
+            (
+                r["id"],
+                r["at"].astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f"),
+                r["model_name"],
+                r["model_version"],
+                r["source"],
+                r["label"],
+                r["confidence"],
+                js(r.get("probabilities")),
+                js(r.get("request_metadata")),
+                js(r.get("input_stats")),
+            )
+            for r in rows
+        ]
+        columns = ", ".join(self._PREDICTION_COLUMNS)
+        marks = ", ".join("?" * len(self._PREDICTION_COLUMNS))
+        sql = f"INSERT OR IGNORE INTO predictions ({columns}) VALUES ({marks})"
+        with self.engine.begin() as conn:
+            conn.exec_driver_sql(sql, params)
         return len(rows)
 
     def record_feedback(
