@@ -324,9 +324,9 @@ def serve(source: ModelSource, settings: ServeSettings, *, log_level: str = "inf
     os.environ[_WORKER_SOURCE] = orjson.dumps(
         {k: str(v) if isinstance(v, Path) else v for k, v in source.__dict__.items()}
     ).decode()
-    uvicorn.run(
-        "loopline.deploy.server:worker_app", factory=True, workers=settings.workers, **options
-    )
+    from loopline.deploy.workers import run_workers
+
+    run_workers(settings.workers, options)
 
 
 def worker_app() -> FastAPI:
