@@ -81,6 +81,7 @@ def _image_check(data: bytes, params: BaseModel) -> str | None:
 
 def validate(ctx: StepContext, records: pd.DataFrame, params: ValidateParams) -> dict[str, Any]:
     source = ctx.resources.source
+    records = records.reset_index(drop=True)  # index labels are positions from here on
     reasons: dict[int, str] = _schema_failures(records)
     allowed = set(params.labels)
     for i, label in records["label"].items():
@@ -90,21 +91,21 @@ def validate(ctx: StepContext, records: pd.DataFrame, params: ValidateParams) ->
             reasons[int(i)] = "unlabelled"
         elif label not in allowed:
             reasons[int(i)] = f"label {label!r} not in {','.join(params.labels)}"
-    seen: dict[str, str] = {}
-    for i, (path, digest) in records[["path", "sha256"]].iterrows():
-        if i in reasons:
-            continue
-        if digest in seen:
-            reasons[int(i)] = f"duplicate of {seen[digest]}"
-        else:
-            seen[digest] = path
+    # Duplicate content: the first valid occurrence stays, later ones are quarantined.
+    candidates = records.loc[~records.index.isin(list(reasons)), ["path", "sha256"]]
+    originals = candidates.drop_duplicates("sha256")
+    first = dict(zip(originals["sha256"], originals["path"], strict=True))
+    dups = candidates[candidates["sha256"].duplicated(keep="first")]
+    for i, digest in zip(dups.index, dups["sha256"], strict=True):
+        reasons[int(i)] = f"duplicate of {first[digest]}"
 
-    todo = [int(i) for i in records.index if i not in reasons]
+    paths = records["path"].tolist()
+    todo = [i for i in range(len(records)) if i not in reasons]
     bar = ctx.progress(len(todo), "checking images")
 
     def check(i: int) -> tuple[int, str | None]:
         try:
-            data = source.read_bytes(records.at[i, "path"])
+            data = source.read_bytes(paths[i])
         except Exception as err:
             return i, f"unreadable file: {err}"
         finally:
