@@ -74,7 +74,9 @@ def decode_image(data: bytes, spec: PreprocessSpec) -> np.ndarray:
             if rgb.size != (spec.width, spec.height):
                 rgb = rgb.resize((spec.width, spec.height), _RESAMPLE[spec.resize])
             return np.asarray(rgb, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+    except UnidentifiedImageError:
+        raise InvalidInput("cannot decode image: not a JPEG or PNG file") from None
+    except (OSError, ValueError, SyntaxError) as err:
         raise InvalidInput(f"cannot decode image: {err}") from None
 
 

@@ -178,8 +178,10 @@ def build(
     elif result.status == "succeeded" and result.model:
         m = result.model
         met = m["metrics"]
+        fresh = any(step["status"] != "cached" for step in result.steps)
+        verb = "[green]registered[/green]" if fresh else "nothing changed, up to date:"
         console.print(
-            f"[green]registered[/green] {m['name']}:{m['version']} (run {result.run_id}) "
+            f"{verb} {m['name']}:{m['version']} (run {result.run_id}) "
             f"accuracy {met['accuracy']:.3f} macro-F1 {met['macro_f1']:.3f}"
         )
     else:
