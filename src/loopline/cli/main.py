@@ -402,6 +402,49 @@ def models_alias(
     console.print(f"{name}@{alias} -> {name}:{version}")
 
 
+@models_app.command("export")
+def models_export(
+    ref: Annotated[str, typer.Argument(help="NAME, NAME:VERSION or NAME@ALIAS.")],
+    out: Annotated[Path, typer.Option(help="Folder to write (must not exist or be empty).")],
+    config: ConfigOpt = None,
+) -> None:
+    """Write a model's bundle, verified, to a folder: the build context of its serving image.
+
+    The folder holds model.onnx, labels, preprocessing, metadata, the manifest, and a
+    Dockerfile with its requirements: `docker build -t NAME:VERSION FOLDER` builds a
+    torch-free image that serves the model on port 8080.
+    """
+    import shutil
+    import tempfile
+
+    from loopline.bundle import extract_bundle
+    from loopline.drivers.artifacts import ArtifactStore
+
+    try:
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise LooplineError(f"{out} exists and is not an empty folder; choose another --out")
+        cfg = _config(config)
+        mv = _store(config).resolve_model(ref)
+        artifacts = ArtifactStore(cfg.artifacts_url())
+        with tempfile.TemporaryDirectory() as tmp:
+            tar = artifacts.get_file(mv.bundle_sha256, Path(tmp) / "bundle.tar")
+            if out.exists():
+                out.rmdir()
+            extract_bundle(tar, out)
+    except LooplineError as err:
+        fail(err)
+    except OSError as err:
+        shutil.rmtree(out, ignore_errors=True)
+        fail(LooplineError(f"cannot write {out}: {err}"))
+    tag = f"{mv.name}:{mv.version}"
+    console.print(f"wrote {tag} to {out} (sha256 {mv.bundle_sha256[:12]} verified)")
+    console.print(f"build: docker build -t {tag} {out}   (or podman build)")
+    console.print(
+        f"run:   docker run -p 8080:8080 -e LOOPLINE_MODEL_VERSION={mv.version} "
+        f"-e LOOPLINE_SERVE_TOKEN=... {tag}"
+    )
+
+
 @app.command("evaluate")
 def evaluate_cmd(
     ref: Annotated[str, typer.Argument(help="NAME, NAME:VERSION or NAME@ALIAS.")],
