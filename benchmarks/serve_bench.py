@@ -86,7 +86,7 @@ def make_png(path: Path) -> bytes:
 
 def make_project(root: Path) -> tuple[Path, Path, Path]:
     """Export the model, register its bundle in a fresh project; return config, onnx, weights."""
-    from tiny_cnn import LABELS, export
+    from vehicle_model import LABELS, export
 
     from loopline.bundle import PreprocessSpec, write_bundle
     from loopline.config import load_config

@@ -16,15 +16,15 @@ import uvicorn
 from fastapi import FastAPI, Request
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny_cnn import TinyCNN  # noqa: E402
+from vehicle_model import make_model  # noqa: E402
 
 from loopline.bundle import PreprocessSpec, decode_image  # noqa: E402
 
 
 def make_app(weights: str, labels: list[str], size: int) -> FastAPI:
     app = FastAPI()
-    net = TinyCNN()
-    net.load_state_dict(torch.load(weights))
+    net = make_model()
+    net.load_state_dict(torch.load(weights, weights_only=True))
     net.eval()
     spec = PreprocessSpec(height=size, width=size)
 

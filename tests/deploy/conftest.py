@@ -26,37 +26,15 @@ TOKEN = "s3cret-token"
 
 
 def export_tiny_cnn(path: Path, size: int = SIZE, width: int = 8, depth: int = 2) -> None:
-    """A conv-pool CNN with normalisation inside, exported as ONE self-contained ONNX file."""
+    """Loopline's own CNN, small and untrained, exported as the package step exports it."""
     import torch
-    from torch import nn
 
-    class TinyCNN(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            layers: list[nn.Module] = []
-            c = 3
-            for _ in range(depth):
-                layers += [nn.Conv2d(c, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
-                c = width
-            self.features = nn.Sequential(*layers)
-            self.head = nn.Linear(width, len(LABELS))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            x = (x / 255.0 - 0.5) / 0.25
-            return self.head(self.features(x).mean(dim=(2, 3)))
+    from loopline.build.trainer import export_onnx
+    from loopline.examples.vehicles.cnn import VehicleCNN
 
     torch.manual_seed(0)
-    net = TinyCNN().eval()
-    torch.onnx.export(
-        net,
-        (torch.zeros(1, 3, size, size),),
-        str(path),
-        dynamo=False,
-        input_names=["input"],
-        output_names=["logits"],
-        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-        opset_version=17,
-    )
+    net = VehicleCNN(num_classes=len(LABELS), input_size=size, depth=depth, width=width).eval()
+    export_onnx(net, size, path)
 
 
 def bundle_files(model: bytes, size: int = SIZE, name: str = "vehicles") -> dict[str, bytes]:
