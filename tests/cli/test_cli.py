@@ -133,3 +133,8 @@ def test_listings_on_an_empty_store(project: Path) -> None:
     assert code == 1 and "no model version tiny:7" in one_line_error(err)
     code, _, err = invoke("runs", "show", "nope", "-c", str(project))
     assert code == 1 and "no run" in one_line_error(err)
+
+
+def test_resume_refuses_overrides(project: Path) -> None:
+    code, _, err = invoke("build", "-c", str(project), "--resume", "x", "--set", "train.epochs=2")
+    assert code == 1 and "cannot be combined with --resume" in one_line_error(err)

@@ -154,6 +154,11 @@ def build(
     from loopline.cli.output import RichReporter
 
     try:
+        if resume and set_:
+            raise LooplineError(
+                "--set cannot be combined with --resume: a resumed run keeps the configuration "
+                "it was started with (start a new build to change it)"
+            )
         cfg = _config(config, set_)
         with RichReporter(quiet=json_out) as reporter:
             result = run_build(
@@ -241,7 +246,8 @@ def runs_show(
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Show one run: its steps (ran or cached, timings, digests) and HPO trials."""
+    """Show one run: its steps (ran or cached, timings, digests), HPO trials and step logs
+    (validation counts per reason, metrics per segment, the gate's decision)."""
     from rich.table import Table
 
     try:
@@ -282,6 +288,14 @@ def runs_show(
                 f"{tr.duration_s or 0:.1f}",
             )
         console.print(t)
+    for s in steps:
+        if s.log and not s.cached:
+            for line in s.log.splitlines():
+                console.print(f"  [dim]{s.step}:[/dim] {line}", highlight=False)
+        if s.error and s.status == "failed":
+            console.print(
+                f"  [red]{s.step}: {s.error.strip().splitlines()[-1]}[/red]", highlight=False
+            )
 
 
 # -- datasets -------------------------------------------------------------------------------
