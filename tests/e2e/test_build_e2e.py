@@ -195,3 +195,17 @@ def test_resume_refuses_a_succeeded_run(project: Path) -> None:
     assert code == 0
     code, _, err = cli("build", "-c", str(project), "--resume", first["run_id"])
     assert code == 1 and "only failed or interrupted runs" in err
+
+
+def test_audit_log_lists_register_and_alias(project: Path) -> None:
+    code, first = build_json(project)
+    assert code == 0
+    code, out, err = cli("models", "alias", "tiny:1", "production", "-c", str(project))
+    assert code == 0, err
+    code, out, _ = cli("audit", "-c", str(project), "--json")
+    events = json.loads(out)
+    assert code == 0
+    actions = [(e["action"], e["subject"]) for e in events]
+    assert ("model.alias", "tiny:1") in actions and ("model.register", "tiny:1") in actions
+    alias = next(e for e in events if e["action"] == "model.alias")
+    assert alias["details"] == {"alias": "production"}

@@ -317,6 +317,28 @@ def datasets(config: ConfigOpt = None, json_out: JsonOpt = False) -> None:
     console.print(table)
 
 
+@app.command()
+def audit(
+    config: ConfigOpt = None,
+    limit: Annotated[int, typer.Option(help="How many, newest first.")] = 50,
+    json_out: JsonOpt = False,
+) -> None:
+    """Show the audit log: who registered, aliased or resumed what, and when."""
+    from rich.table import Table
+
+    try:
+        events = _store(config).audit_log(limit)
+    except LooplineError as err:
+        fail(err)
+    if json_out:
+        print_json([e.to_dict() for e in events])
+        return
+    table = Table("when", "actor", "action", "subject", "details")
+    for e in events:
+        table.add_row(_when(e.at), e.actor, e.action, e.subject, str(e.details or ""))
+    console.print(table)
+
+
 # -- models -----------------------------------------------------------------------------------
 @models_app.callback(invoke_without_command=True)
 def models_list(ctx: typer.Context, config: ConfigOpt = None, json_out: JsonOpt = False) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from typing import Any
 
 from rich.console import Console
@@ -54,7 +53,6 @@ class RichReporter:
             transient=True,
             disable=quiet or not self.out.is_terminal,
         )
-        self._t0 = time.perf_counter()
 
     def __enter__(self) -> RichReporter:
         self._progress.start()

@@ -603,10 +603,6 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
-def isoformat(value: datetime | None) -> str | None:
-    return value.isoformat() if value else None
-
-
 def _prediction_filter(
     q: Any,
     model_name: str | None,
