@@ -39,6 +39,16 @@ def unsupported_type(mime: str, allowed: str) -> RequestRejected:
     return RequestRejected(f"unsupported media type: {got}; send {allowed}", 415)
 
 
+def json_body(body: bytes | memoryview, expected: str) -> Any:
+    """Parse a JSON request body; an empty or malformed one is a 400 naming ``expected``."""
+    if not body:
+        raise RequestRejected(f"empty body: send {expected}")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as err:
+        raise RequestRejected(f"the body is not valid JSON ({err}); send {expected}") from None
+
+
 class BodyLimitMiddleware:
     """Refuse request bodies over ``max_body_bytes`` with 413 and a JSON error."""
 

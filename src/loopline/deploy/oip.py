@@ -22,7 +22,7 @@ from fastapi import FastAPI, Request, Response
 
 from loopline import __version__
 from loopline.deploy.fastroute import add_fast_post
-from loopline.deploy.limits import RequestRejected, media_type, unsupported_type
+from loopline.deploy.limits import RequestRejected, json_body, media_type, unsupported_type
 
 if TYPE_CHECKING:
     from loopline.deploy.state import ServerState
@@ -78,12 +78,7 @@ def parse_infer_request(
         head, binary = body[:n], memoryview(body)[n:]
     else:
         head, binary = body, memoryview(b"")
-    if not head:
-        raise bad("empty body: send an inference request, a JSON object with 'inputs'")
-    try:
-        req = orjson.loads(head)
-    except orjson.JSONDecodeError as err:
-        raise bad(f"the request is not valid JSON: {err}") from None
+    req = json_body(head, "an inference request, a JSON object with 'inputs'")
     if not isinstance(req, dict):
         raise bad("the request must be a JSON object with 'inputs'")
     inputs = req.get("inputs")

@@ -20,7 +20,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from loopline.deploy.fastroute import add_fast_post
-from loopline.deploy.limits import IMAGE_TYPES, RequestRejected, media_type, unsupported_type
+from loopline.deploy.limits import (
+    IMAGE_TYPES,
+    RequestRejected,
+    json_body,
+    media_type,
+    unsupported_type,
+)
 from loopline.errors import NotFound
 
 if TYPE_CHECKING:
@@ -95,12 +101,7 @@ async def read_images(request: Request, state: ServerState) -> tuple[list[bytes]
 
 def parse_feedback(body: bytes) -> list[Any]:
     """The items of a feedback request (each still to be validated one by one)."""
-    if not body:
-        raise RequestRejected('empty body: send {"prediction_id": ..., "label": ...} or a list')
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError as err:
-        raise RequestRejected(f"the body is not valid JSON: {err}") from None
+    data = json_body(body, '{"prediction_id": ..., "label": ...} or a list of them')
     if isinstance(data, dict) and "items" in data:
         data = data["items"]
     elif isinstance(data, dict):
