@@ -101,19 +101,29 @@ def test_gate_rejects_with_exit_3_and_registers_nothing(project: Path) -> None:
 
 
 def test_gate_compares_with_production(project: Path) -> None:
+    from loopline.drivers.artifacts import ArtifactStore
+
     code, first = build_json(project)
     assert code == 0
     store = store_of(project)
     store.set_alias("tiny", "production", 1)
-    # A much worse candidate (no training to speak of) must not replace production.
-    code, worse = build_json(project, "train.lr=0.0000001", "gate.max_regression=0.0")
-    if worse["status"] == "rejected":
-        assert code == 3 and "worse than production" in worse["reason"]
-    else:  # it happened to be as good: the baseline was still computed on the same split
-        assert code == 0
-    code, out, _ = cli("runs", "show", worse["run_id"], "-c", str(project), "--json")
-    gate_step = [s for s in json.loads(out)["steps"] if s["step"] == "gate"][0]
-    assert gate_step["status"] == "succeeded"
+    # A barely trained candidate, compared with production on the same test split.
+    code, second = build_json(project, "train.lr=0.0000001", "gate.max_regression=0.0")
+    gate_step = [s for s in store.list_steps(second["run_id"]) if s.step == "gate"][0]
+    assert gate_step.status == "succeeded" and not gate_step.cached
+    artifacts = ArtifactStore(str(project.parent / "state" / "artifacts"))
+    decision = artifacts.get_json(gate_step.outputs["decision"]["sha256"])
+    baseline = decision["baseline"]
+    assert baseline["model"] == "tiny:1" and baseline["alias"] == "production"
+    # Production scored on this split as it scored at its own build (same split, same model).
+    assert baseline["baseline"] == pytest.approx(first["model"]["metrics"]["macro_f1"])
+    worse = baseline["candidate"] < baseline["baseline"]
+    assert decision["accepted"] is not worse
+    if worse:
+        assert code == 3 and "worse than production" in second["reason"]
+        assert [m.version for m in store.list_model_versions()] == [1]
+    else:
+        assert code == 0 and second["model"]["version"] == 2
 
 
 def _wait_for(predicate, timeout: float) -> bool:  # type: ignore[no-untyped-def]
