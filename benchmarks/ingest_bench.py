@@ -20,8 +20,8 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from loopline.build.pipeline import build_pipeline, step_sections
-from loopline.build.resources import BuildResources
+from loopline.builder.pipeline import build_pipeline, step_sections
+from loopline.builder.resources import BuildResources
 from loopline.config import parse_config
 from loopline.drivers.artifacts import ArtifactStore
 from loopline.drivers.metadata.store import MetadataStore

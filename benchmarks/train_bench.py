@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from loopline.build.trainer import ModelSpec, as_input, augment_batch, build_model, fit
+from loopline.builder.trainer import ModelSpec, as_input, augment_batch, build_model, fit
 from loopline.config import TrainConfig
 
 SIZE = 64

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from loopline.build.trainer import export_onnx
+from loopline.builder.trainer import export_onnx
 from loopline.examples.vehicles.cnn import VehicleCNN
 
 LABELS = ["car", "van", "truck", "bus", "motorcycle"]

@@ -29,7 +29,7 @@ def export_tiny_cnn(path: Path, size: int = SIZE, width: int = 8, depth: int = 2
     """Loopline's own CNN, small and untrained, exported as the package step exports it."""
     import torch
 
-    from loopline.build.trainer import export_onnx
+    from loopline.builder.trainer import export_onnx
     from loopline.examples.vehicles.cnn import VehicleCNN
 
     torch.manual_seed(0)

@@ -12,7 +12,7 @@ import pytest
 import tritonclient.http as triton
 from typer.testing import CliRunner
 
-from loopline.build.images import load_images
+from loopline.builder.images import load_images
 from loopline.bundle import fetch_bundle, to_input
 from loopline.cli.main import app
 from loopline.config import load_config
@@ -27,7 +27,7 @@ TOKEN = "e2e-secret"
 
 
 def test_built_model_served_matches_in_process(project: Path, tmp_path: Path) -> None:
-    from loopline.build.resources import BuildResources
+    from loopline.builder.resources import BuildResources
     from loopline.deploy.server import ModelSource, create_app, load_model
     from loopline.deploy.settings import ServeSettings
 

@@ -414,7 +414,7 @@ def test_halt_stops_the_pipeline_as_rejected(runner: Runner, store: MetadataStor
 
 
 def test_until_stops_after_the_named_step() -> None:
-    from loopline.build.pipeline import build_pipeline
+    from loopline.builder.pipeline import build_pipeline
 
     full = build_pipeline()
     part = full.until("validate")

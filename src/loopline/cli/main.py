@@ -150,7 +150,7 @@ def build(
 
     Exit codes: 0 a model was registered, 3 the gate rejected it, 1 an error.
     """
-    from loopline.build import build as run_build
+    from loopline.builder import build as run_build
     from loopline.cli.output import RichReporter
 
     try:
@@ -498,9 +498,9 @@ def evaluate_cmd(
     """
     from rich.table import Table
 
-    from loopline.build.evaluate import evaluate_registered
-    from loopline.build.pipeline import open_stores
-    from loopline.build.resources import BuildResources
+    from loopline.builder.evaluate import evaluate_registered
+    from loopline.builder.pipeline import open_stores
+    from loopline.builder.resources import BuildResources
     from loopline.cli.output import RichReporter
 
     try:

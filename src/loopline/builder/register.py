@@ -6,7 +6,7 @@ import hashlib
 from typing import Any
 
 from loopline import __version__
-from loopline.build.package import git_commit
+from loopline.builder.package import git_commit
 from loopline.config import ModelConfig
 from loopline.metrics import headline
 from loopline.pipeline import StepContext

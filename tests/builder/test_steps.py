@@ -8,12 +8,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from loopline.build.gate import check_rules, lookup, parse_rule
-from loopline.build.ingest import dataset_version, ingest
-from loopline.build.pipeline import step_sections
-from loopline.build.resources import BuildResources
-from loopline.build.split import split
-from loopline.build.validate import validate
+from loopline.builder.gate import check_rules, lookup, parse_rule
+from loopline.builder.ingest import dataset_version, ingest
+from loopline.builder.pipeline import step_sections
+from loopline.builder.resources import BuildResources
+from loopline.builder.split import split
+from loopline.builder.validate import validate
 from loopline.config import parse_config
 from loopline.drivers.artifacts import ArtifactStore
 from loopline.drivers.metadata.store import MetadataStore

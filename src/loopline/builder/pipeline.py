@@ -9,15 +9,15 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from loopline.build.evaluate import EvaluateParams, evaluate
-from loopline.build.gate import GateParams, gate, halt_if_rejected, production_fingerprint
-from loopline.build.ingest import ingest, source_fingerprint
-from loopline.build.package import git_commit, package
-from loopline.build.register import register
-from loopline.build.resources import BuildResources
-from loopline.build.split import split
-from loopline.build.train import TrainParams, train
-from loopline.build.validate import ValidateParams, validate
+from loopline.builder.evaluate import EvaluateParams, evaluate
+from loopline.builder.gate import GateParams, gate, halt_if_rejected, production_fingerprint
+from loopline.builder.ingest import ingest, source_fingerprint
+from loopline.builder.package import git_commit, package
+from loopline.builder.register import register
+from loopline.builder.resources import BuildResources
+from loopline.builder.split import split
+from loopline.builder.train import TrainParams, train
+from loopline.builder.validate import ValidateParams, validate
 from loopline.config import Config, parse_config
 from loopline.drivers.artifacts import ArtifactStore
 from loopline.drivers.metadata.store import MetadataStore
@@ -98,7 +98,7 @@ def preflight(config: Config) -> None:
     """Fail fast, before any work, on what the config gets wrong."""
     import importlib.util
 
-    from loopline.build.gate import parse_rule
+    from loopline.builder.gate import parse_rule
     from loopline.drivers.data import open_source
     from loopline.errors import ConfigError
 

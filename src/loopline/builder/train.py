@@ -6,7 +6,7 @@ from typing import Any
 
 import pandas as pd
 
-from loopline.build.images import label_indices, load_images
+from loopline.builder.images import label_indices, load_images
 from loopline.config import TrainConfig
 from loopline.errors import require_extra
 from loopline.pipeline import StepContext
@@ -20,7 +20,7 @@ class TrainParams(TrainConfig):
 
 def train(ctx: StepContext, splits: pd.DataFrame, params: TrainParams) -> dict[str, Any]:
     require_extra("torch", "train")
-    from loopline.build import trainer
+    from loopline.builder import trainer
 
     train_df = splits[splits["split"] == "train"]
     val_df = splits[splits["split"] == "val"]

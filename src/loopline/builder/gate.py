@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from loopline.build.images import label_indices, load_images
+from loopline.builder.images import label_indices, load_images
 from loopline.config import GateConfig
 from loopline.errors import ConfigError
 from loopline.metrics import classification_report

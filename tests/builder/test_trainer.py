@@ -17,8 +17,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("optuna")
 ort = pytest.importorskip("onnxruntime")
 
-from loopline.build import trainer  # noqa: E402
-from loopline.build.trainer import ModelSpec  # noqa: E402
+from loopline.builder import trainer  # noqa: E402
+from loopline.builder.trainer import ModelSpec  # noqa: E402
 from loopline.config import TrainConfig  # noqa: E402
 from loopline.errors import ConfigError, PipelineError  # noqa: E402
 

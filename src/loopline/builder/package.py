@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from loopline import __version__
-from loopline.build.images import load_images
+from loopline.builder.images import load_images
 from loopline.bundle import PreprocessSpec, to_input, write_bundle
 from loopline.config import PackageConfig
 from loopline.errors import PipelineError, require_extra
@@ -70,7 +70,7 @@ def package(
     params: PackageConfig,
 ) -> bytes:
     require_extra("onnx", "train")
-    from loopline.build import trainer
+    from loopline.builder import trainer
     from loopline.deploy.image import image_context_files
 
     spec = trainer.ModelSpec.from_dict(model["spec"])

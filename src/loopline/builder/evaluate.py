@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from loopline.build.images import label_indices, load_images
+from loopline.builder.images import label_indices, load_images
 from loopline.config import EvaluateConfig
 from loopline.errors import require_extra
 from loopline.metrics import classification_report
@@ -44,7 +44,7 @@ def evaluate(
     params: EvaluateParams,
 ) -> dict[str, Any]:
     require_extra("torch", "train")
-    from loopline.build import trainer
+    from loopline.builder import trainer
 
     test = splits[splits["split"] == "test"].reset_index(drop=True)
     spec = trainer.ModelSpec.from_dict(model["spec"])
@@ -75,10 +75,10 @@ def evaluate_registered(resources: Any, ref: str, reporter: Any = None) -> dict[
     and night images. The records are ingested and validated as in a build (the dataset
     version is recorded), then scored with ONNX Runtime, overall and per segment.
     """
-    from loopline.build.gate import evaluate_bundle
-    from loopline.build.ingest import ingest
-    from loopline.build.pipeline import step_sections
-    from loopline.build.validate import ValidateParams, validate
+    from loopline.builder.gate import evaluate_bundle
+    from loopline.builder.ingest import ingest
+    from loopline.builder.pipeline import step_sections
+    from loopline.builder.validate import ValidateParams, validate
     from loopline.pipeline.step import SilentReporter
 
     config = resources.config
