@@ -18,7 +18,7 @@ install: $(STAMP)
 ## a model trained on daytime images only, scored on every condition.
 demo: $(STAMP)
 	@test -f loopline.yaml || $(BIN)/loopline init
-	$(BIN)/loopline datagen --out lake --images 5000
+	test -f lake/manifest.csv || $(BIN)/loopline datagen --out lake --images 5000
 	$(BIN)/loopline build
 	$(BIN)/loopline build --set 'data.filter={condition: [day]}' --set model.name=vehicles-day
 	$(BIN)/loopline evaluate vehicles-day@candidate

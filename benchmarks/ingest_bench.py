@@ -20,7 +20,8 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from loopline.builder.pipeline import build_pipeline, step_sections
+from loopline.builder.pipeline import build_pipeline
+from loopline.builder.record import BuildRecorder
 from loopline.builder.resources import BuildResources
 from loopline.config import parse_config
 from loopline.drivers.artifacts import ArtifactStore
@@ -47,11 +48,14 @@ def loopline_ingest_validate(lake: Path, work: Path) -> float:
     artifacts = ArtifactStore(str(work / "artifacts"))
     resources = BuildResources(config=config, store=store, artifacts=artifacts)
     pipeline = build_pipeline().until("validate")
-    runner = Runner(store, artifacts, resources=resources, use_cache=False)
+    recorder = BuildRecorder(store, artifacts, project="bench", model_name=config.model.name)
+    runner = Runner(
+        store, artifacts, resources=resources.for_steps(), use_cache=False, recorder=recorder
+    )
     n = len(pd.read_csv(lake / "manifest.csv", dtype=str))
     # Timed: the two steps as the engine runs them (store set-up is a one-off, outside).
     t0 = time.perf_counter()
-    runner.run(pipeline, step_sections(config), config=config.to_dict(), project="bench")
+    runner.run(pipeline, config.to_dict(), project="bench")
     return n / (time.perf_counter() - t0)
 
 

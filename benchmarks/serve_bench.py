@@ -108,7 +108,7 @@ def make_project(root: Path) -> tuple[Path, Path, Path]:
     write_bundle(files, root / "bundle.tar")
     ref = ArtifactStore(cfg.artifacts_url()).put_file(root / "bundle.tar")
     store = MetadataStore(cfg.metadata_url())
-    store.register_model(
+    store.models.register(
         "vehicles", metrics={}, bundle_uri=ref.uri, bundle_sha256=ref.sha256,
         dataset_version=None, run_id=None, lineage={},
     )  # fmt: skip
@@ -214,7 +214,7 @@ def server_command(
     py = sys.executable
     labels = json.dumps(["car", "van", "truck", "bus", "motorcycle"])
     if name == "loopline":
-        return [py, "-m", "loopline.deploy.server", "--model", "vehicles:1", "--config",
+        return [py, "-m", "loopline.deploy.server", "vehicles:1", "--config",
                 str(config), "--port", str(port), "--log-level", "warning",
                 "--workers", str(args.workers), *args.loopline_args.split()], \
             "/v1/models/vehicles/predict"  # fmt: skip
@@ -292,7 +292,7 @@ def main() -> int:
             from loopline.drivers.metadata.store import MetadataStore
 
             store = MetadataStore(load_config(config).metadata_url())
-            logged = store.count_predictions("vehicles", 1)
+            logged = store.predictions.count("vehicles", 1)
             store.close()
             print(f"\nprediction log: {logged} rows for {sent} requests wrk completed "
                   "(rows >= requests: wrk does not count requests cut off at its end)")  # fmt: skip

@@ -194,3 +194,235 @@ def test_decode_image_keeps_pixels_at_native_size() -> None:
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="PNG")
     np.testing.assert_array_equal(decode_image(buf.getvalue(), SPEC), pixels)
+
+
+# -- nothing but the manifest's files -------------------------------------------------------
+def _extracted(tmp_path: Path) -> Path:
+    write_bundle(_files(), tmp_path / "b.tar")
+    return extract_bundle(tmp_path / "b.tar", tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        "sitecustomize.py",
+        "usercustomize.py",
+        "loopline/drivers/metadata/migrations/versions/0099_evil.py",
+        "loopline/__pycache__/__init__.cpython-311.pyc",
+    ],
+)
+def test_a_file_not_in_the_manifest_is_refused(tmp_path: Path, extra: str) -> None:
+    dest = _extracted(tmp_path)
+    target = dest / extra
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text("open('/tmp/pwned', 'w')\n")
+    with pytest.raises(IntegrityError, match=f"bundle file {extra} is not in its manifest"):
+        load_bundle(dest)
+    with pytest.raises(IntegrityError, match="not in its manifest"):
+        extract_bundle(tmp_path / "b.tar", dest)  # an existing folder is verified the same way
+
+
+def test_an_empty_folder_is_harmless(tmp_path: Path) -> None:
+    dest = _extracted(tmp_path)
+    (dest / "empty").mkdir()
+    assert load_bundle(dest).labels == ["car", "van"]
+
+
+@pytest.mark.parametrize("target", ["model.onnx", "/etc/passwd"])
+def test_a_link_in_a_bundle_folder_is_refused(tmp_path: Path, target: str) -> None:
+    dest = _extracted(tmp_path)
+    (dest / "loopline" / "linked.py").symlink_to(target)
+    with pytest.raises(IntegrityError, match="loopline/linked.py is a link or special file"):
+        verify_bundle_dir(dest)
+
+
+def test_a_listed_file_replaced_by_a_link_is_refused(tmp_path: Path) -> None:
+    dest = _extracted(tmp_path)
+    real = tmp_path / "labels-elsewhere.json"
+    real.write_bytes((dest / "labels.json").read_bytes())  # same content, outside the folder
+    (dest / "labels.json").unlink()
+    (dest / "labels.json").symlink_to(real)
+    with pytest.raises(IntegrityError, match="labels.json is a link"):
+        verify_bundle_dir(dest)
+
+
+def test_a_linked_folder_is_refused(tmp_path: Path) -> None:
+    dest = _extracted(tmp_path)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (dest / "plugins").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(IntegrityError, match="plugins is a link"):
+        verify_bundle_dir(dest)
+
+
+def test_a_manifest_naming_an_unsafe_path_is_refused(tmp_path: Path) -> None:
+    dest = _extracted(tmp_path)
+    manifest = json.loads((dest / MANIFEST).read_text())
+    manifest["files"]["../outside"] = "0" * 64
+    (dest / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(IntegrityError, match="unsafe path '../outside'"):
+        verify_bundle_dir(dest)
+
+
+def _bundle_tar(tmp_path: Path, add: Callable[[tarfile.TarFile], None]) -> Path:
+    """A tar of a complete, manifest-carrying bundle, then whatever ``add(tar)`` appends."""
+    write_bundle(_files(), tmp_path / "good.tar")
+    path = tmp_path / "evil.tar"
+    with tarfile.open(tmp_path / "good.tar") as good, tarfile.open(path, "w") as tar:
+        for member in good.getmembers():
+            tar.addfile(member, good.extractfile(member))
+        add(tar)
+    return path
+
+
+def _add_file(name: str, data: bytes) -> Callable[[tarfile.TarFile], None]:
+    def add(tar: tarfile.TarFile) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+    return add
+
+
+def test_a_tar_with_an_extra_member_is_refused(tmp_path: Path) -> None:
+    tar = _bundle_tar(tmp_path, _add_file("sitecustomize.py", b"import os\n"))
+    with pytest.raises(IntegrityError, match="sitecustomize.py is not in its manifest"):
+        extract_bundle(tar, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize("name", ["labels.json", "LABELS.json"])
+def test_a_tar_naming_a_file_twice_is_refused(tmp_path: Path, name: str) -> None:
+    tar = _bundle_tar(tmp_path, _add_file(name, json.dumps(["car", "van"]).encode()))
+    with pytest.raises(IntegrityError, match="appears twice"):
+        extract_bundle(tar, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("kind", "name"),
+    [
+        (tarfile.DIRTYPE, "loopline/plugins"),
+        (tarfile.FIFOTYPE, "pipe"),
+        (tarfile.CHRTYPE, "tty"),
+        (tarfile.BLKTYPE, "disk"),
+    ],
+)
+def test_a_tar_with_a_special_member_is_refused(tmp_path: Path, kind: bytes, name: str) -> None:
+    def add(tar: tarfile.TarFile) -> None:
+        info = tarfile.TarInfo(name)
+        info.type = kind
+        tar.addfile(info)
+
+    with pytest.raises(IntegrityError, match=f"{name}' is not a plain relative file"):
+        extract_bundle(_bundle_tar(tmp_path, add), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["./model2.onnx", "loopline//x.py", "a/../b.py"])
+def test_a_tar_member_with_an_unnormalised_name_is_refused(tmp_path: Path, name: str) -> None:
+    with pytest.raises(IntegrityError, match="not a plain relative file"):
+        extract_bundle(_bundle_tar(tmp_path, _add_file(name, b"x")), tmp_path / "out")
+
+
+def test_an_existing_folder_must_be_an_extraction_of_this_tar(tmp_path: Path) -> None:
+    dest = _extracted(tmp_path)
+    other = write_bundle({**_files(), "labels.json": b'["bus"]'}, tmp_path / "other.tar")
+    assert other
+    with pytest.raises(IntegrityError, match="manifest differs"):
+        extract_bundle(tmp_path / "other.tar", dest)
+
+
+# -- deterministic writing ---------------------------------------------------------------------
+def test_write_bundle_fixes_every_header_field(tmp_path: Path) -> None:
+    write_bundle(_files(), tmp_path / "a.tar")
+    with tarfile.open(tmp_path / "a.tar") as tar:
+        members = tar.getmembers()
+    assert [m.name for m in members] == sorted([*_files(), MANIFEST])
+    for m in members:
+        assert (m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) == (0, 0, 0, "", "", 0o644)
+        assert m.isreg()
+
+
+def test_write_bundle_gives_the_same_bytes_in_another_process(tmp_path: Path) -> None:
+    """Same files, different clock zone, umask, working folder and dict order: same tar."""
+    import os
+    import subprocess
+    import sys
+
+    here = write_bundle(_files(), tmp_path / "here.tar")
+    files = {k: v.decode() for k, v in reversed(list(_files().items()))}
+    code = (
+        "import json, os, sys, time; from pathlib import Path; "
+        "from loopline.bundle import write_bundle; time.sleep(1.1); os.umask(0o077); "
+        "files = {k: v.encode() for k, v in json.loads(sys.argv[1]).items()}; "
+        "print(write_bundle(files, Path(sys.argv[2])))"
+    )
+    env = {**os.environ, "TZ": "Pacific/Kiritimati"}
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    out = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(files), str(tmp_path / "there.tar")],
+        capture_output=True, text=True, check=True, env=env, cwd=sub,
+    )  # fmt: skip
+    assert out.stdout.strip() == here
+    assert (tmp_path / "there.tar").read_bytes() == (tmp_path / "here.tar").read_bytes()
+
+
+@pytest.mark.parametrize("name", [MANIFEST, "../x", "/abs", "a//b", ""])
+def test_write_bundle_refuses_unsafe_names(tmp_path: Path, name: str) -> None:
+    with pytest.raises(ValueError, match="cannot be a bundle file name"):
+        write_bundle({**_files(), name: b"x"}, tmp_path / "x.tar")
+
+
+# -- fetching from the artifact store --------------------------------------------------------------
+def _stored(tmp_path: Path) -> tuple[object, str, Path]:
+    from loopline.drivers.artifacts import ArtifactStore
+
+    artifacts = ArtifactStore(str(tmp_path / "artifacts"))
+    digest = write_bundle(_files(), tmp_path / "b.tar")
+    ref = artifacts.put_file(tmp_path / "b.tar")
+    stored = next((tmp_path / "artifacts" / "sha256").rglob(digest))
+    return artifacts, ref.sha256, stored
+
+
+def _flip(path: Path) -> None:
+    path.chmod(0o644)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same length: only the hash can tell
+    path.write_bytes(bytes(data))
+
+
+def test_fetch_bundle_rechecks_the_store_even_with_a_cached_extraction(tmp_path: Path) -> None:
+    from loopline.bundle import fetch_bundle
+
+    artifacts, digest, stored = _stored(tmp_path)
+    cache = tmp_path / "cache"
+    assert fetch_bundle(artifacts, digest, cache).labels == ["car", "van"]
+    assert (cache / digest).is_dir()  # an extraction stays for the next call
+    _flip(stored)
+    with pytest.raises(IntegrityError, match="corrupt or tampered"):
+        fetch_bundle(artifacts, digest, cache)
+    assert [p.name for p in cache.iterdir()] == [digest]  # no stray temporary tar
+
+
+def test_fetch_bundle_replaces_a_tampered_extraction(tmp_path: Path) -> None:
+    """A cached folder rewritten consistently (file and manifest) is not trusted."""
+    from loopline.bundle import fetch_bundle
+
+    artifacts, digest, _ = _stored(tmp_path)
+    cache = tmp_path / "cache"
+    folder = fetch_bundle(artifacts, digest, cache).path
+    evil = json.dumps(["truck", "bus"]).encode()
+    (folder / "labels.json").write_bytes(evil)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest["files"]["labels.json"] = hashlib.sha256(evil).hexdigest()
+    (folder / "sitecustomize.py").write_text("import os\n")
+    manifest["files"]["sitecustomize.py"] = hashlib.sha256(b"import os\n").hexdigest()
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    assert verify_bundle_dir(folder)  # consistent in itself
+    bundle = fetch_bundle(artifacts, digest, cache)
+    assert bundle.labels == ["car", "van"]
+    assert not (bundle.path / "sitecustomize.py").exists()
+    assert sorted(p.name for p in cache.iterdir()) == [digest]

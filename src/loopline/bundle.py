@@ -11,16 +11,18 @@ A bundle is a deterministic tar archive holding::
     MANIFEST.json       sha256 of every other file
 
 Nothing here imports torch: the serving path reads bundles with numpy, Pillow and ONNX Runtime.
-Every bundle is verified against its manifest before it is used.
+Every bundle is verified against its manifest before it is used, and a bundle folder may hold
+nothing the manifest does not list (an extra ``sitecustomize.py`` would run in the image).
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import io
 import json
 import os
 import shutil
+import stat
 import tarfile
 import uuid
 from dataclasses import dataclass, field
@@ -29,8 +31,10 @@ from typing import Any
 
 import numpy as np
 
+from loopline.digest import sha256_bytes, sha256_file
 from loopline.errors import IntegrityError, InvalidInput
 
+FORMAT = "loopline-bundle/1"
 MANIFEST = "MANIFEST.json"
 REQUIRED = ("model.onnx", "labels.json", "preprocess.json", "metadata.json")
 
@@ -58,24 +62,24 @@ class PreprocessSpec:
 _RESAMPLE = {"bilinear": 2, "nearest": 0, "bicubic": 3}  # PIL.Image.Resampling values
 
 
-def decode_image(data: bytes, spec: PreprocessSpec) -> np.ndarray:
+def decode_image(data: bytes, spec: PreprocessSpec, *, max_pixels: int | None = None) -> np.ndarray:
     """Decode JPEG/PNG bytes into a uint8 array [H, W, 3] at the spec's size.
 
+    Only JPEG and PNG are opened (UnsupportedImage otherwise); an image whose header
+    declares more than ``max_pixels`` pixels is refused before decoding (ImageTooLarge).
     Raises InvalidInput for anything Pillow cannot decode. Training and serving both use
     this function, so a model sees the same pixels in production as in training.
     """
-    from PIL import Image, UnidentifiedImageError
+    from loopline.images import open_image
 
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with open_image(data, max_pixels=max_pixels) as img:
             if img.format == "JPEG":
                 img.draft("RGB", (spec.width, spec.height))
             rgb = img.convert(spec.color)
             if rgb.size != (spec.width, spec.height):
                 rgb = rgb.resize((spec.width, spec.height), _RESAMPLE[spec.resize])
             return np.asarray(rgb, dtype=np.uint8)
-    except UnidentifiedImageError:
-        raise InvalidInput("cannot decode image: not a JPEG or PNG file") from None
     except (OSError, ValueError, SyntaxError) as err:
         raise InvalidInput(f"cannot decode image: {err}") from None
 
@@ -87,10 +91,14 @@ def to_input(images: np.ndarray) -> np.ndarray:
 
 # -- writing ------------------------------------------------------------------------------
 def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    # Every field that tarfile would otherwise take from the clock or the user is fixed,
+    # so the same files always give the same bytes (and the same digest).
     info = tarfile.TarInfo(name)
     info.size = size
+    info.type = tarfile.REGTYPE
     info.mtime = 0
     info.mode = 0o644
+    info.uid = info.gid = 0
     info.uname = info.gname = ""
     return info
 
@@ -98,14 +106,18 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
 def write_bundle(files: dict[str, bytes], out: Path) -> str:
     """Write ``files`` plus a manifest as a deterministic tar; return the tar's sha256.
 
-    The archive appears under ``out`` only when complete.
+    The same files give a byte-identical archive whatever their order, the clock, the user
+    or the umask. The archive appears under ``out`` only when complete.
     """
     missing = [name for name in REQUIRED if name not in files]
     if missing:
         raise ValueError(f"bundle is missing {', '.join(missing)}")
+    for name in files:
+        if name == MANIFEST or _unsafe(name):
+            raise ValueError(f"{name!r} cannot be a bundle file name")
     manifest = {
-        "format": "loopline-bundle/1",
-        "files": {name: hashlib.sha256(data).hexdigest() for name, data in sorted(files.items())},
+        "format": FORMAT,
+        "files": {name: sha256_bytes(data) for name, data in sorted(files.items())},
     }
     everything = dict(files)
     everything[MANIFEST] = json.dumps(manifest, indent=2, sort_keys=True).encode()
@@ -119,73 +131,105 @@ def write_bundle(files: dict[str, bytes], out: Path) -> str:
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    h = hashlib.sha256(out.read_bytes())
-    return h.hexdigest()
+    return sha256_file(out)
 
 
 # -- reading ------------------------------------------------------------------------------
+def _unsafe(name: str) -> bool:
+    """True unless ``name`` is a plain, normalised, relative POSIX path inside the bundle."""
+    p = PurePosixPath(name)
+    return (
+        not name
+        or "\\" in name
+        or "\0" in name
+        or p.is_absolute()
+        or p.as_posix() != name
+        or any(part in ("", ".", "..") for part in name.split("/"))
+    )
+
+
 def extract_bundle(tar_path: Path, dest: Path) -> Path:
     """Extract a bundle tar into ``dest`` (atomically) and verify it.
 
-    Only regular files with relative paths are accepted: a member that would escape
-    ``dest`` (absolute, ``..``, links, devices) fails the whole extraction.
+    Only regular files with safe relative paths, each named once, are accepted: a link,
+    folder, device, absolute or ``..`` path, duplicate, or any file the manifest does not
+    list fails the whole extraction and leaves nothing behind. If ``dest`` already exists
+    it is verified against this tar's manifest instead (an earlier extraction of it).
     """
-    if dest.exists():
-        verify_bundle_dir(dest)
-        return dest
-    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.part")
-    tmp.mkdir(parents=True)
     try:
-        with tarfile.open(tar_path, "r:*") as tar:
-            for member in tar.getmembers():
-                p = PurePosixPath(member.name)
-                if member.isdir():
-                    continue
-                if not member.isreg() or p.is_absolute() or ".." in p.parts:
-                    raise IntegrityError(
-                        f"bundle member {member.name!r} is not a plain relative file; refusing it"
-                    )
-                target = tmp.joinpath(*p.parts)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                src = tar.extractfile(member)
-                assert src is not None
-                with src, open(target, "wb") as out:
-                    shutil.copyfileobj(src, out)
-        verify_bundle_dir(tmp)
+        if dest.exists():
+            with tarfile.open(tar_path, "r:*") as tar:
+                verify_bundle_dir(dest, manifest=_manifest_bytes(tar, tar_path))
+            return dest
+        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.part")
+        tmp.mkdir(parents=True)
         try:
-            os.replace(tmp, dest)
-        except OSError:  # another process extracted it first
-            if not dest.exists():
-                raise
+            with tarfile.open(tar_path, "r:*") as tar:
+                _extract_members(tar, tmp)
+            verify_bundle_dir(tmp)
+            try:
+                os.replace(tmp, dest)
+            except OSError:  # another process extracted it first
+                if not dest.exists():
+                    raise
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
     except tarfile.TarError as err:
         raise IntegrityError(f"bundle {tar_path} is not a valid archive: {err}") from None
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 
-def verify_bundle_dir(path: Path) -> dict[str, str]:
-    """Check every file of an extracted bundle against MANIFEST.json; return the manifest."""
-    manifest_path = path / MANIFEST
-    if not manifest_path.is_file():
-        raise IntegrityError(f"{path} has no {MANIFEST}; not a Loopline bundle")
+def _extract_members(tar: tarfile.TarFile, into: Path) -> None:
+    seen: set[str] = set()
+    for member in tar:
+        name = member.name
+        if not member.isreg() or _unsafe(name):
+            raise IntegrityError(
+                f"bundle member {name!r} is not a plain relative file; refusing the bundle"
+            )
+        # Case-folded, so two names cannot land on one file of a case-insensitive disk.
+        if name.casefold() in seen:
+            raise IntegrityError(f"bundle member {name!r} appears twice; refusing the bundle")
+        seen.add(name.casefold())
+        target = into.joinpath(*name.split("/"))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        src = tar.extractfile(member)
+        assert src is not None  # a regular member always has content
+        with src, open(target, "xb") as out:
+            shutil.copyfileobj(src, out)
+
+
+def _manifest_bytes(tar: tarfile.TarFile, tar_path: Path) -> bytes:
     try:
-        files: dict[str, str] = json.loads(manifest_path.read_text())["files"]
-    except (ValueError, KeyError) as err:
-        raise IntegrityError(f"{manifest_path} is unreadable: {err}") from None
+        src = tar.extractfile(MANIFEST)
+    except KeyError:
+        src = None
+    if src is None:
+        raise IntegrityError(f"bundle {tar_path} has no {MANIFEST}; not a Loopline bundle")
+    with src:
+        return src.read()
+
+
+def verify_bundle_dir(path: Path, manifest: bytes | None = None) -> dict[str, str]:
+    """Check an extracted bundle against its MANIFEST.json; return the manifest's files.
+
+    The folder must hold exactly the files the manifest lists (plus the manifest), each
+    matching its sha256, and no links or special files: anything else, such as a
+    ``sitecustomize.py`` dropped into the folder, would run in the serving image. With
+    ``manifest`` (the bytes of a trusted MANIFEST.json) the folder's own manifest must
+    also equal it.
+    """
+    manifest_path = path / MANIFEST
+    if manifest_path.is_symlink() or not manifest_path.is_file():
+        raise IntegrityError(f"{path} has no {MANIFEST}; not a Loopline bundle")
+    raw = manifest_path.read_bytes()
+    if manifest is not None and raw != manifest:
+        raise IntegrityError(f"{path} is not an extraction of this bundle (its manifest differs)")
+    files = _parse_manifest(raw, manifest_path)
+    _check_listing(path, files)
     for name, digest in files.items():
-        p = PurePosixPath(name)
-        if p.is_absolute() or ".." in p.parts:
-            raise IntegrityError(f"bundle manifest names an unsafe path {name!r}")
-        f = path.joinpath(*p.parts)
-        if not f.is_file():
-            raise IntegrityError(f"bundle file {name} is missing from {path}")
-        h = hashlib.sha256()
-        with open(f, "rb") as fh:
-            while chunk := fh.read(1 << 20):
-                h.update(chunk)
-        if h.hexdigest() != digest:
+        if sha256_file(path.joinpath(*name.split("/"))) != digest:
             raise IntegrityError(
                 f"bundle file {name} does not match its sha256 in the manifest "
                 f"(tampered or corrupt); refusing to serve {path}"
@@ -194,6 +238,50 @@ def verify_bundle_dir(path: Path) -> dict[str, str]:
     if missing:
         raise IntegrityError(f"bundle at {path} lacks {', '.join(missing)}")
     return files
+
+
+def _parse_manifest(raw: bytes, where: Path) -> dict[str, str]:
+    try:
+        data = json.loads(raw)
+        files = data["files"]
+        fmt = data["format"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise IntegrityError(f"{where} is unreadable: {err}") from None
+    if fmt != FORMAT:
+        raise IntegrityError(f"{where}: unsupported bundle format {fmt!r}; expected {FORMAT}")
+    if not isinstance(files, dict):
+        raise IntegrityError(f"{where} is unreadable: 'files' is not a mapping")
+    for name, digest in files.items():
+        if _unsafe(name) or name == MANIFEST:
+            raise IntegrityError(f"bundle manifest names an unsafe path {name!r}")
+        if not isinstance(digest, str) or len(digest) != 64:
+            raise IntegrityError(f"bundle manifest gives {name} an invalid sha256")
+    return dict(files)
+
+
+def _check_listing(path: Path, files: dict[str, str]) -> None:
+    """Every entry under ``path`` is a folder or a regular file the manifest lists."""
+    expected = set(files) | {MANIFEST}
+    found: set[str] = set()
+    for folder, dirs, names in os.walk(path):
+        for name in sorted(dirs) + sorted(names):
+            full = os.path.join(folder, name)
+            rel = Path(full).relative_to(path).as_posix()
+            mode = os.lstat(full).st_mode
+            if stat.S_ISDIR(mode):
+                continue
+            if not stat.S_ISREG(mode):
+                raise IntegrityError(
+                    f"bundle entry {rel} is a link or special file; refusing to serve {path}"
+                )
+            if rel not in expected:
+                raise IntegrityError(
+                    f"bundle file {rel} is not in its manifest; refusing to serve {path}"
+                )
+            found.add(rel)
+    missing = sorted(expected - found)
+    if missing:
+        raise IntegrityError(f"bundle file {missing[0]} is missing from {path}")
 
 
 @dataclass
@@ -222,12 +310,33 @@ def load_bundle(path: Path) -> Bundle:
 
 
 def fetch_bundle(artifacts: Any, digest: str, cache_dir: Path) -> Bundle:
-    """Fetch a bundle from the artifact store (sha256-verified), extract and load it."""
+    """Fetch the bundle stored as ``digest``, verify it and load it.
+
+    The tar is read from the artifact store and checked against ``digest`` on every call.
+    An extraction left in ``cache_dir`` by an earlier call is used only when it holds
+    exactly the files of that verified tar; otherwise it is replaced.
+    """
+    _check_digest(digest)
+    cache_dir.mkdir(parents=True, exist_ok=True)
     dest = cache_dir / digest
-    if not dest.exists():
-        tar_path = artifacts.get_file(digest, cache_dir / f"{digest}.tar")
+    tar_path = artifacts.get_file(digest, cache_dir / f".{digest}.{uuid.uuid4().hex}.tar")
+    try:
         try:
             extract_bundle(tar_path, dest)
-        finally:
-            tar_path.unlink(missing_ok=True)
+        except IntegrityError:
+            if not dest.exists():
+                raise
+            # A tampered or partial earlier extraction: move it aside, extract afresh.
+            stale = cache_dir / f".{digest}.{uuid.uuid4().hex}.stale"
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(dest, stale)
+            shutil.rmtree(stale, ignore_errors=True)
+            extract_bundle(tar_path, dest)
+    finally:
+        tar_path.unlink(missing_ok=True)
     return load_bundle(dest)
+
+
+def _check_digest(digest: str) -> None:
+    if len(digest) != 64 or not set(digest) <= set("0123456789abcdef"):
+        raise IntegrityError(f"invalid bundle digest {digest!r}: expected 64 lowercase hex")

@@ -1,7 +1,8 @@
 """The project's configuration: pydantic models for ``loopline.yaml``.
 
-Each pipeline step reads one section; a step's cache key includes only its own section,
-so changing ``train.epochs`` re-runs training and what follows, not ingestion.
+Each pipeline step declares the keys it reads (its section, plus e.g. ``data.labels``) and
+gets only those; its cache key includes only them, so changing ``train.epochs`` re-runs
+training and what follows, not ingestion.
 """
 
 from __future__ import annotations
@@ -11,8 +12,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_serializer,
+    model_validator,
+)
 
+from loopline.credentials import expand_url, has_masked_secret, mask_url
 from loopline.errors import ConfigError
 
 DEFAULT_CONFIG_FILE = "loopline.yaml"
@@ -37,6 +46,10 @@ class StoreConfig(Section):
         "LOOPLINE_ARTIFACTS_URL overrides it.",
     )
 
+    @field_serializer("metadata_url", "artifacts_url")
+    def _hide_secrets(self, url: str | None) -> str | None:
+        return mask_url(url) if url else url
+
 
 class SourceConfig(Section):
     """A data lake (folder or fsspec URL) or a warehouse (SQL query over a SQLAlchemy URL)."""
@@ -50,6 +63,12 @@ class SourceConfig(Section):
     query: str | None = None
     # Root that relative paths returned by a warehouse query are resolved against.
     images_root: str | None = None
+
+    # Whatever records the config (a run, a step's params and cache key) gets the URL with
+    # its password masked; an ${ENV} reference is kept and expanded only to connect.
+    @field_serializer("url")
+    def _hide_secrets(self, url: str | None) -> str | None:
+        return mask_url(url) if url else url
 
 
 class DataConfig(Section):
@@ -166,17 +185,48 @@ class Config(Section):
         return self._root / STATE_DIR
 
     def metadata_url(self) -> str:
+        """The metadata store's URL to connect with (``${ENV}`` references expanded)."""
         url = os.environ.get("LOOPLINE_DB_URL") or self.store.metadata_url
         if url:
-            return _resolve_sqlite(url, self._root)
+            return _resolve_sqlite(expand_url(url, "store.metadata_url"), self._root)
         return f"sqlite:///{(self.state_dir / 'loopline.db').resolve()}"
 
     def artifacts_url(self) -> str:
         url = os.environ.get("LOOPLINE_ARTIFACTS_URL") or self.store.artifacts_url
-        return self.resolve(url) if url else str((self.state_dir / "artifacts").resolve())
+        if not url:
+            return str((self.state_dir / "artifacts").resolve())
+        return self.resolve(expand_url(url, "store.artifacts_url"))
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as JSON, as a run records it: URLs' passwords masked (``***``)."""
         return self.model_dump(mode="json", by_alias=True)
+
+    def with_credentials_from(self, current: Config) -> Config:
+        """This config (a stored run's) with each masked URL taken from ``current``.
+
+        A run's stored config holds URLs with their literal passwords masked; to resume it,
+        each such URL is taken from the current config when it is the same URL (equal once
+        masked). A URL that does not match stays masked, and opening it names the fix.
+        """
+        out = self.model_copy(deep=True)
+        for path in CREDENTIAL_FIELDS:
+            section, _, name = path.rpartition(".")
+            mine, theirs = _get(out, section), _get(current, section)
+            stored, given = getattr(mine, name), getattr(theirs, name)
+            if stored and given and has_masked_secret(stored) and mask_url(given) == stored:
+                setattr(mine, name, given)
+        return out
+
+
+# Config fields holding URLs that may carry a password (see ``loopline.credentials``).
+CREDENTIAL_FIELDS = ("data.source.url", "store.metadata_url", "store.artifacts_url")
+
+
+def _get(model: BaseModel, dotted: str) -> Any:
+    node: Any = model
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
 
 
 def _resolve_sqlite(url: str, root: Path) -> str:

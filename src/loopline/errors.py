@@ -33,6 +33,14 @@ class NotFound(LooplineError):
     """A run, dataset, model, version or alias does not exist."""
 
 
+class Conflict(LooplineError):
+    """The stored state forbids the change (an archived version, an alias still held)."""
+
+
+class AliasConflict(Conflict):
+    """A compare-and-set alias change found the alias no longer where it expected."""
+
+
 class IntegrityError(LooplineError):
     """An artifact's content does not match its recorded sha256 (tampered or corrupt)."""
 
@@ -55,6 +63,18 @@ class InvalidInput(LooplineError):
     """A client sent something the server cannot accept (maps to a 4xx)."""
 
     status_code = 400
+
+
+class UnsupportedImage(InvalidInput):
+    """An image is not JPEG or PNG (the server answers 415)."""
+
+    status_code = 415
+
+
+class ImageTooLarge(InvalidInput):
+    """An image's header declares more pixels than accepted (the server answers 413)."""
+
+    status_code = 413
 
 
 def require_extra(module: str, extra: str) -> None:

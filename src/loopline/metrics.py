@@ -1,7 +1,11 @@
-"""Classification metrics in plain numpy, shared by Build (evaluate, gate) and Monitor."""
+"""Classification metrics in plain numpy (no torch), the one place for them: Build's
+evaluate and gate, ``loopline evaluate`` and the registry's summary use them, and Monitor
+will score production feedback with the same functions.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -46,12 +50,6 @@ def classification_report(
     }
 
 
-def headline(report: dict[str, Any]) -> dict[str, float]:
+def headline(report: Mapping[str, Any]) -> dict[str, float]:
     """The four numbers people compare first."""
     return {k: report[k] for k in ("accuracy", "macro_precision", "macro_recall", "macro_f1")}
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)

@@ -88,7 +88,7 @@ def make_project(root: Path, model: bytes) -> Project:
     sha = write_bundle(bundle_files(model), tar)
     ref = ArtifactStore(cfg.artifacts_url()).put_file(tar)
     store = MetadataStore(cfg.metadata_url())
-    store.register_model(
+    store.models.register(
         "vehicles",
         metrics={"accuracy": 0.5},
         bundle_uri=ref.uri,
@@ -236,7 +236,7 @@ class Process:
 
 @contextmanager
 def server_process(project: Project, *args: str) -> Iterator[Process]:
-    """``python -m loopline.deploy.server --model vehicles:1`` in a subprocess."""
+    """``python -m loopline.deploy.server vehicles:1`` in a subprocess."""
     import os
     import subprocess
     import sys
@@ -244,7 +244,7 @@ def server_process(project: Project, *args: str) -> Iterator[Process]:
     port = free_port()
     log = project.root / f"server-{port}.log"
     cmd = [
-        sys.executable, "-m", "loopline.deploy.server", "--model", "vehicles:1",
+        sys.executable, "-m", "loopline.deploy.server", "vehicles:1",
         "--config", str(project.config), "--port", str(port), "--log-level", "warning", *args,
     ]  # fmt: skip
     with open(log, "wb") as out:

@@ -53,7 +53,7 @@ def test_feedback_is_idempotent_and_reported_per_item(server: Running) -> None:
     r = httpx.post(url, json={"items": [{"prediction_id": b, "label": "van"}]}, headers=AUTH)
     assert r.json()["results"][0]["status"] == "updated"
     store = server.project.store()
-    assert store.get_feedback([a, b]) == {a: "car", b: "van"}
+    assert store.predictions.feedback([a, b]) == {a: "car", b: "van"}
     store.close()
 
 

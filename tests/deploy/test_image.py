@@ -25,13 +25,11 @@ def test_context_files() -> None:
     files = image_context_files()
     docker = files["Dockerfile"].decode()
     assert docker.startswith("# Serving image") and "FROM python:3.11-slim" in docker
-    assert "USER loopline" in docker and "ENV PYTHONPATH=/bundle" in docker
+    assert "USER loopline" in docker and "ENV PYTHONPATH" not in docker
     assert "EXPOSE 8080" in docker and "/v2/health/ready" in docker
     assert "pip install --no-cache-dir -r /bundle/requirements-serve.txt" in docker
-    assert (
-        'CMD ["python", "-m", "loopline.deploy.server", "--bundle", "/bundle", \\\n'
-        '     "--host", "0.0.0.0", "--port", "8080"]'
-    ) in docker
+    assert 'CMD ["python", "-I", "-B", "-c", \\\n' in docker
+    assert '"--bundle", "/bundle", "--host", "0.0.0.0", "--port", "8080"]' in docker
     reqs = files["requirements-serve.txt"].decode().splitlines()[1:]
     pins = dict(line.split("==") for line in reqs)
     assert pins["onnxruntime"] == metadata.version("onnxruntime")

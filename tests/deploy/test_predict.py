@@ -44,7 +44,7 @@ def test_multipart_many_with_metadata_is_logged(server: Running, model_bytes: by
 
     assert server.state.predlog.flush(10)
     store = server.project.store()
-    rows = {row.id: row for row in store.get_predictions("vehicles", 1)}
+    rows = {row.id: row for row in store.predictions.find("vehicles", 1)}
     for p in preds:
         row = rows[p["prediction_id"]]
         assert row.label == p["label"]

@@ -30,13 +30,13 @@ def rows(n: int, start: datetime, version: int = 1, prefix: str = "p") -> list[d
 def test_log_count_get_and_feedback(db_url: str) -> None:
     store = MetadataStore(db_url)
     t0 = datetime(2026, 11, 27, 8, 0, tzinfo=UTC)
-    assert store.log_predictions(rows(50, t0)) == 50
-    store.log_predictions(rows(50, t0)[:10])  # a retried flush: no duplicates, no error
-    store.log_predictions(rows(5, t0, version=2, prefix="q"))
-    assert store.count_predictions() == 55
-    assert store.count_predictions("vehicles", 1) == 50
-    assert store.count_predictions("vehicles", 1, since=t0 + timedelta(seconds=40)) == 10
-    got = store.get_predictions("vehicles", 1, until=t0 + timedelta(seconds=3))
+    assert store.predictions.log(rows(50, t0)) == 50
+    store.predictions.log(rows(50, t0)[:10])  # a retried flush: no duplicates, no error
+    store.predictions.log(rows(5, t0, version=2, prefix="q"))
+    assert store.predictions.count() == 55
+    assert store.predictions.count("vehicles", 1) == 50
+    assert store.predictions.count("vehicles", 1, since=t0 + timedelta(seconds=40)) == 10
+    got = store.predictions.find("vehicles", 1, until=t0 + timedelta(seconds=3))
     assert [p.id for p in got] == [f"p{i:031d}" for i in range(3)]
     assert got[1].request_metadata == {"camera_id": "c1"} and got[0].request_metadata is None
     assert got[0].input_stats["brightness"] == 100.0
@@ -44,9 +44,11 @@ def test_log_count_get_and_feedback(db_url: str) -> None:
 
     a, b = f"p{0:031d}", f"p{1:031d}"
     labels = ["car", "van", "truck", "bus", "motorcycle"]
-    first = store.record_feedback([(a, "car"), (b, "bus"), ("nope", "car"), (a, "boat")], labels)
+    first = store.predictions.record_feedback(
+        [(a, "car"), (b, "bus"), ("nope", "car"), (a, "boat")], labels
+    )
     assert [r["status"] for r in first] == ["recorded", "recorded", "error", "error"]
-    again = store.record_feedback([(a, "car"), (b, "van"), (b, "van")], labels)
+    again = store.predictions.record_feedback([(a, "car"), (b, "van"), (b, "van")], labels)
     assert [r["status"] for r in again] == ["unchanged", "updated", "unchanged"]
-    assert store.get_feedback([a, b, "nope"]) == {a: "car", b: "van"}
+    assert store.predictions.feedback([a, b, "nope"]) == {a: "car", b: "van"}
     store.close()

@@ -23,7 +23,7 @@ def predict(url: str, i: int) -> list[str]:
 def logged_ids(project: Project) -> set[str]:
     store = project.store()
     try:
-        return {p.id for p in store.get_predictions("vehicles", 1)}
+        return {p.id for p in store.predictions.find("vehicles", 1)}
     finally:
         store.close()
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from loopline.bundle import PreprocessSpec
-from loopline.deploy.runtime import Batcher, ModelRuntime, image_stats
-from loopline.errors import InvalidInput, LooplineError
+from loopline.deploy.runtime import Batcher, ModelRuntime
+from loopline.errors import InvalidInput, LooplineError, UnsupportedImage
 from tests.deploy.conftest import LABELS, SIZE, image_bytes, reference_labels
 
 
@@ -69,7 +69,8 @@ def test_a_bad_image_fails_only_its_own_job(runtime: ModelRuntime) -> None:
 
     good, bad = asyncio.run(main())
     assert len(good.ids) == 2  # type: ignore[attr-defined]
-    assert isinstance(bad, InvalidInput) and "image 2" in str(bad)
+    assert isinstance(bad, UnsupportedImage) and "image 2" in str(bad)
+    assert isinstance(bad, InvalidInput)
 
 
 def test_stop_answers_queued_jobs_then_refuses(runtime: ModelRuntime) -> None:
@@ -86,16 +87,3 @@ def test_stop_answers_queued_jobs_then_refuses(runtime: ModelRuntime) -> None:
             batcher.submit(tensor=np.zeros((1, 3, SIZE, SIZE), np.float32))
 
     asyncio.run(main())
-
-
-def test_image_stats() -> None:
-    pixels = np.zeros((2, 4, 4, 3), np.uint8)
-    pixels[1] = 255
-    pixels[1, :2, :, :] = 0
-    stats = image_stats(pixels, channels_last=True)
-    assert stats[0].tolist() == [0, 0, 0, 0, 0]
-    assert stats[1, 0] == pytest.approx(127.5, abs=0.1) and stats[1, 1] == pytest.approx(
-        127.5, abs=0.1
-    )
-    chw = image_stats(pixels.transpose(0, 3, 1, 2), channels_last=False)
-    np.testing.assert_allclose(stats, chw, rtol=1e-5)

@@ -105,6 +105,6 @@ def test_mixed_load_from_64_clients(fresh_project: Project) -> None:
     ids = out["ids"]
     assert len(ids) == len(set(ids)) > 100
     store = fresh_project.store()
-    logged = {p.id for p in store.get_predictions("vehicles", 1)}
+    logged = {p.id for p in store.predictions.find("vehicles", 1)}
     store.close()
     assert set(ids) <= logged and len(logged) == len(ids)

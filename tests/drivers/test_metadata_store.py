@@ -1,11 +1,13 @@
-"""Conformance suite of the metadata store: every test runs on SQLite and on PostgreSQL."""
+"""Conformance suite of the metadata store: every test runs on SQLite and on PostgreSQL.
+
+Races between concurrent callers are in ``tests/drivers/metadata/``, on the same backends.
+"""
 
 from __future__ import annotations
 
 import json
 import socket
 import subprocess
-import threading
 from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
@@ -13,8 +15,10 @@ from typing import Any
 import pytest
 from sqlalchemy import inspect, text
 
+from loopline.drivers.metadata.models import ModelVersion, PipelineRun
+from loopline.drivers.metadata.registry import Registration
 from loopline.drivers.metadata.store import MIGRATIONS, MetadataStore
-from loopline.errors import NotFound, StoreError
+from loopline.errors import AliasConflict, Conflict, NotFound, StoreError
 
 CORE_TABLES = {
     "dataset_versions",
@@ -24,6 +28,8 @@ CORE_TABLES = {
     "model_versions",
     "model_aliases",
     "audit_log",
+    "predictions",
+    "feedback",
     "alembic_version",
 }
 
@@ -46,14 +52,22 @@ def _dead_pid() -> int:
     return proc.pid
 
 
-def _model(store: MetadataStore, name: str = "vehicles", **fields: Any) -> Any:
+_bundles = iter(range(10**6))
+
+
+def _register(store: MetadataStore, name: str = "vehicles", **fields: Any) -> Registration:
+    """Register a version; each call gets a distinct bundle unless ``bundle_sha256`` is given."""
     fields.setdefault("bundle_uri", f"/artifacts/{name}.tar")
-    fields.setdefault("bundle_sha256", "ab" * 32)
-    return store.register_model(name, **fields)
+    fields.setdefault("bundle_sha256", f"{next(_bundles):064x}")
+    return store.models.register(name, **fields)
 
 
-def _run(store: MetadataStore, run_id: str) -> Any:
-    return store.create_run(run_id, pipeline="build", project="tiny", config={"a": 1})
+def _model(store: MetadataStore, name: str = "vehicles", **fields: Any) -> ModelVersion:
+    return _register(store, name, **fields).version
+
+
+def _run(store: MetadataStore, run_id: str) -> PipelineRun:
+    return store.runs.create(run_id, pipeline="build", project="tiny", config={"a": 1})
 
 
 @pytest.fixture
@@ -69,6 +83,8 @@ def test_migrations_create_the_schema_at_head(store: MetadataStore) -> None:
     with store.engine.connect() as conn:
         versions = conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
     assert versions == [_alembic_head()]
+    columns = {c["name"] for c in inspect(store.engine).get_columns("model_versions")}
+    assert "archived_at" in columns
 
 
 def test_opening_twice_is_idempotent_and_keeps_data(db_url: str) -> None:
@@ -77,7 +93,7 @@ def test_opening_twice_is_idempotent_and_keeps_data(db_url: str) -> None:
     first.close()
     second = MetadataStore(db_url)
     try:
-        assert second.get_run("r1").id == "r1"
+        assert second.runs.get("r1").id == "r1"
         with second.engine.connect() as conn:
             versions = conn.execute(text("SELECT version_num FROM alembic_version")).scalars()
             assert list(versions) == [_alembic_head()]
@@ -85,18 +101,24 @@ def test_opening_twice_is_idempotent_and_keeps_data(db_url: str) -> None:
         second.close()
 
 
-def test_an_older_schema_is_upgraded_on_open(db_url: str) -> None:
+@pytest.mark.parametrize("start", ["0001", "0002"])
+def test_an_older_schema_is_upgraded_on_open_keeping_its_models(db_url: str, start: str) -> None:
     from alembic import command
     from alembic.config import Config
 
-    if _alembic_head() == "0001":
-        pytest.skip("only one migration exists")
     bare = MetadataStore(db_url, migrate=False)
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     with bare.engine.begin() as conn:
         cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "0001")
+        command.upgrade(cfg, start)
+        conn.execute(
+            text(
+                "INSERT INTO model_versions (name, version, metrics, bundle_uri, bundle_sha256,"
+                " lineage, created_at) VALUES ('old', 1, '{}', 'u', 's', '{}', :t)"
+            ),
+            {"t": datetime(2026, 1, 1)},
+        )
     bare.close()
     store = MetadataStore(db_url)
     try:
@@ -104,26 +126,29 @@ def test_an_older_schema_is_upgraded_on_open(db_url: str) -> None:
             assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == (
                 _alembic_head()
             )
+        old = store.models.get("old", 1)
+        assert old.archived_at is None
+        assert [m.name for m in store.models.versions()] == ["old"]
     finally:
         store.close()
 
 
 # -- datasets ----------------------------------------------------------------------------
 def test_dataset_versions_are_idempotent_and_found_by_prefix(store: MetadataStore) -> None:
-    fields = dict(
+    fields: dict[str, Any] = dict(
         name="tiny", source_uri="/lake", n_records=3, records_sha256="0" * 64, stats={"n": 3}
     )
-    a = store.add_dataset_version(version="abc123" + "0" * 58, **fields)
-    again = store.add_dataset_version(version=a.version, **{**fields, "n_records": 99})
+    a = store.datasets.add(version="abc123" + "0" * 58, **fields)
+    again = store.datasets.add(version=a.version, **{**fields, "n_records": 99})
     assert again.n_records == 3
-    store.add_dataset_version(version="abd456" + "0" * 58, **fields)
-    assert len(store.list_dataset_versions()) == 2
-    assert store.get_dataset_version("abc1").version == a.version
-    assert store.get_dataset_version(a.version).stats == {"n": 3}
+    store.datasets.add(version="abd456" + "0" * 58, **fields)
+    assert len(store.datasets.all()) == 2
+    assert store.datasets.get("abc1").version == a.version
+    assert store.datasets.get(a.version).stats == {"n": 3}
     with pytest.raises(NotFound, match="ab"):
-        store.get_dataset_version("ab")  # ambiguous prefix
+        store.datasets.get("ab")  # ambiguous prefix
     with pytest.raises(NotFound, match="zzz"):
-        store.get_dataset_version("zzz")
+        store.datasets.get("zzz")
 
 
 # -- runs --------------------------------------------------------------------------------
@@ -131,79 +156,103 @@ def test_runs_create_update_get_list(store: MetadataStore) -> None:
     run = _run(store, "20260101-000000-aaaaaa")
     assert run.status == "running"
     _run(store, "20260101-000001-bbbbbb")
-    store.update_run("20260101-000000-aaaaaa", status="failed", error="boom", dataset_version="d1")
-    got = store.get_run("20260101-000000-aaaaaa")
+    store.runs.update("20260101-000000-aaaaaa", status="failed", error="boom", dataset_version="d1")
+    got = store.runs.get("20260101-000000-aaaaaa")
     assert (got.status, got.error, got.dataset_version) == ("failed", "boom", "d1")
     assert got.config == {"a": 1}
     assert got.pipeline == "build" and got.project == "tiny"
-    assert store.get_run("20260101-000001").id == "20260101-000001-bbbbbb"
-    assert {r.id for r in store.list_runs()} == {
+    assert store.runs.get("20260101-000001").id == "20260101-000001-bbbbbb"
+    assert {r.id for r in store.runs.recent()} == {
         "20260101-000000-aaaaaa",
         "20260101-000001-bbbbbb",
     }
-    assert len(store.list_runs(limit=1)) == 1
+    assert len(store.runs.recent(limit=1)) == 1
 
 
 def test_unknown_or_ambiguous_run_is_not_found(store: MetadataStore) -> None:
     _run(store, "r-one")
     _run(store, "r-two")
     with pytest.raises(NotFound, match="loopline runs"):
-        store.get_run("nope")
+        store.runs.get("nope")
     with pytest.raises(NotFound):
-        store.get_run("r-")
+        store.runs.get("r-")
 
 
 def test_a_running_run_whose_process_is_gone_is_interrupted(store: MetadataStore) -> None:
     _run(store, "dead")
     _run(store, "alive")
     _run(store, "elsewhere")
-    store.update_run("dead", pid=_dead_pid(), host=socket.gethostname())
-    store.update_run("elsewhere", pid=_dead_pid(), host="another-host.example")
-    assert store.get_run("dead").status == "interrupted"
-    assert store.get_run("alive").status == "running"  # this process
-    assert store.get_run("elsewhere").status == "running"  # cannot tell from here
-    statuses = {r.id: r.status for r in store.list_runs()}
+    store.runs.update("dead", pid=_dead_pid(), host=socket.gethostname())
+    store.runs.update("elsewhere", pid=_dead_pid(), host="another-host.example")
+    assert store.runs.get("dead").status == "interrupted"
+    assert store.runs.get("alive").status == "running"  # this process
+    assert store.runs.get("elsewhere").status == "running"  # cannot tell from here
+    statuses = {r.id: r.status for r in store.runs.recent()}
     assert statuses == {"dead": "interrupted", "alive": "running", "elsewhere": "running"}
+
+
+def test_claim_takes_over_failed_interrupted_and_dead_runs_only(store: MetadataStore) -> None:
+    for run_id in ("failed", "interrupted", "dead", "alive", "elsewhere", "done"):
+        _run(store, run_id)
+    store.runs.update("failed", status="failed", error="boom", pid=1, host="old-host")
+    store.runs.update("interrupted", status="interrupted")
+    store.runs.update("dead", pid=_dead_pid(), host=socket.gethostname())
+    store.runs.update("elsewhere", pid=_dead_pid(), host="another-host.example")
+    store.runs.update("done", status="succeeded")
+    for run_id in ("failed", "interrupted", "dead"):
+        claim = store.runs.claim(run_id)
+        assert claim.won, run_id
+        run = claim.run
+        assert (run.status, run.error, run.finished_at) == ("running", None, None)
+        assert (run.pid, run.host) == (__import__("os").getpid(), socket.gethostname())
+        assert not store.runs.claim(run_id).won  # now held by this (live) process
+    for run_id, status in (("alive", "running"), ("elsewhere", "running"), ("done", "succeeded")):
+        claim = store.runs.claim(run_id)
+        assert not claim.won and claim.run.status == status, run_id
+    assert store.runs.get("elsewhere").host == "another-host.example"  # untouched
+    with pytest.raises(NotFound):
+        store.runs.claim("nope")
 
 
 # -- steps -------------------------------------------------------------------------------
 def test_steps_start_finish_and_cache_lookup(store: MetadataStore) -> None:
     _run(store, "r1")
-    common = dict(cache_key="k" * 64, code_version="c" * 64, params={"x": 1})
-    first = store.start_step("r1", "train", **common)
-    assert store.find_cached_step("train", "k" * 64) is None  # still running
-    store.finish_step(first, status="succeeded", outputs={"model": {"sha256": "1"}})
-    second = store.start_step("r1", "train", **common)
-    store.finish_step(second, status="succeeded", outputs={"model": {"sha256": "2"}})
-    failed = store.start_step("r1", "train", **common)
-    store.finish_step(failed, status="failed", error="boom")
+    common: dict[str, Any] = dict(cache_key="k" * 64, code_version="c" * 64, params={"x": 1})
+    first = store.steps.start("r1", "train", **common)
+    assert store.steps.find_cached("train", "k" * 64) is None  # still running
+    store.steps.finish(first, status="succeeded", outputs={"model": {"sha256": "1"}})
+    second = store.steps.start("r1", "train", **common)
+    store.steps.finish(second, status="succeeded", outputs={"model": {"sha256": "2"}})
+    failed = store.steps.start("r1", "train", **common)
+    store.steps.finish(failed, status="failed", error="boom")
 
-    hit = store.find_cached_step("train", "k" * 64)
+    hit = store.steps.find_cached("train", "k" * 64)
     assert hit is not None and hit.id == second and hit.outputs == {"model": {"sha256": "2"}}
-    assert store.find_cached_step("train", "other") is None
-    assert store.find_cached_step("evaluate", "k" * 64) is None
+    assert store.steps.find_cached("train", "other") is None
+    assert store.steps.find_cached("evaluate", "k" * 64) is None
 
-    steps = store.list_steps("r1")
+    steps = store.steps.for_run("r1")
     assert [s.id for s in steps] == [first, second, failed]
     assert [s.status for s in steps] == ["succeeded", "succeeded", "failed"]
     assert steps[2].error == "boom"
-    assert steps[0].finished_at is not None and steps[0].duration_s >= 0
+    assert steps[0].finished_at is not None
+    assert steps[0].duration_s is not None and steps[0].duration_s >= 0
     with pytest.raises(NotFound):
-        store.finish_step(10**6, status="succeeded")
+        store.steps.finish(10**6, status="succeeded")
 
 
 # -- trials ------------------------------------------------------------------------------
 def test_trials_are_recorded_replaced_and_listed(store: MetadataStore) -> None:
     _run(store, "r1")
-    store.record_trial("r1", 1, state="complete", params={"lr": 0.1}, value=0.5, epochs=2)
-    store.record_trial("r1", 0, state="pruned", params={"lr": 0.3}, value=0.1, epochs=1)
-    store.record_trial("r1", 1, state="complete", params={"lr": 0.1}, value=0.7, epochs=3)
-    trials = store.list_trials("r1")
+    store.trials.record("r1", 1, state="complete", params={"lr": 0.1}, value=0.5, epochs=2)
+    store.trials.record("r1", 0, state="pruned", params={"lr": 0.3}, value=0.1, epochs=1)
+    store.trials.record("r1", 1, state="complete", params={"lr": 0.1}, value=0.7, epochs=3)
+    trials = store.trials.for_run("r1")
     assert [(t.number, t.state, t.value, t.epochs) for t in trials] == [
         (0, "pruned", 0.1, 1),
         (1, "complete", 0.7, 3),
     ]
-    assert store.list_trials("other") == []
+    assert store.trials.for_run("other") == []
 
 
 # -- models ------------------------------------------------------------------------------
@@ -211,49 +260,45 @@ def test_register_gives_increasing_versions_and_moves_candidate(store: MetadataS
     versions = [_model(store, metrics={"f1": i / 10}).version for i in range(3)]
     assert versions == [1, 2, 3]
     assert _model(store, "other").version == 1
-    assert store.aliases("vehicles") == {("vehicles", 3): ["candidate"]}
-    assert store.resolve_model("vehicles@candidate").version == 3
+    assert store.models.aliases("vehicles") == {("vehicles", 3): ["candidate"]}
+    assert store.models.resolve("vehicles@candidate").version == 3
     no_alias = _model(store, aliases=())
     assert no_alias.version == 4
-    assert store.resolve_model("vehicles@candidate").version == 3
-    assert [m.version for m in store.list_model_versions("vehicles")] == [1, 2, 3, 4]
-    assert len(store.list_model_versions()) == 5
+    assert store.models.resolve("vehicles@candidate").version == 3
+    assert [m.version for m in store.models.versions("vehicles")] == [1, 2, 3, 4]
+    assert len(store.models.versions()) == 5
 
 
-def test_concurrent_registrations_get_unique_versions(store: MetadataStore) -> None:
-    got: list[int] = []
-    errors: list[BaseException] = []
-    lock = threading.Lock()
+def test_registering_an_equal_bundle_registers_nothing(store: MetadataStore) -> None:
+    first = _register(store, bundle_sha256="ab" * 32)
+    assert first.created and first.version.version == 1
+    store.models.set_alias("vehicles", "production", 1)
+    _register(store, bundle_sha256="cd" * 32)  # vehicles:2, now the candidate
+    again = _register(store, bundle_sha256="ab" * 32, run_id="r9")
+    assert not again.created
+    assert again.version.version == 1 and again.version.run_id is None
+    assert [m.version for m in store.models.versions("vehicles")] == [1, 2]
+    assert store.models.resolve("vehicles@candidate").version == 2  # no alias moved
+    assert [e.action for e in store.audit.recent()].count("model.register") == 2
+    other = _register(store, "other", bundle_sha256="ab" * 32)  # per name
+    assert other.created and other.version.version == 1
 
-    def register() -> None:
-        for _ in range(3):
-            try:
-                version = _model(store).version
-            except BaseException as err:  # collected and asserted on below
-                with lock:
-                    errors.append(err)
-            else:
-                with lock:
-                    got.append(version)
 
-    threads = [threading.Thread(target=register) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
-    assert sorted(got) == list(range(1, 13))
-    assert store.resolve_model("vehicles@candidate").version == 12
+def test_an_archived_version_does_not_absorb_an_equal_bundle(store: MetadataStore) -> None:
+    _register(store, bundle_sha256="ab" * 32, aliases=())
+    store.models.archive_version("vehicles", 1)
+    again = _register(store, bundle_sha256="ab" * 32)
+    assert again.created and again.version.version == 2
 
 
 def test_resolve_model_refs(store: MetadataStore) -> None:
     for _ in range(3):
         _model(store)
-    store.set_alias("vehicles", "production", 2)
-    assert store.resolve_model("vehicles").version == 3
-    assert store.resolve_model("vehicles:1").version == 1
-    assert store.resolve_model("vehicles@production").version == 2
-    assert store.resolve_model("vehicles@candidate").version == 3
+    store.models.set_alias("vehicles", "production", 2)
+    assert store.models.resolve("vehicles").version == 3
+    assert store.models.resolve("vehicles:1").version == 1
+    assert store.models.resolve("vehicles@production").version == 2
+    assert store.models.resolve("vehicles@candidate").version == 3
 
 
 BAD_REFS = [
@@ -271,38 +316,123 @@ def test_resolve_model_errors(store: MetadataStore) -> None:
     _model(store)
     for ref, message in BAD_REFS:  # one store for all cases: opening one costs a migration
         with pytest.raises(NotFound, match=message):
-            store.resolve_model(ref)
+            store.models.resolve(ref)
 
 
 def test_set_alias_on_a_missing_version_is_not_found(store: MetadataStore) -> None:
     _model(store)
     with pytest.raises(NotFound, match="vehicles:7"):
-        store.set_alias("vehicles", "production", 7)
+        store.models.set_alias("vehicles", "production", 7)
     with pytest.raises(NotFound):
-        store.set_alias("nope", "production", 1)
-    assert store.aliases("vehicles") == {("vehicles", 1): ["candidate"]}
+        store.models.set_alias("nope", "production", 1)
+    assert store.models.aliases("vehicles") == {("vehicles", 1): ["candidate"]}
+
+
+def test_compare_and_set_alias_moves(store: MetadataStore) -> None:
+    for _ in range(3):
+        _model(store, aliases=())
+    store.models.set_alias("vehicles", "production", 1, expected=None)  # must not exist
+    with pytest.raises(AliasConflict, match=r"vehicles@production points at vehicles:1"):
+        store.models.set_alias("vehicles", "production", 2, expected=None)
+    store.models.set_alias("vehicles", "production", 2, expected=1)
+    with pytest.raises(AliasConflict, match=r"points at vehicles:2.*expected vehicles:1"):
+        store.models.set_alias("vehicles", "production", 3, expected=1)
+    with pytest.raises(AliasConflict, match="does not exist"):
+        store.models.set_alias("vehicles", "staging", 3, expected=2)
+    assert store.models.aliases("vehicles") == {("vehicles", 2): ["production"]}
+    assert AliasConflict.exit_code == 1 and issubclass(AliasConflict, Conflict)
+    moves = [e for e in store.audit.recent() if e.action == "model.alias"]
+    assert [(e.subject, e.details) for e in moves] == [
+        ("vehicles:2", {"alias": "production", "previous": 1}),
+        ("vehicles:1", {"alias": "production", "previous": None}),
+    ]
+
+
+def test_delete_alias(store: MetadataStore) -> None:
+    _model(store, aliases=("candidate", "production"))
+    _model(store, aliases=())
+    with pytest.raises(AliasConflict, match="points at vehicles:1"):
+        store.models.delete_alias("vehicles", "production", expected=2)
+    assert store.models.delete_alias("vehicles", "production", expected=1, actor="bob") == 1
+    assert store.models.delete_alias("vehicles", "candidate") == 1
+    assert store.models.aliases("vehicles") == {}
+    with pytest.raises(NotFound, match="has no alias 'candidate'"):
+        store.models.delete_alias("vehicles", "candidate")
+    with pytest.raises(NotFound, match="has no alias 'candidate'"):
+        store.models.resolve("vehicles@candidate")
+    events = [e for e in store.audit.recent() if e.action == "model.alias.delete"]
+    assert [(e.actor, e.subject, e.details) for e in events] == [
+        ("loopline", "vehicles:1", {"alias": "candidate"}),
+        ("bob", "vehicles:1", {"alias": "production"}),
+    ]
+
+
+def test_archive_and_unarchive_a_version(store: MetadataStore) -> None:
+    _model(store, aliases=("production", "staging"))  # vehicles:1
+    _model(store)  # vehicles:2, candidate
+    with pytest.raises(Conflict, match=r"vehicles:1 holds aliases production, staging"):
+        store.models.archive_version("vehicles", 1)
+    store.models.delete_alias("vehicles", "production")
+    store.models.delete_alias("vehicles", "staging")
+    archived = store.models.archive_version("vehicles", 1, actor="alice")
+    assert archived.archived_at is not None
+    assert [m.version for m in store.models.versions("vehicles")] == [2]
+    assert [m.version for m in store.models.versions(include_archived=True)] == [1, 2]
+    assert store.models.resolve("vehicles:1").archived_at is not None  # lineage still resolves
+    assert store.models.as_dict(store.models.get("vehicles", 1))["archived_at"] is not None
+    with pytest.raises(Conflict, match="vehicles:1 is archived"):
+        store.models.set_alias("vehicles", "production", 1)
+    assert store.models.aliases("vehicles") == {("vehicles", 2): ["candidate"]}
+
+    store.models.archive_version("vehicles", 1)  # archiving twice: a no-op, not audited
+    store.models.delete_alias("vehicles", "candidate")
+    store.models.archive_version("vehicles", 2)
+    with pytest.raises(NotFound, match="no model version vehicles "):
+        store.models.resolve("vehicles")  # every version archived: no latest
+
+    store.models.unarchive_version("vehicles", 1, actor="bob")
+    assert store.models.resolve("vehicles").version == 1
+    store.models.set_alias("vehicles", "production", 1)
+    with pytest.raises(NotFound, match="vehicles:9"):
+        store.models.archive_version("vehicles", 9)
+    actions = [(e.actor, e.action, e.subject) for e in store.audit.recent()]
+    assert actions[:4] == [
+        ("loopline", "model.alias", "vehicles:1"),
+        ("bob", "model.unarchive", "vehicles:1"),
+        ("loopline", "model.archive", "vehicles:2"),
+        ("loopline", "model.alias.delete", "vehicles:2"),
+    ]
+    assert [a for _, a, s in actions if s == "vehicles:1"].count("model.archive") == 1
+
+
+def test_latest_skips_archived_versions(store: MetadataStore) -> None:
+    _model(store, aliases=())
+    _model(store, aliases=())
+    store.models.archive_version("vehicles", 2)
+    assert store.models.resolve("vehicles").version == 1
+    assert store.models.get("vehicles").version == 1
 
 
 def test_audit_log_records_register_and_alias(store: MetadataStore) -> None:
     _model(store, run_id="r1", actor="alice")
-    store.set_alias("vehicles", "production", 1, actor="bob")
-    store.audit("carol", "run.resume", "r1", note="x")
-    events = store.audit_log()
+    store.models.set_alias("vehicles", "production", 1, actor="bob")
+    store.audit.record("carol", "run.resume", "r1", note="x")
+    events = store.audit.recent()
     assert [(e.actor, e.action, e.subject) for e in events] == [
         ("carol", "run.resume", "r1"),
         ("bob", "model.alias", "vehicles:1"),
         ("alice", "model.register", "vehicles:1"),
     ]
-    assert events[1].details == {"alias": "production"}
+    assert events[1].details == {"alias": "production", "previous": None}
     assert events[2].details == {"aliases": ["candidate"], "run_id": "r1"}
     assert events[0].details == {"note": "x"}
-    assert len(store.audit_log(limit=1)) == 1
+    assert len(store.audit.recent(limit=1)) == 1
 
 
 def test_model_version_dict_is_the_cli_contract(store: MetadataStore) -> None:
     mv = _model(store, metrics={"macro_f1": 0.9}, dataset_version="d" * 64, run_id="r1")
-    store.set_alias("vehicles", "production", 1)
-    out = store.model_version_dict(store.resolve_model("vehicles:1"))
+    store.models.set_alias("vehicles", "production", 1)
+    out = store.models.as_dict(store.models.resolve("vehicles:1"))
     expected = {
         "name",
         "version",
@@ -313,6 +443,7 @@ def test_model_version_dict_is_the_cli_contract(store: MetadataStore) -> None:
         "bundle_uri",
         "bundle_sha256",
         "created_at",
+        "archived_at",
     }
     assert expected <= set(out)
     assert "id" not in out
@@ -321,6 +452,7 @@ def test_model_version_dict_is_the_cli_contract(store: MetadataStore) -> None:
     assert out["metrics"] == {"macro_f1": 0.9}
     assert (out["dataset_version"], out["run_id"]) == ("d" * 64, "r1")
     assert datetime.fromisoformat(out["created_at"]).tzinfo is not None
+    assert out["archived_at"] is None
     json.dumps(out)  # plain JSON
 
 

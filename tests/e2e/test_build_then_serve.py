@@ -39,7 +39,7 @@ def test_built_model_served_matches_in_process(project: Path, tmp_path: Path) ->
     artifacts = ArtifactStore(cfg.artifacts_url())
 
     # The test split of that very run, decoded as the build decoded it.
-    split_step = [s for s in store.list_steps(built["run_id"]) if s.step == "split"][0]
+    split_step = [s for s in store.steps.for_run(built["run_id"]) if s.step == "split"][0]
     ref = split_step.outputs["splits"]
     splits = codecs.decode(ref["codec"], artifacts.get_bytes(ref["sha256"]))
     test = splits[splits["split"] == "test"].reset_index(drop=True)
@@ -82,7 +82,7 @@ def test_built_model_served_matches_in_process(project: Path, tmp_path: Path) ->
         assert answer["label"] == expected[0] and answer["model_version"] == 1
         flush = httpx.post(f"{url}/v1/admin/flush", headers={"authorization": f"Bearer {TOKEN}"})
         assert flush.status_code == 200, flush.text
-        rows = store.get_predictions(model_name="tiny")
+        rows = store.predictions.find(model_name="tiny")
         logged = [row for row in rows if row.id == answer["prediction_id"]]
         assert logged and logged[0].request_metadata["camera_id"] == "cam01"
         fb = httpx.post(

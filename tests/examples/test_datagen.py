@@ -136,9 +136,21 @@ def test_same_seed_gives_identical_bytes_and_another_seed_does_not(tmp_path: Pat
     assert not other_bytes & {(first / p).read_bytes() for p in files}
 
 
+def test_a_previous_lake_is_kept_unless_overwrite(tmp_path: Path) -> None:
+    generate_lake(tmp_path, images=30, seed=1)
+    before = {p: p.read_bytes() for p in image_files(tmp_path)}
+    manifest = (tmp_path / "manifest.csv").read_bytes()
+    with pytest.raises(ConfigError, match="already holds a lake"):
+        generate_lake(tmp_path, images=10, seed=2)
+    assert {p: p.read_bytes() for p in image_files(tmp_path)} == before
+    assert (tmp_path / "manifest.csv").read_bytes() == manifest
+
+
 def test_a_previous_lake_is_replaced_not_merged(tmp_path: Path) -> None:
     generate_lake(tmp_path, images=70, seed=1)
-    summary = generate_lake(tmp_path, images=40, seed=2, conditions=["fog"], cameras=2)
+    summary = generate_lake(
+        tmp_path, images=40, seed=2, conditions=["fog"], cameras=2, overwrite=True
+    )
     _, rows = read_manifest(tmp_path)
     assert len(rows) == summary.images == 40
     assert sorted(tmp_path / r["path"] for r in rows) == image_files(tmp_path)

@@ -71,10 +71,15 @@ def _halt_if_small(outputs: dict[str, Any]) -> str | None:
     return f"total {total} is below {STATE['halt_below']}" if total < STATE["halt_below"] else None
 
 
-A = Step("a", make_numbers, outputs=("numbers",), params="a")
-B = Step("b", scale, inputs=("numbers",), outputs=("scaled",), params="b")
-C = Step("c", report, inputs=("scaled",), outputs=("report",), params="c")
-SECTIONS: dict[str, BaseModel] = {"a": AParams(), "b": BParams(), "c": CParams()}
+A = Step("a", make_numbers, outputs=("numbers",), params=("a",), params_type=AParams)
+B = Step("b", scale, inputs=("numbers",), outputs=("scaled",), params=("b",), params_type=BParams)
+C = Step("c", report, inputs=("scaled",), outputs=("report",), params=("c",), params_type=CParams)
+CONFIG: dict[str, Any] = {"a": {"n": 3}, "b": {"k": 2, "note": ""}, "c": {"tag": "x"}}
+
+
+def _with(**sections: dict[str, Any]) -> dict[str, Any]:
+    """CONFIG with some sections' keys changed."""
+    return {name: {**CONFIG.get(name, {}), **sections.get(name, {})} for name in CONFIG | sections}
 
 
 @pytest.fixture
@@ -97,11 +102,11 @@ def runner(store: MetadataStore, artifacts: ArtifactStore) -> Runner:
 def _run(
     runner: Runner,
     steps: list[Step] | None = None,
-    sections: dict[str, BaseModel] | None = None,
+    config: dict[str, Any] | None = None,
     **kwargs: Any,
 ) -> RunResult:
     pipeline = Pipeline("toy", steps if steps is not None else [C, A, B])
-    return runner.run(pipeline, sections or SECTIONS, config={"x": 1}, project="toy", **kwargs)
+    return runner.run(pipeline, config or CONFIG, project="toy", **kwargs)
 
 
 def _statuses(result: RunResult) -> list[tuple[str, str]]:
@@ -120,15 +125,15 @@ def test_a_run_executes_in_dependency_order(runner: Runner, store: MetadataStore
     assert result.status == "succeeded" and result.reason is None
     assert _statuses(result) == [("a", "succeeded"), ("b", "succeeded"), ("c", "succeeded")]
     assert result.values["report"] == {"total": 6, "tag": "x"}
-    run = store.get_run(result.run_id)
+    run = store.runs.get(result.run_id)
     assert (run.status, run.pipeline, run.project, run.config) == (
         "succeeded",
         "toy",
         "toy",
-        {"x": 1},
+        CONFIG,
     )
     assert run.finished_at is not None
-    steps = store.list_steps(result.run_id)
+    steps = store.steps.for_run(result.run_id)
     assert [(s.step, s.status, s.cached) for s in steps] == [
         ("a", "succeeded", False),
         ("b", "succeeded", False),
@@ -171,7 +176,7 @@ def test_a_second_run_is_fully_cached(runner: Runner, store: MetadataStore) -> N
     assert second.values == first.values
     assert [o.outputs for o in second.steps] == [o.outputs for o in first.steps]
     for result in (second, third):  # lineage names the run that computed the outputs
-        steps = store.list_steps(result.run_id)
+        steps = store.steps.for_run(result.run_id)
         assert all(s.cached and s.cached_from == first.run_id for s in steps)
         assert steps[0].log == f"cached: reused the outputs of run {first.run_id}"
 
@@ -179,12 +184,12 @@ def test_a_second_run_is_fully_cached(runner: Runner, store: MetadataStore) -> N
 def test_changing_a_section_reruns_that_step_and_its_dependants(runner: Runner) -> None:
     _run(runner)
     CALLS.clear()
-    result = _run(runner, sections={**SECTIONS, "b": BParams(k=3)})
+    result = _run(runner, config=_with(b={"k": 3}))
     assert _statuses(result) == [("a", "cached"), ("b", "succeeded"), ("c", "succeeded")]
     assert CALLS == ["b", "c"]
     assert result.values["report"]["total"] == 9
     CALLS.clear()
-    result = _run(runner, sections={**SECTIONS, "b": BParams(k=3), "c": CParams(tag="y")})
+    result = _run(runner, config=_with(b={"k": 3}, c={"tag": "y"}))
     assert _statuses(result) == [("a", "cached"), ("b", "cached"), ("c", "succeeded")]
     assert CALLS == ["c"]
 
@@ -192,7 +197,7 @@ def test_changing_a_section_reruns_that_step_and_its_dependants(runner: Runner) 
 def test_a_rerun_with_identical_output_keeps_dependants_cached(runner: Runner) -> None:
     _run(runner)
     CALLS.clear()
-    result = _run(runner, sections={**SECTIONS, "b": BParams(note="same output")})
+    result = _run(runner, config=_with(b={"note": "same output"}))
     assert _statuses(result) == [("a", "cached"), ("b", "succeeded"), ("c", "cached")]
     assert CALLS == ["b"]
 
@@ -203,8 +208,9 @@ def test_a_cache_extra_change_reruns_the_step(runner: Runner) -> None:
         scale,
         inputs=("numbers",),
         outputs=("scaled",),
-        params="b",
-        cache_extra=lambda ctx: f"{ctx.step}:{STATE['extra']}",
+        params=("b",),
+        params_type=BParams,
+        cache_extra=lambda ctx, params: f"{ctx.step}:{params.k}:{STATE['extra']}",
     )
     steps = [A, extra_b, C]
     _run(runner, steps)
@@ -268,18 +274,19 @@ CODEC_STEPS = [
         consume,
         inputs=("table", "arrays", "blob", "doc"),
         outputs=("summary",),
-        params="consume",
+        params=("consume",),
+        params_type=ConsumeParams,
     ),
     Step("produce", produce, outputs=("table", "arrays", "blob", "doc")),
 ]
 
 
 def test_outputs_round_trip_through_codecs(runner: Runner) -> None:
-    first = _run(runner, CODEC_STEPS, {"consume": ConsumeParams()})
+    first = _run(runner, CODEC_STEPS, {"consume": {"salt": 0}})
     codecs_used = {name: ref["codec"] for name, ref in first.steps[0].outputs.items()}
     assert codecs_used == {"table": "parquet", "arrays": "npz", "blob": "bytes", "doc": "json"}
     CALLS.clear()
-    result = _run(runner, CODEC_STEPS, {"consume": ConsumeParams(salt=1)})
+    result = _run(runner, CODEC_STEPS, {"consume": {"salt": 1}})
     assert _statuses(result) == [("produce", "cached"), ("consume", "succeeded")]
     assert CALLS == ["consume"]
     pd.testing.assert_frame_equal(
@@ -322,10 +329,10 @@ def test_a_failing_step_fails_the_run(runner: Runner, store: MetadataStore) -> N
     with pytest.raises(DataSourceError, match="b cannot read its source"):
         _run(runner, run_id="run-1")
     assert CALLS == ["a", "b"]
-    run = store.get_run("run-1")
+    run = store.runs.get("run-1")
     assert run.status == "failed"
     assert run.error == "b: b cannot read its source"
-    steps = store.list_steps("run-1")
+    steps = store.steps.for_run("run-1")
     assert [(s.step, s.status) for s in steps] == [("a", "succeeded"), ("b", "failed")]
     assert steps[1].error == "b cannot read its source"
 
@@ -345,17 +352,17 @@ def test_resume_continues_from_the_failed_step(
     assert CALLS == ["b", "c"]
     assert _statuses(result) == [("a", "cached"), ("b", "succeeded"), ("c", "succeeded")]
     assert result.values["report"] == {"total": 6, "tag": "x"}
-    run = store.get_run("run-1")
+    run = store.runs.get("run-1")
     assert (run.status, run.error) == ("succeeded", None)
-    assert [r.id for r in store.list_runs()] == ["run-1"]
-    assert ("run.resume", "run-1") in [(e.action, e.subject) for e in store.audit_log()]
+    assert [r.id for r in store.runs.recent()] == ["run-1"]
+    assert ("run.resume", "run-1") in [(e.action, e.subject) for e in store.audit.recent()]
 
 
 def test_an_interrupted_run_can_be_resumed(runner: Runner, store: MetadataStore) -> None:
     STATE["fail"] = "interrupt"
     with pytest.raises(KeyboardInterrupt):
         _run(runner, run_id="run-1")
-    assert store.get_run("run-1").status == "interrupted"
+    assert store.runs.get("run-1").status == "interrupted"
     STATE["fail"] = None
     CALLS.clear()
     assert _run(runner, run_id="run-1", resume=True).status == "succeeded"
@@ -379,10 +386,10 @@ def test_an_unexpected_exception_becomes_a_pipeline_error(
     with pytest.raises(PipelineError, match="step b failed: ZeroDivisionError") as info:
         _run(runner, run_id="run-1")
     assert isinstance(info.value.__cause__, ZeroDivisionError)
-    run = store.get_run("run-1")
+    run = store.runs.get("run-1")
     assert run.status == "failed"
     assert run.error.startswith("b: ZeroDivisionError")
-    step = store.list_steps("run-1")[1]
+    step = store.steps.for_run("run-1")[1]
     assert step.status == "failed"
     assert "Traceback (most recent call last)" in step.error
     assert "1 // 0" in step.error and "ZeroDivisionError" in step.error
@@ -390,7 +397,13 @@ def test_an_unexpected_exception_becomes_a_pipeline_error(
 
 # -- halting -----------------------------------------------------------------------------
 HALTING_B = Step(
-    "b", scale, inputs=("numbers",), outputs=("scaled",), params="b", halt=_halt_if_small
+    "b",
+    scale,
+    inputs=("numbers",),
+    outputs=("scaled",),
+    params=("b",),
+    params_type=BParams,
+    halt=_halt_if_small,
 )
 
 
@@ -403,9 +416,9 @@ def test_halt_stops_the_pipeline_as_rejected(runner: Runner, store: MetadataStor
         assert result.reason == "total 6 is below 100"
         assert _statuses(result)[-1] == ("b", expected_b)
         assert "c" not in CALLS and "report" not in result.values
-        run = store.get_run(result.run_id)
+        run = store.runs.get(result.run_id)
         assert (run.status, run.error) == ("rejected", "total 6 is below 100")
-        assert [s.step for s in store.list_steps(result.run_id)] == ["a", "b"]
+        assert [s.step for s in store.steps.for_run(result.run_id)] == ["a", "b"]
     STATE["halt_below"] = 0
     CALLS.clear()
     result = _run(runner, [A, HALTING_B, C])
@@ -421,3 +434,80 @@ def test_until_stops_after_the_named_step() -> None:
     assert [s.name for s in part.steps] == ["ingest", "validate"]
     with pytest.raises(KeyError, match="no step 'nope'"):
         full.until("nope")
+
+
+# -- declared params ---------------------------------------------------------------------
+class BWithN(BaseModel):
+    k: int
+    note: str
+    n: int
+
+
+def scale_by_n(ctx: StepContext, numbers: dict[str, Any], params: BWithN) -> list[int]:
+    CALLS.append("b")
+    SEEN["params"] = params
+    return [v * params.k * params.n for v in numbers["values"]]
+
+
+B_WITH_N = Step(
+    "b",
+    scale_by_n,
+    inputs=("numbers",),
+    outputs=("scaled",),
+    params=("b", "a.n"),
+    params_type=BWithN,
+)
+
+
+def test_a_step_gets_only_its_declared_keys(runner: Runner, store: MetadataStore) -> None:
+    config = {**CONFIG, "other": {"secret": 1}}
+    result = _run(runner, [A, B_WITH_N, C], config)
+    assert SEEN["params"] == BWithN(k=2, note="", n=3)
+    assert store.steps.for_run(result.run_id)[1].params == {"k": 2, "note": "", "n": 3}
+    CALLS.clear()
+    # An undeclared key is not in b's key; a declared one is.
+    result = _run(runner, [A, B_WITH_N, C], {**config, "other": {"secret": 2}})
+    assert CALLS == []
+    result = _run(runner, [A, B_WITH_N, C], {**config, "a": {"n": 4}})
+    assert _statuses(result) == [("a", "succeeded"), ("b", "succeeded"), ("c", "succeeded")]
+
+
+def test_undeclared_or_clashing_params_fail_the_run(runner: Runner) -> None:
+    missing = Step("a", make_numbers, outputs=("numbers",), params=("a", "nope.x"))
+    with pytest.raises(PipelineError, match="step a reads 'nope.x', which the config lacks"):
+        _run(runner, [missing])
+    clash = Step("a", make_numbers, outputs=("numbers",), params=("a", "b.k", "c.k"))
+    with pytest.raises(PipelineError, match="both give 'k'"):
+        _run(runner, [clash], {**CONFIG, "c": {"k": 1}})
+    typed = Step("a", make_numbers, outputs=("numbers",), params=("a",), params_type=AParams)
+    with pytest.raises(PipelineError, match="step a params: n: "):
+        _run(runner, [typed], {"a": {"n": "many"}})
+
+
+# -- the recorder ------------------------------------------------------------------------
+class ListRecorder:
+    def __init__(self, fail_on: str | None = None) -> None:
+        self.seen: list[tuple[str, Any]] = []
+        self.fail_on = fail_on
+
+    def step_done(self, run_id: str, step: str, values: Any) -> None:
+        if step == self.fail_on:
+            raise DataSourceError(f"cannot record {step}")
+        self.seen.append((step, dict(values).get("report")))
+
+
+def test_the_recorder_sees_every_step_fresh_or_cached(
+    store: MetadataStore, artifacts: ArtifactStore
+) -> None:
+    for _ in range(2):  # the second run is fully cached
+        recorder = ListRecorder()
+        _run(Runner(store, artifacts, recorder=recorder))
+        assert recorder.seen == [("a", None), ("b", None), ("c", {"total": 6, "tag": "x"})]
+
+
+def test_a_recorder_failure_fails_the_run(store: MetadataStore, artifacts: ArtifactStore) -> None:
+    runner = Runner(store, artifacts, recorder=ListRecorder(fail_on="b"))
+    with pytest.raises(DataSourceError, match="cannot record b"):
+        _run(runner, run_id="run-1")
+    run = store.runs.get("run-1")
+    assert (run.status, run.error) == ("failed", "b: cannot record b")

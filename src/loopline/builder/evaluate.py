@@ -1,39 +1,31 @@
-"""Evaluate: the candidate on the test split, overall and per segment (condition, camera)."""
+"""Evaluate: the candidate on the test split, overall and per segment (condition, camera);
+and ``evaluate_registered``, which backs ``loopline evaluate``.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from loopline.builder.images import label_indices, load_images
+from loopline.builder.scoring import evaluate_bundle, segment_reports
 from loopline.config import EvaluateConfig
 from loopline.errors import require_extra
 from loopline.metrics import classification_report
 from loopline.pipeline import StepContext
 
+if TYPE_CHECKING:
+    from loopline.builder.resources import BuildResources
+
 
 class EvaluateParams(EvaluateConfig):
+    """The evaluate section plus ``data.labels`` and ``train.architecture`` (whose code the
+    step runs, so it is part of the key)."""
+
     labels: list[str]
-
-
-def segment_reports(
-    test: pd.DataFrame, y: np.ndarray, pred: np.ndarray, labels: list[str], segments: list[str]
-) -> dict[str, dict[str, Any]]:
-    """Metrics per value of each segment column; columns the data lacks are skipped."""
-    out: dict[str, dict[str, Any]] = {}
-    for column in segments:
-        if column not in test.columns:
-            continue
-        values = test[column].astype(str).to_numpy()
-        out[column] = {}
-        for value in sorted(set(values)):
-            mask = values == value
-            report = classification_report(y[mask], pred[mask], labels)
-            report.pop("confusion_matrix")
-            out[column][value] = report
-    return out
+    architecture: str
 
 
 def evaluate(
@@ -68,34 +60,36 @@ def evaluate(
     return report
 
 
-def evaluate_registered(resources: Any, ref: str, reporter: Any = None) -> dict[str, Any]:
+def evaluate_registered(
+    resources: BuildResources, ref: str, reporter: Any = None
+) -> dict[str, Any]:
     """Evaluate a registered model (its ONNX bundle) on every valid record of the source.
 
     Used to measure a model on data it was not built from, e.g. a day-only model on fog
     and night images. The records are ingested and validated as in a build (the dataset
     version is recorded), then scored with ONNX Runtime, overall and per segment.
     """
-    from loopline.builder.gate import evaluate_bundle
     from loopline.builder.ingest import ingest
-    from loopline.builder.pipeline import step_sections
+    from loopline.builder.record import record_dataset
     from loopline.builder.validate import ValidateParams, validate
     from loopline.pipeline.step import SilentReporter
 
     config = resources.config
-    mv = resources.store.resolve_model(ref)
-    sections = step_sections(config)
+    mv = resources.store.models.resolve(ref)
     ctx = StepContext(
         run_id="evaluate",
         step="evaluate",
         reporter=reporter or SilentReporter(),
-        resources=resources,
+        resources=resources.for_steps(),
     )
-    ingested = ingest(ctx, config.data)
-    validate_params = sections["validate"]
-    assert isinstance(validate_params, ValidateParams)
-    clean = validate(ctx, ingested["records"], validate_params)["clean"]
     labels = config.data.labels
-    report, pred = evaluate_bundle(ctx, mv.bundle_sha256, clean, labels, return_pred=True)
+    ingested = ingest(ctx, config.data)
+    record_dataset(resources.store, config.project, ingested["dataset"], None)
+    validate_params = ValidateParams.model_validate(
+        {**config.validate_.model_dump(), "labels": labels}
+    )
+    clean = validate(ctx, ingested["records"], validate_params)["clean"]
+    report, pred = evaluate_bundle(ctx, mv.bundle_sha256, clean, labels)
     y = label_indices(clean, labels)
     report["segments"] = segment_reports(clean, y, pred, labels, config.evaluate.segments)
     report["model"] = f"{mv.name}:{mv.version}"

@@ -11,13 +11,11 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
-from loopline.builder.images import label_indices, load_images
+from loopline.builder.scoring import evaluate_bundle
 from loopline.config import GateConfig
 from loopline.errors import ConfigError
-from loopline.metrics import classification_report
 from loopline.pipeline import StepContext
 
 OPS: dict[str, Callable[[float, float], bool]] = {
@@ -31,7 +29,51 @@ RULE = re.compile(r"^\s*([A-Za-z_][\w.\-]*)\s*(>=|<=|==|>|<)\s*(-?\d+(?:\.\d+)?)
 
 
 class GateParams(GateConfig):
+    """The gate section plus ``data.labels`` and ``model.name`` (whose alias it compares to)."""
+
     labels: list[str]
+    name: str
+
+
+HEADLINE = ("accuracy", "macro_precision", "macro_recall", "macro_f1", "n")
+PER_CLASS = ("precision", "recall", "f1", "support")
+
+
+def metric_known(path: str, labels: list[str], segments: list[str]) -> bool:
+    """Whether ``path`` names a number of the evaluation report for these labels and segments.
+
+    The report holds the headline numbers, ``per_class.<label>.<precision|recall|f1|support>``
+    and, per value of each segment column, the same again under ``segments.<column>.<value>``.
+    A segment's values are only known from the data, so any value is accepted here.
+    """
+    parts = path.split(".")
+    if parts[0] == "segments":
+        if len(parts) < 4 or parts[1] not in segments or not parts[2]:
+            return False
+        parts = parts[3:]
+    if len(parts) == 1:
+        return parts[0] in HEADLINE
+    return (
+        len(parts) == 3
+        and parts[0] == "per_class"
+        and parts[1] in labels
+        and (parts[2] in PER_CLASS)
+    )
+
+
+def check_metrics(params: GateParams, segments: list[str]) -> None:
+    """ConfigError naming the first rule (or ``gate.metric``) whose metric the report lacks."""
+    named = [(f"gate rule {rule!r}", parse_rule(rule)[0]) for rule in params.rules]
+    if params.compare_to:
+        named.append(("gate.metric", params.metric))
+    for where, metric in named:
+        if not metric_known(metric, params.labels, segments):
+            raise ConfigError(
+                f"{where}: unknown metric {metric!r}; use {', '.join(HEADLINE)}, "
+                f"per_class.<label>.<{'|'.join(PER_CLASS)}> (label in data.labels: "
+                f"{', '.join(params.labels)}) or segments.<column>.<value>.<metric> "
+                f"(column in evaluate.segments: {', '.join(segments) or 'none'})"
+            )
 
 
 def parse_rule(rule: str) -> tuple[str, str, float]:
@@ -66,41 +108,10 @@ def check_rules(report: dict[str, Any], rules: list[str]) -> list[dict[str, Any]
     return checked
 
 
-def production_fingerprint(ctx: StepContext) -> str:
+def production_fingerprint(ctx: StepContext, params: GateParams) -> str:
     """Cache extra for the gate: which model it is compared against."""
-    mv = ctx.resources.production_ref()
+    mv = ctx.resources.find_model(params.name, params.compare_to) if params.compare_to else None
     return f"{mv.name}:{mv.version}:{mv.bundle_sha256}" if mv is not None else ""
-
-
-def evaluate_bundle(
-    ctx: StepContext,
-    bundle_sha256: str,
-    test: pd.DataFrame,
-    labels: list[str],
-    return_pred: bool = False,
-) -> Any:
-    """Evaluate a registered bundle with ONNX Runtime on ``test`` (same split as the candidate)."""
-    import onnxruntime as ort
-
-    from loopline.bundle import fetch_bundle, to_input
-
-    res = ctx.resources
-    bundle = fetch_bundle(res.artifacts, bundle_sha256, res.bundle_cache)
-    if bundle.labels != labels:
-        raise ConfigError(
-            f"the production model's labels {bundle.labels} differ from data.labels {labels}"
-        )
-    size = bundle.preprocess.height
-    x = load_images(ctx, test, size, "test images (production model)")
-    opts = ort.SessionOptions()
-    session = ort.InferenceSession(str(bundle.model_path), opts, providers=["CPUExecutionProvider"])
-    preds = []
-    for start in range(0, len(x), 256):
-        (logits,) = session.run(["logits"], {"input": to_input(x[start : start + 256])})
-        preds.append(logits.argmax(axis=1))
-    pred = np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
-    report = classification_report(label_indices(test, labels), pred, labels)
-    return (report, pred) if return_pred else report
 
 
 def gate(
@@ -109,10 +120,10 @@ def gate(
     rules = check_rules(metrics, params.rules)
     reasons = [f"{r['rule']} failed (value {r['value']:.4f})" for r in rules if not r["passed"]]
     baseline: dict[str, Any] | None = None
-    mv = ctx.resources.production_ref()
+    mv = ctx.resources.find_model(params.name, params.compare_to) if params.compare_to else None
     if mv is not None:
         test = splits[splits["split"] == "test"].reset_index(drop=True)
-        prod = evaluate_bundle(ctx, mv.bundle_sha256, test, params.labels)
+        prod, _ = evaluate_bundle(ctx, mv.bundle_sha256, test, params.labels)
         ours, theirs = lookup(metrics, params.metric), lookup(prod, params.metric)
         baseline = {
             "model": f"{mv.name}:{mv.version}",

@@ -1,7 +1,8 @@
 """Ingest: read the source's records into a versioned dataset.
 
 The dataset version is the sha256 of all records (path, label, metadata and the sha256 of
-each file's bytes), so ingesting the same data twice gives the same version.
+each file's bytes), so ingesting the same data twice gives the same version. The step only
+returns the records and a description of the version; the recorder stores the version.
 """
 
 from __future__ import annotations
@@ -24,8 +25,7 @@ def dataset_version(records: pd.DataFrame) -> str:
 
 
 def ingest(ctx: StepContext, params: DataConfig) -> dict[str, Any]:
-    res = ctx.resources
-    source = res.source
+    source = ctx.resources.source
     records = source.list_records()
     for column, allowed in params.filter.items():
         if column not in records.columns:
@@ -56,19 +56,16 @@ def ingest(ctx: StepContext, params: DataConfig) -> dict[str, Any]:
         "labels": records["label"].value_counts().sort_index().to_dict(),
         "columns": list(records.columns),
     }
-    res.store.add_dataset_version(
-        version=version,
-        name=res.config.project,
-        source_uri=source.uri,
-        n_records=len(records),
-        records_sha256=records_sha,
-        stats=stats,
-        created_by_run=ctx.run_id,
-    )
     ctx.log(f"dataset version {version[:12]}: {len(records)} records from {source.uri}")
     return {
         "records": records,
-        "dataset": {"version": version, "n_records": len(records), "source": source.uri},
+        "dataset": {
+            "version": version,
+            "n_records": len(records),
+            "source": source.uri,
+            "records_sha256": records_sha,
+            "stats": stats,
+        },
     }
 
 
@@ -81,7 +78,7 @@ def raise_missing(column: str, records: pd.DataFrame) -> None:
     )
 
 
-def source_fingerprint(ctx: StepContext) -> str:
+def source_fingerprint(ctx: StepContext, params: Any) -> str:
     """Cache extra for ingest: the step re-runs whenever the source's content changes."""
     source = ctx.resources.source
     return f"{source.uri}|{source.fingerprint()}"

@@ -7,9 +7,10 @@ sha256 manifest. It is stored in the artifact store by content.
 
 from __future__ import annotations
 
+import hashlib
 import json
-import subprocess
 import tempfile
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -24,19 +25,28 @@ from loopline.errors import PipelineError, require_extra
 from loopline.pipeline import StepContext
 
 
-def git_commit(root: Path) -> str | None:
-    """The user project's git commit, if the project is a git checkout."""
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+class PackageParams(PackageConfig):
+    """The package section plus ``model.name`` (the bundle names its model) and
+    ``train.architecture`` (whose code the step runs)."""
+
+    name: str
+    architecture: str
+
+
+@cache
+def _context_digest() -> str:
+    from loopline.deploy.image import image_context_files
+
+    h = hashlib.sha256()
+    for name, data in sorted(image_context_files().items()):
+        h.update(f"{name}={hashlib.sha256(data).hexdigest()}\n".encode())
+    return h.hexdigest()
+
+
+def context_fingerprint(ctx: StepContext, params: PackageParams) -> str:
+    """Cache extra for package: the serving image's files the bundle carries (Loopline's
+    server source and pinned requirements), which the step copies rather than imports."""
+    return _context_digest()
 
 
 def parity_check(
@@ -67,7 +77,7 @@ def package(
     splits: pd.DataFrame,
     dataset: dict[str, Any],
     decision: dict[str, Any],
-    params: PackageConfig,
+    params: PackageParams,
 ) -> bytes:
     require_extra("onnx", "train")
     from loopline.builder import trainer
@@ -87,11 +97,11 @@ def package(
         ctx.log(f"ONNX Runtime matches torch on {len(x)} test images (max |diff| {worst:.2e})")
         model_bytes = onnx_path.read_bytes()
 
-        res = ctx.resources
         preprocess = PreprocessSpec(height=spec.input_size, width=spec.input_size)
+        # Only what the step's key covers: no run id, no git commit (the registry's lineage
+        # holds those), so the same inputs always give the same bundle bytes.
         metadata = {
-            "name": res.config.model.name,
-            "run_id": ctx.run_id,
+            "name": params.name,
             "dataset_version": dataset["version"],
             "metrics": {
                 k: metrics[k] for k in ("accuracy", "macro_precision", "macro_recall", "macro_f1")
@@ -99,7 +109,6 @@ def package(
             "spec": spec.to_dict(),
             "params": model["best_params"],
             "loopline_version": __version__,
-            "git_commit": git_commit(res.config.root),
             "parity_max_abs_diff": worst,
             "gate": {"accepted": decision["accepted"], "rules": decision["rules"]},
         }

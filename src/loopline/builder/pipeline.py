@@ -1,5 +1,9 @@
 """The Build pipeline assembled from its steps, and ``build()``: the one entry point that the
 CLI, the demo and (later) the retraining loop all call.
+
+Each step declares the config keys it reads (``params``); only those reach it and only those
+enter its cache key. Steps return values; ``BuildRecorder`` records the dataset version after
+ingest and registers the bundle after package, also when every step came from the cache.
 """
 
 from __future__ import annotations
@@ -7,22 +11,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel
-
 from loopline.builder.evaluate import EvaluateParams, evaluate
 from loopline.builder.gate import GateParams, gate, halt_if_rejected, production_fingerprint
 from loopline.builder.ingest import ingest, source_fingerprint
-from loopline.builder.package import git_commit, package
-from loopline.builder.register import register
+from loopline.builder.package import PackageParams, context_fingerprint, package
+from loopline.builder.record import BuildRecorder, git_commit
 from loopline.builder.resources import BuildResources
 from loopline.builder.split import split
-from loopline.builder.train import TrainParams, train
+from loopline.builder.train import TrainParams, architecture_modules, train
 from loopline.builder.validate import ValidateParams, validate
-from loopline.config import Config, parse_config
+from loopline.config import Config, DataConfig, SplitConfig, parse_config
 from loopline.drivers.artifacts import ArtifactStore
 from loopline.drivers.metadata.store import MetadataStore
 from loopline.pipeline import Pipeline, Runner, RunResult, Step
-from loopline.pipeline.step import Reporter
+from loopline.pipeline.step import Reporter, SilentReporter
 
 
 def build_pipeline() -> Pipeline:
@@ -33,7 +35,8 @@ def build_pipeline() -> Pipeline:
                 "ingest",
                 ingest,
                 outputs=("records", "dataset"),
-                params="data",
+                params=("data",),
+                params_type=DataConfig,
                 cache_extra=source_fingerprint,
             ),
             Step(
@@ -41,23 +44,42 @@ def build_pipeline() -> Pipeline:
                 validate,
                 inputs=("records",),
                 outputs=("clean", "quarantine", "report"),
-                params="validate",
+                params=("validate", "data.labels"),
+                params_type=ValidateParams,
             ),
-            Step("split", split, inputs=("clean",), outputs=("splits",), params="split"),
-            Step("train", train, inputs=("splits",), outputs=("weights", "model"), params="train"),
+            Step(
+                "split",
+                split,
+                inputs=("clean",),
+                outputs=("splits",),
+                params=("split",),
+                params_type=SplitConfig,
+            ),
+            Step(
+                "train",
+                train,
+                inputs=("splits",),
+                outputs=("weights", "model"),
+                params=("train", "data.labels"),
+                params_type=TrainParams,
+                code_modules=architecture_modules,
+            ),
             Step(
                 "evaluate",
                 evaluate,
                 inputs=("splits", "weights", "model"),
                 outputs=("metrics",),
-                params="evaluate",
+                params=("evaluate", "data.labels", "train.architecture"),
+                params_type=EvaluateParams,
+                code_modules=architecture_modules,
             ),
             Step(
                 "gate",
                 gate,
                 inputs=("metrics", "splits"),
                 outputs=("decision",),
-                params="gate",
+                params=("gate", "data.labels", "model.name"),
+                params_type=GateParams,
                 cache_extra=production_fingerprint,
                 halt=halt_if_rejected,
             ),
@@ -66,69 +88,79 @@ def build_pipeline() -> Pipeline:
                 package,
                 inputs=("weights", "model", "metrics", "splits", "dataset", "decision"),
                 outputs=("bundle",),
-                params="package",
-            ),
-            Step(
-                "register",
-                register,
-                inputs=("bundle", "metrics", "model", "dataset", "decision"),
-                outputs=("registered",),
-                params="model",
+                params=("package", "model.name", "train.architecture"),
+                params_type=PackageParams,
+                code_modules=architecture_modules,
+                cache_extra=context_fingerprint,
             ),
         ],
     )
 
 
-def step_sections(config: Config) -> dict[str, BaseModel]:
-    """Each step's parameters: its config section, plus the labels where it needs them."""
-    labels = {"labels": config.data.labels}
-    return {
-        "data": config.data,
-        "validate": ValidateParams.model_validate({**config.validate_.model_dump(), **labels}),
-        "split": config.split,
-        "train": TrainParams.model_validate({**config.train.model_dump(), **labels}),
-        "evaluate": EvaluateParams.model_validate({**config.evaluate.model_dump(), **labels}),
-        "gate": GateParams.model_validate({**config.gate.model_dump(), **labels}),
-        "package": config.package,
-        "model": config.model,
-    }
-
-
 def preflight(config: Config) -> None:
-    """Fail fast, before any work, on what the config gets wrong."""
-    import importlib.util
+    """Fail fast, before any step runs, on what the config gets wrong.
 
-    from loopline.builder.gate import parse_rule
+    Checks the architecture (a torch.nn.Module class, when the train extra is installed to
+    import it), every gate rule's metric against the evaluation report's shape, and that the
+    data source opens.
+    """
+    from loopline.builder.gate import GateParams, check_metrics, parse_rule
     from loopline.drivers.data import open_source
-    from loopline.errors import ConfigError
 
-    arch = config.train.architecture
-    if arch != "cnn":
-        module, _, cls = arch.partition(":")
-        found = None
-        if module and cls:
-            try:
-                found = importlib.util.find_spec(module)
-            except (ImportError, ValueError):
-                found = None
-        if found is None:
-            raise ConfigError(
-                f"unknown architecture {arch!r}: use 'cnn' or 'package.module:ClassName' "
-                "naming an importable torch.nn.Module"
-            )
+    check_architecture(config.train.architecture)
     for rule in config.gate.rules:
         parse_rule(rule)
+    gate_params = GateParams.model_validate(
+        {**config.gate.model_dump(), "labels": config.data.labels, "name": config.model.name}
+    )
+    check_metrics(gate_params, config.evaluate.segments)
     open_source(config)
+
+
+def check_architecture(arch: str) -> None:
+    """ConfigError unless ``arch`` is 'cnn' or names an importable torch.nn.Module class.
+
+    The user's module is imported only when torch is installed (the train extra); without
+    it only the module's presence is checked, and training itself names the missing extra.
+    """
+    import importlib.util
+
+    from loopline.errors import ConfigError
+
+    if arch == "cnn":
+        return
+    module, _, cls = arch.partition(":")
+    found = None
+    if module and cls:
+        try:
+            found = importlib.util.find_spec(module)
+        except (ImportError, ValueError):
+            found = None
+    if found is None:
+        raise ConfigError(
+            f"unknown architecture {arch!r}: use 'cnn' or 'package.module:ClassName' "
+            "naming an importable torch.nn.Module"
+        )
+    if importlib.util.find_spec("torch") is None:
+        return
+    from loopline.builder.trainer import architecture_class
+
+    architecture_class(arch)
 
 
 @dataclass
 class BuildResult:
+    """How a build ended. ``model`` is the registered version, or the existing version the
+    bundle equals (then ``registered`` is False and ``equals`` names it)."""
+
     run_id: str
     status: str  # succeeded | rejected
     model: dict[str, Any] | None
     metrics: dict[str, Any] | None
     reason: str | None
     steps: list[dict[str, Any]] = field(default_factory=list)
+    registered: bool = False
+    equals: dict[str, Any] | None = None
 
 
 def open_stores(config: Config) -> tuple[MetadataStore, ArtifactStore]:
@@ -153,51 +185,55 @@ def build(
     """
     store, artifacts = stores or open_stores(config)
     if resume is not None:
-        previous = store.get_run(resume)
-        config = parse_config(previous.config, config.root, f"run {previous.id}")
+        previous = store.runs.get(resume)
+        stored = parse_config(previous.config, config.root, f"run {previous.id}")
+        config = stored.with_credentials_from(config)  # passwords are never stored
         resume = previous.id
     preflight(config)
     resources = BuildResources(config=config, store=store, artifacts=artifacts, actor=actor)
-
-    def record_lineage(run_id: str, step: str, values: dict[str, Any]) -> None:
-        if step == "ingest":
-            store.update_run(run_id, dataset_version=values["dataset"]["version"])
-        elif step == "register":
-            reg = values["registered"]
-            store.update_run(run_id, model_name=reg["name"], model_version=reg["version"])
-
+    commit = git_commit(config.root)
+    recorder = BuildRecorder(
+        store,
+        artifacts,
+        project=config.project,
+        model_name=config.model.name,
+        git_commit=commit,
+        actor=actor,
+        reporter=reporter or SilentReporter(),
+    )
     runner = Runner(
         store,
         artifacts,
         reporter=reporter,
-        resources=resources,
+        resources=resources.for_steps(),
         use_cache=use_cache,
-        after_step=record_lineage,
+        recorder=recorder,
     )
     result: RunResult = runner.run(
         build_pipeline(),
-        step_sections(config),
-        config=config.to_dict(),
+        config.to_dict(),
         project=config.project,
         run_id=resume,
         resume=resume is not None,
         trigger=trigger,
         trigger_ref=trigger_ref,
-        git_commit=git_commit(config.root),
+        git_commit=commit,
     )
-    registered = result.values.get("registered")
-    model = None
-    if registered:
-        mv = store.get_model_version(registered["name"], registered["version"])
-        model = store.model_version_dict(mv)
+    mv = recorder.version if result.status == "succeeded" else None
     return BuildResult(
         run_id=result.run_id,
         status=result.status,
-        model=model,
+        model=store.models.as_dict(mv) if mv is not None else None,
         metrics=result.values.get("metrics"),
         reason=result.reason,
         steps=[
             {"step": s.step, "status": s.status, "seconds": round(s.seconds, 3)}
             for s in result.steps
         ],
+        registered=mv is not None and recorder.created,
+        equals=(
+            {"name": mv.name, "version": mv.version}
+            if mv is not None and not recorder.created
+            else None
+        ),
     )

@@ -1,10 +1,17 @@
-"""What the Build steps may reach besides their inputs: the stores and the data source."""
+"""What Build steps may reach besides their inputs and params, and the wiring behind it.
+
+``BuildResources`` is the build's wiring: the config, the stores and the data source.
+Steps never see it: they get ``StepResources``, a read-only view holding the data source,
+the artifact store (to fetch registered bundles by sha256) and a lookup of a model version by
+alias. No config and no metadata writes: a step reads only what its cache key names, and
+what it produces is written by the recorder (``loopline.builder.record``).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 from typing import Any
 
 from loopline.config import Config
@@ -13,8 +20,20 @@ from loopline.drivers.data import DataSource, open_source
 from loopline.drivers.metadata.store import MetadataStore
 
 
+@dataclass(frozen=True)
+class StepResources:
+    """Read-only resources of a Build step."""
+
+    source: DataSource
+    artifacts: ArtifactStore
+    # (model name, alias) -> that model version, or None when the alias is not set.
+    find_model: Callable[[str, str], Any]
+
+
 @dataclass
 class BuildResources:
+    """A build's config and stores; ``for_steps()`` is what its steps get."""
+
     config: Config
     store: MetadataStore
     artifacts: ArtifactStore
@@ -24,18 +43,14 @@ class BuildResources:
     def source(self) -> DataSource:
         return open_source(self.config)
 
-    @property
-    def bundle_cache(self) -> Path:
-        return self.config.state_dir / "bundles"
-
-    def production_ref(self) -> Any:
-        """The model version the gate compares against, or None."""
+    def find_model(self, name: str, alias: str) -> Any:
+        """The version of ``name`` that ``alias`` points at, or None."""
         from loopline.errors import NotFound
 
-        alias = self.config.gate.compare_to
-        if not alias:
-            return None
         try:
-            return self.store.get_model_version(self.config.model.name, alias=alias)
+            return self.store.models.get(name, alias=alias)
         except NotFound:
             return None
+
+    def for_steps(self) -> StepResources:
+        return StepResources(self.source, self.artifacts, self.find_model)

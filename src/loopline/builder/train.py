@@ -75,6 +75,13 @@ def train(ctx: StepContext, splits: pd.DataFrame, params: TrainParams) -> dict[s
     }
 
 
+def architecture_modules(params: Any) -> list[str]:
+    """The user's module a step runs for ``params.architecture`` (none for the built-in CNN,
+    whose module Loopline's own import scan already covers)."""
+    module, sep, _ = str(params.architecture).partition(":")
+    return [module] if sep and module else []
+
+
 def _grid_size(space: dict[str, list[Any]]) -> int:
     n = 1
     for values in space.values():

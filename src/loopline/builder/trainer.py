@@ -80,7 +80,7 @@ def build_model(spec: ModelSpec) -> nn.Module:
 
         cls: type[nn.Module] = VehicleCNN
     else:
-        cls = _import_module_class(spec.architecture)
+        cls = architecture_class(spec.architecture)
     accepted = inspect.signature(cls.__init__).parameters
     kwargs: dict[str, Any] = {"num_classes": spec.num_classes}
     for name in ("input_size", "depth", "width", "dropout"):
@@ -92,7 +92,8 @@ def build_model(spec: ModelSpec) -> nn.Module:
         raise ConfigError(f"cannot build architecture {spec.architecture!r}: {err}") from None
 
 
-def _import_module_class(path: str) -> type[nn.Module]:
+def architecture_class(path: str) -> type[nn.Module]:
+    """Import ``package.module:ClassName``; ConfigError unless it is a torch.nn.Module class."""
     module_name, _, name = path.partition(":")
     if not module_name or not name:
         raise ConfigError(f"unknown architecture {path!r}: use 'cnn' or 'package.module:ClassName'")

@@ -6,6 +6,7 @@ import os
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from loopline.cli.common import ConfigOpt, JsonOpt, fail, load_config
 from loopline.cli.output import console, print_json
@@ -26,7 +27,8 @@ def build(
 ) -> None:
     """Run the Build pipeline: ingest, validate, split, train, evaluate, gate, package, register.
 
-    Exit codes: 0 a model was registered, 3 the gate rejected it, 1 an error.
+    Exit codes: 0 a model was registered (or the bundle equals a registered version, which
+    is then named and nothing is registered), 3 the gate rejected it, 1 an error.
     """
     from loopline.builder import build as run_build
     from loopline.cli.output import RichReporter
@@ -56,18 +58,25 @@ def build(
                 "model": result.model,
                 "reason": result.reason,
                 "steps": result.steps,
+                "registered": result.registered,
+                "equals": (
+                    f"{result.equals['name']}:{result.equals['version']}" if result.equals else None
+                ),
             }
         )
     elif result.status == "succeeded" and result.model:
         m = result.model
         met = m["metrics"]
-        fresh = any(step["status"] != "cached" for step in result.steps)
-        verb = "[green]registered[/green]" if fresh else "nothing changed, up to date:"
+        verb = (
+            "[green]registered[/green]"
+            if result.registered
+            else "nothing registered, the bundle equals"
+        )
         console.print(
-            f"{verb} {m['name']}:{m['version']} (run {result.run_id}) "
+            f"{verb} {escape(m['name'])}:{m['version']} (run {result.run_id}) "
             f"accuracy {met['accuracy']:.3f} macro-F1 {met['macro_f1']:.3f}"
         )
     else:
-        console.print(f"[yellow]{result.reason}[/yellow] (run {result.run_id})")
+        console.print(f"[yellow]{escape(result.reason or '')}[/yellow] (run {result.run_id})")
     if result.status == "rejected":
         raise typer.Exit(3)

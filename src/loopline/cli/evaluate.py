@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from loopline.cli.common import ConfigOpt, JsonOpt, fail, load_config
-from loopline.cli.output import console, print_json
+from loopline.cli.output import cell, console, print_json
 from loopline.errors import LooplineError
 
 
@@ -33,7 +34,7 @@ def evaluate_cmd(
     from loopline.cli.output import RichReporter
 
     try:
-        cfg = load_config(config, set_)
+        cfg = load_config(config, set_, project=True)
         store, artifacts = open_stores(cfg)
         with RichReporter(quiet=True) as reporter:
             report = evaluate_registered(BuildResources(cfg, store, artifacts), ref, reporter)
@@ -43,12 +44,12 @@ def evaluate_cmd(
         print_json(report)
         return
     console.print(
-        f"{report['model']} on {report['n']} images "
+        f"{escape(report['model'])} on {report['n']} images "
         f"(dataset {report['dataset_version'][:12]}): accuracy "
         f"{report['accuracy']:.4f}, macro-F1 {report['macro_f1']:.4f}"
     )
     for column, values in report["segments"].items():
-        table = Table(column, "images", "accuracy", "macro-F1")
+        table = Table(cell(column), "images", "accuracy", "macro-F1")
         for value, r in values.items():
-            table.add_row(value, str(r["n"]), f"{r['accuracy']:.3f}", f"{r['macro_f1']:.3f}")
+            table.add_row(cell(value), str(r["n"]), f"{r['accuracy']:.3f}", f"{r['macro_f1']:.3f}")
         console.print(table)

@@ -14,7 +14,7 @@ import typer
 from loopline import __version__
 from loopline.cli import build, evaluate, models, project, records, runs
 from loopline.cli import serve as serve_command
-from loopline.cli.output import console, err_console
+from loopline.cli.output import console, print_error
 from loopline.errors import LooplineError
 
 app = typer.Typer(
@@ -55,7 +55,7 @@ def run() -> None:
     try:
         app()
     except LooplineError as err:  # pragma: no cover - commands map their own errors
-        err_console.print(f"[red]error:[/red] {err}")
+        print_error(err)
         sys.exit(err.exit_code)
 
 

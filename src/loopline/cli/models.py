@@ -4,19 +4,32 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from loopline.cli.common import ConfigOpt, JsonOpt, fail, load_config, open_store
-from loopline.cli.output import console, print_json
+from loopline.cli.output import cell, console, print_json
 from loopline.errors import LooplineError
+
+if TYPE_CHECKING:
+    from loopline.drivers.metadata.store import MetadataStore
 
 app = typer.Typer(help="The model registry: versions, metrics, aliases, lineage.")
 
 
+def _actor() -> str:
+    return os.environ.get("USER", "cli")
+
+
 @app.callback(invoke_without_command=True)
-def models_list(ctx: typer.Context, config: ConfigOpt = None, json_out: JsonOpt = False) -> None:
+def models_list(
+    ctx: typer.Context,
+    config: ConfigOpt = None,
+    all_: Annotated[bool, typer.Option("--all", help="Also list archived versions.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
     """List registered model versions with their aliases and headline metrics."""
     if ctx.invoked_subcommand is not None:
         return
@@ -24,25 +37,33 @@ def models_list(ctx: typer.Context, config: ConfigOpt = None, json_out: JsonOpt 
 
     try:
         store = open_store(config)
-        rows = [store.model_version_dict(mv) for mv in store.list_model_versions()]
+        versions = store.models.versions(include_archived=all_)
+        rows = [store.models.as_dict(mv) for mv in versions]
     except LooplineError as err:
         fail(err)
     if json_out:
         print_json(rows)
         return
-    table = Table("model", "version", "aliases", "accuracy", "macro-F1", "dataset", "run")
+    columns = ["model", "version", "aliases", "accuracy", "macro-F1", "dataset", "run"]
+    table = Table(*columns, *(["archived"] if all_ else []))
     for m in rows:
         met = m["metrics"]
+        archived = [_when(m.get("archived_at"))] if all_ else []
         table.add_row(
-            m["name"],
+            cell(m["name"]),
             str(m["version"]),
-            ",".join(m["aliases"]),
+            cell(",".join(m["aliases"])),
             f"{met.get('accuracy', 0):.3f}",
             f"{met.get('macro_f1', 0):.3f}",
             (m["dataset_version"] or "")[:12],
-            m["run_id"] or "",
+            cell(m["run_id"] or ""),
+            *archived,
         )
     console.print(table)
+
+
+def _when(value: Any) -> str:
+    return str(value)[:19].replace("T", " ") if value else ""
 
 
 @app.command("show")
@@ -54,7 +75,7 @@ def models_show(
     """Show one model version: metrics per class and segment, bundle and lineage."""
     try:
         store = open_store(config)
-        data = store.model_version_dict(store.resolve_model(ref))
+        data = store.models.as_dict(store.models.resolve(ref))
     except LooplineError as err:
         fail(err)
     if json_out:
@@ -63,18 +84,23 @@ def models_show(
     from rich.table import Table
 
     met = data["metrics"]
-    console.print(
-        f"[bold]{data['name']}:{data['version']}[/bold] "
-        f"aliases: {', '.join(data['aliases']) or '-'}"
+    archived = (
+        f"  [yellow]archived {_when(data['archived_at'])}[/yellow]"
+        if data.get("archived_at")
+        else ""
     )
     console.print(
-        f"accuracy {met['accuracy']:.4f}  macro P/R/F1 {met['macro_precision']:.4f} / "
-        f"{met['macro_recall']:.4f} / {met['macro_f1']:.4f}"
+        f"[bold]{escape(data['name'])}:{data['version']}[/bold] "
+        f"aliases: {escape(', '.join(data['aliases'])) or '-'}{archived}"
+    )
+    console.print(
+        f"accuracy {_num(met, 'accuracy')}  macro P/R/F1 {_num(met, 'macro_precision')} / "
+        f"{_num(met, 'macro_recall')} / {_num(met, 'macro_f1')}"
     )
     table = Table("class", "precision", "recall", "F1", "support")
     for label, r in met.get("per_class", {}).items():
         table.add_row(
-            label,
+            cell(label),
             f"{r['precision']:.3f}",
             f"{r['recall']:.3f}",
             f"{r['f1']:.3f}",
@@ -82,35 +108,137 @@ def models_show(
         )
     console.print(table)
     for column, values in met.get("segments", {}).items():
-        console.print(
-            f"by {column}: " + ", ".join(f"{v} acc {r['accuracy']:.3f}" for v, r in values.items())
-        )
-    console.print(f"bundle {data['bundle_uri']}\nsha256 {data['bundle_sha256']}")
+        shares = ", ".join(f"{v} acc {r['accuracy']:.3f}" for v, r in values.items())
+        console.print(escape(f"by {column}: {shares}"), highlight=False)
+    console.print(escape(f"bundle {data['bundle_uri']}\nsha256 {data['bundle_sha256']}"))
     lin = data["lineage"]
     console.print(
-        f"dataset {data['dataset_version']}  run {data['run_id']}  "
-        f"git {lin.get('git_commit') or '-'}  loopline {lin.get('loopline_version')}"
+        escape(
+            f"dataset {data['dataset_version']}  run {data['run_id']}  "
+            f"git {lin.get('git_commit') or '-'}  loopline {lin.get('loopline_version')}"
+        )
     )
-    console.print(f"params {lin.get('params')}")
+    console.print(escape(f"params {lin.get('params')}"), highlight=False)
+
+
+def _num(metrics: dict[str, Any], key: str) -> str:
+    value = metrics.get(key)
+    return f"{value:.4f}" if isinstance(value, int | float) else "-"
+
+
+def _parse_expect(raw: str | None) -> Any:
+    """``--expect``: a version number, or ``none`` (the alias must not exist yet)."""
+    from loopline.drivers.metadata.registry import UNCONDITIONAL
+
+    if raw is None:
+        return UNCONDITIONAL
+    if raw.lower() == "none":
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise LooplineError(
+            f"--expect {raw!r}: give the version the alias must point at now, e.g. "
+            "--expect 3, or --expect none for an alias that must not exist yet"
+        ) from None
+
+
+def _versioned(ref: str, what: str) -> tuple[str, int]:
+    from loopline.drivers.metadata.registry import parse_model_ref
+
+    name, version, alias = parse_model_ref(ref)
+    if version is None or alias is not None:
+        raise LooplineError(f"{what} needs an explicit version: {name}:VERSION, not {ref!r}")
+    return name, version
 
 
 @app.command("alias")
 def models_alias(
-    ref: Annotated[str, typer.Argument(help="NAME:VERSION to point the alias at.")],
+    ref: Annotated[
+        str,
+        typer.Argument(
+            help="NAME:VERSION to point the alias at; with --delete, NAME (or NAME:VERSION "
+            "to delete only while the alias points there)."
+        ),
+    ],
     alias: Annotated[str, typer.Argument(help="Alias, e.g. staging or production.")],
+    expect: Annotated[
+        str | None,
+        typer.Option(
+            help="Change the alias only if it points at this version now ('none': only if "
+            "it does not exist yet); otherwise exit 1 and change nothing."
+        ),
+    ] = None,
+    delete: Annotated[bool, typer.Option("--delete", help="Remove the alias.")] = False,
     config: ConfigOpt = None,
 ) -> None:
-    """Point an alias (e.g. production) at a model version; recorded in the audit log."""
-    from loopline.drivers.metadata.store import parse_model_ref
+    """Point an alias (e.g. production) at a model version, or delete it; audited.
+
+    With --expect the move is compare-and-set: two people (or the loop) moving one alias
+    at once cannot both win, and neither overwrites the other unseen.
+    """
+    from loopline.drivers.metadata.registry import UNCONDITIONAL, parse_model_ref
 
     try:
-        name, version, _ = parse_model_ref(ref)
-        if version is None:
-            raise LooplineError(f"give an explicit version: {name}:VERSION")
-        open_store(config).set_alias(name, alias, version, actor=os.environ.get("USER", "cli"))
+        expected = _parse_expect(expect)
+        if delete:
+            name, version, at = parse_model_ref(ref)
+            if at is not None:
+                raise LooplineError(f"--delete takes NAME or NAME:VERSION, not {ref!r}")
+            if version is not None:
+                if expected is not UNCONDITIONAL and expected != version:
+                    raise LooplineError(f"{ref} and --expect {expect} name different versions")
+                expected = version
+            if expected is None:
+                raise LooplineError("--expect none cannot be combined with --delete")
+            held = open_store(config).models.delete_alias(
+                name, alias, expected=expected, actor=_actor()
+            )
+        else:
+            name, version = _versioned(ref, "an alias")
+            store = open_store(config)
+            store.models.set_alias(name, alias, version, expected=expected, actor=_actor())
     except LooplineError as err:
         fail(err)
-    console.print(f"{name}@{alias} -> {name}:{version}")
+    if delete:
+        console.print(escape(f"deleted {name}@{alias} (it pointed at {name}:{held})"))
+    else:
+        console.print(escape(f"{name}@{alias} -> {name}:{version}"))
+
+
+def _set_archived(store: MetadataStore, name: str, version: int, archived: bool) -> Any:
+    if archived:
+        return store.models.archive_version(name, version, actor=_actor())
+    return store.models.unarchive_version(name, version, actor=_actor())
+
+
+@app.command("archive")
+def models_archive(
+    ref: Annotated[str, typer.Argument(help="NAME:VERSION to archive.")],
+    config: ConfigOpt = None,
+) -> None:
+    """Archive a version: hidden from `loopline models` (see --all), never aliased again
+    until unarchived, still reachable as NAME:VERSION. Refused while it holds an alias."""
+    try:
+        name, version = _versioned(ref, "archive")
+        _set_archived(open_store(config), name, version, archived=True)
+    except LooplineError as err:
+        fail(err)
+    console.print(escape(f"archived {name}:{version}"))
+
+
+@app.command("unarchive")
+def models_unarchive(
+    ref: Annotated[str, typer.Argument(help="NAME:VERSION to bring back.")],
+    config: ConfigOpt = None,
+) -> None:
+    """Bring an archived version back into listings and within reach of aliases."""
+    try:
+        name, version = _versioned(ref, "unarchive")
+        _set_archived(open_store(config), name, version, archived=False)
+    except LooplineError as err:
+        fail(err)
+    console.print(escape(f"unarchived {name}:{version}"))
 
 
 @app.command("export")
@@ -134,8 +262,8 @@ def models_export(
     try:
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise LooplineError(f"{out} exists and is not an empty folder; choose another --out")
-        cfg = load_config(config)
-        mv = open_store(config).resolve_model(ref)
+        cfg = load_config(config, project=True)
+        mv = open_store(config).models.resolve(ref)
         artifacts = ArtifactStore(cfg.artifacts_url())
         with tempfile.TemporaryDirectory() as tmp:
             tar = artifacts.get_file(mv.bundle_sha256, Path(tmp) / "bundle.tar")
@@ -148,9 +276,11 @@ def models_export(
         shutil.rmtree(out, ignore_errors=True)
         fail(LooplineError(f"cannot write {out}: {err}"))
     tag = f"{mv.name}:{mv.version}"
-    console.print(f"wrote {tag} to {out} (sha256 {mv.bundle_sha256[:12]} verified)")
-    console.print(f"build: docker build -t {tag} {out}   (or podman build)")
+    console.print(escape(f"wrote {tag} to {out} (sha256 {mv.bundle_sha256[:12]} verified)"))
+    console.print(escape(f"build: docker build -t {tag} {out}   (or podman build)"))
     console.print(
-        f"run:   docker run -p 8080:8080 -e LOOPLINE_MODEL_VERSION={mv.version} "
-        f"-e LOOPLINE_SERVE_TOKEN=... {tag}"
+        escape(
+            f"run:   docker run -p 8080:8080 -e LOOPLINE_MODEL_VERSION={mv.version} "
+            f"-e LOOPLINE_SERVE_TOKEN=... {tag}"
+        )
     )

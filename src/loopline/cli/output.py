@@ -1,4 +1,9 @@
-"""How the CLI shows things: rich tables and progress for people, JSON for scripts."""
+"""How the CLI shows things: rich tables and progress for people, JSON for scripts.
+
+Text that comes from users or data (paths, names, errors, logs, metadata values) is never
+read as rich markup: it goes through ``escape`` in a markup string, or ``Text`` in a table,
+so ``[x]`` in a path stays ``[x]`` and ``[/x]`` cannot break the output.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +12,24 @@ import sys
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.text import Text
 
 console = Console()
 err_console = Console(stderr=True)
+
+
+def print_error(err: BaseException) -> None:
+    """``error: MESSAGE`` on stderr, on one line, the message printed exactly as it is."""
+    err_console.print(
+        Text.assemble(("error:", "red"), " ", str(err)), highlight=False, soft_wrap=True
+    )
+
+
+def cell(value: Any) -> Text:
+    """A table cell showing ``value`` literally (no markup, no highlighting)."""
+    return Text("" if value is None else str(value))
 
 
 def print_json(data: Any) -> None:
@@ -69,7 +88,7 @@ class RichReporter:
             return
         style = {"succeeded": "green", "cached": "blue", "failed": "red"}.get(status, "white")
         label = {"succeeded": "ran", "cached": "skipped (cached)"}.get(status, status)
-        extra = f" [dim]{note}[/dim]" if note else ""
+        extra = f" [dim]{escape(note)}[/dim]" if note else ""
         self.out.print(
             f"[{style}]✔[/{style}] {step:<9} {label} in {seconds:.1f}s{extra}"
             if status != "failed"
@@ -78,7 +97,7 @@ class RichReporter:
 
     def log(self, step: str, message: str) -> None:
         if not self.quiet:
-            self.out.print(f"  [dim]{step}:[/dim] {message}", highlight=False)
+            self.out.print(f"  [dim]{step}:[/dim] {escape(message)}", highlight=False)
 
     def progress(self, step: str, total: int | None, description: str) -> Any:
         if self._progress.disable:

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from loopline.cli.common import JsonOpt, fail
 from loopline.cli.output import console, err_console, print_json
@@ -25,7 +26,7 @@ def init(
     directory.mkdir(parents=True, exist_ok=True)
     template = files("loopline.examples.vehicles").joinpath("loopline.yaml").read_text()
     target.write_text(template)
-    console.print(f"wrote {target}; next: loopline datagen && loopline build")
+    console.print(escape(f"wrote {target}; next: loopline datagen && loopline build"))
 
 
 def datagen(
@@ -36,9 +37,15 @@ def datagen(
         str, typer.Option(help="Comma-separated: day,night,fog,rain.")
     ] = "day,night,fog,rain",
     cameras: Annotated[int, typer.Option(help="Number of cameras.")] = 4,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace a lake already in --out (its images too).")
+    ] = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Write a synthetic highway-CCTV data lake (images + manifest.csv) for the example."""
+    """Write a synthetic highway-CCTV data lake (images + manifest.csv) for the example.
+
+    A lake already in --out is left alone (exit 1) unless --force replaces it.
+    """
     from rich.progress import Progress
 
     from loopline.examples.vehicles.datagen import generate_lake
@@ -54,6 +61,7 @@ def datagen(
                 conditions=names,
                 cameras=cameras,
                 progress=lambda n: progress.advance(task, n),
+                overwrite=force,
             )
     except LooplineError as err:
         fail(err)
@@ -67,7 +75,7 @@ def datagen(
     if json_out:
         print_json(data)
     else:
+        defects = ", ".join(f"{k} {v}" for k, v in summary.defects.items())
         console.print(
-            f"wrote {summary.images} images to {summary.out} "
-            f"({', '.join(f'{k} {v}' for k, v in summary.defects.items())} defects on purpose)"
+            escape(f"wrote {summary.images} images to {summary.out} ({defects} defects on purpose)")
         )

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from loopline.cli.common import ConfigOpt, JsonOpt, fail, open_store, when
-from loopline.cli.output import console, print_json
+from loopline.cli.output import cell, console, print_json
 from loopline.errors import LooplineError
 
 
@@ -16,7 +16,7 @@ def datasets(config: ConfigOpt = None, json_out: JsonOpt = False) -> None:
     from rich.table import Table
 
     try:
-        rows = open_store(config).list_dataset_versions()
+        rows = open_store(config).datasets.all()
     except LooplineError as err:
         fail(err)
     if json_out:
@@ -24,7 +24,9 @@ def datasets(config: ConfigOpt = None, json_out: JsonOpt = False) -> None:
         return
     table = Table("version", "name", "records", "source", "created")
     for r in rows:
-        table.add_row(r.version[:12], r.name, str(r.n_records), r.source_uri, when(r.created_at))
+        table.add_row(
+            r.version[:12], cell(r.name), str(r.n_records), cell(r.source_uri), when(r.created_at)
+        )
     console.print(table)
 
 
@@ -37,7 +39,7 @@ def audit(
     from rich.table import Table
 
     try:
-        events = open_store(config).audit_log(limit)
+        events = open_store(config).audit.recent(limit)
     except LooplineError as err:
         fail(err)
     if json_out:
@@ -45,5 +47,7 @@ def audit(
         return
     table = Table("when", "actor", "action", "subject", "details")
     for e in events:
-        table.add_row(when(e.at), e.actor, e.action, e.subject, str(e.details or ""))
+        table.add_row(
+            when(e.at), cell(e.actor), cell(e.action), cell(e.subject), cell(e.details or "")
+        )
     console.print(table)

@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from loopline.cli.common import ConfigOpt, JsonOpt, fail, open_store, when
-from loopline.cli.output import console, print_json
+from loopline.cli.output import cell, console, print_json
 from loopline.errors import LooplineError
 
 app = typer.Typer(help="Pipeline runs: list them, or show one with its steps and trials.")
@@ -26,23 +27,31 @@ def runs_list(
     from rich.table import Table
 
     try:
-        runs = open_store(config).list_runs(limit)
+        runs = open_store(config).runs.recent(limit)
     except LooplineError as err:
         fail(err)
     if json_out:
         print_json([_run_dict(r) for r in runs])
         return
-    table = Table("run", "status", "trigger", "dataset", "model", "started", "error")
+    table = Table()
+    # The id is what `runs show` and `build --resume` take: whole, on one line, at any
+    # width; the other columns wrap or shorten instead.
+    width = max((len(r.id) for r in runs), default=3)
+    table.add_column("run", no_wrap=True, min_width=width)
+    for name in ("status", "trigger", "dataset", "model", "started"):
+        table.add_column(name)
+    table.add_column("error", overflow="fold")
     for r in runs:
         model = f"{r.model_name}:{r.model_version}" if r.model_version else ""
+        error = (r.error or "").strip().splitlines()
         table.add_row(
-            r.id,
-            r.status,
-            r.trigger,
-            (r.dataset_version or "")[:12],
-            model,
-            when(r.started_at),
-            (r.error or "")[:60],
+            cell(r.id),
+            cell(r.status),
+            cell(r.trigger),
+            cell((r.dataset_version or "")[:12]),
+            cell(model),
+            cell(when(r.started_at)),
+            cell(error[-1][:60] if error else ""),
         )
     console.print(table)
 
@@ -65,9 +74,9 @@ def runs_show(
 
     try:
         store = open_store(config)
-        run = store.get_run(run_id)
-        steps = store.list_steps(run.id)
-        trials = store.list_trials(run.id)
+        run = store.runs.get(run_id)
+        steps = store.steps.for_run(run.id)
+        trials = store.trials.for_run(run.id)
     except LooplineError as err:
         fail(err)
     if json_out:
@@ -77,25 +86,27 @@ def runs_show(
         print_json(data)
         return
     console.print(
-        f"run [bold]{run.id}[/bold] {run.status} ({run.trigger}) "
+        f"run [bold]{escape(run.id)}[/bold] {run.status} ({escape(run.trigger)}) "
         f"dataset {(run.dataset_version or '-')[:12]} "
-        f"model {run.model_name or '-'}:{run.model_version or '-'}"
+        f"model {escape(run.model_name or '-')}:{run.model_version or '-'}"
     )
     if run.error:
-        console.print(f"[red]{run.error}[/red]", highlight=False)
+        console.print(f"[red]{escape(run.error)}[/red]", highlight=False)
     table = Table("step", "status", "cached", "seconds", "outputs")
     for s in steps:
         outs = ", ".join(f"{k}={v['sha256'][:10]}" for k, v in (s.outputs or {}).items())
         cached = f"from {s.cached_from}" if s.cached else ""
-        table.add_row(s.step, s.status, cached, f"{s.duration_s or 0:.2f}", outs)
+        table.add_row(
+            cell(s.step), cell(s.status), cell(cached), f"{s.duration_s or 0:.2f}", cell(outs)
+        )
     console.print(table)
     if trials:
         t = Table("trial", "state", "params", "val macro-F1", "epochs", "seconds")
         for tr in trials:
             t.add_row(
                 str(tr.number),
-                tr.state,
-                str(tr.params),
+                cell(tr.state),
+                cell(tr.params),
                 f"{tr.value:.4f}" if tr.value is not None else "-",
                 str(tr.epochs),
                 f"{tr.duration_s or 0:.1f}",
@@ -104,8 +115,7 @@ def runs_show(
     for s in steps:
         if s.log and not s.cached:
             for line in s.log.splitlines():
-                console.print(f"  [dim]{s.step}:[/dim] {line}", highlight=False)
+                console.print(f"  [dim]{escape(s.step)}:[/dim] {escape(line)}", highlight=False)
         if s.error and s.status == "failed":
-            console.print(
-                f"  [red]{s.step}: {s.error.strip().splitlines()[-1]}[/red]", highlight=False
-            )
+            last = s.error.strip().splitlines()[-1]
+            console.print(f"  [red]{escape(s.step)}: {escape(last)}[/red]", highlight=False)

@@ -35,9 +35,12 @@ def add_fast_post(
     *,
     summary: str,
     tags: list[str | Enum],
-    content_types: tuple[str, ...],
+    openapi: dict[str, Any],
 ) -> None:
-    """Serve ``POST path`` with a ``FastRoute`` in front of every other route."""
+    """Serve ``POST path`` with a ``FastRoute`` in front of every other route.
+
+    ``openapi`` is merged into the operation's OpenAPI description (its request body,
+    parameters and responses), which FastAPI cannot infer from a raw-``Request`` endpoint.
+    """
     app.router.routes.insert(0, FastRoute(path, endpoint, methods=["POST"]))
-    body: dict[str, Any] = {"content": {t: {"schema": {}} for t in content_types}}
-    app.post(path, summary=summary, tags=list(tags), openapi_extra={"requestBody": body})(endpoint)
+    app.post(path, summary=summary, tags=list(tags), openapi_extra=openapi)(endpoint)

@@ -49,16 +49,20 @@ RUN useradd --create-home --uid 10001 loopline
 COPY requirements-serve.txt /bundle/requirements-serve.txt
 RUN pip install --no-cache-dir -r /bundle/requirements-serve.txt
 COPY . /bundle
-ENV PYTHONPATH=/bundle
 USER loopline
 # The prediction log defaults to a SQLite file here; set LOOPLINE_DB_URL for PostgreSQL.
 WORKDIR /home/loopline
 EXPOSE 8080
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 CMD ["python", "-c", \\
 "import urllib.request as u; u.urlopen('http://127.0.0.1:8080/v2/health/ready', timeout=2)"]
-CMD ["python", "-m", "loopline.deploy.server", "--bundle", "/bundle", \\
-     "--host", "0.0.0.0", "--port", "8080"]
-"""
+# /bundle is not on PYTHONPATH and -I ignores it anyway: no file in /bundle (a stray
+# sitecustomize.py, say) runs at start-up, and /bundle comes after the installed packages,
+# so it can shadow none. The server then checks every file against the bundle's manifest
+# (and refuses any file the manifest does not list) before it loads the model.
+CMD ["python", "-I", "-B", "-c", \\
+     "import sys; sys.path.append('/bundle'); from loopline.deploy.server import main; sys.exit(main())", \\
+     "--bundle", "/bundle", "--host", "0.0.0.0", "--port", "8080"]
+"""  # noqa: E501 - a Dockerfile's exec-form command cannot be split
 
 
 def serve_requirements() -> str:

@@ -5,14 +5,19 @@ included); batch sizes, predictions per class and confidence are observed once p
 on the batcher thread, so the request path pays for two observations only. Children of
 labelled metrics are bound once and cached: no label lookup per request.
 
-With several worker processes, ``PROMETHEUS_MULTIPROC_DIR`` is set by the server's main and
-``/metrics`` aggregates every worker's values.
+With several worker processes, ``PROMETHEUS_MULTIPROC_DIR`` names a folder where every
+worker writes its values and ``/metrics`` adds them up. The folder belongs to the server:
+``prepare_multiprocess_dir`` empties it at start (the values of an earlier run would
+otherwise be counted again), and the supervisor drops a dead worker's live gauges.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,9 +30,54 @@ from prometheus_client import (
     generate_latest,
 )
 
+from loopline.errors import ConfigError
+
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 CONFIDENCE_BUCKETS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# The files prometheus_client writes: counter_123.db, gauge_livesum_123.db, ...
+_METRIC_FILE = re.compile(r"[a-z]+(_[a-z]+)?_\d+\.db")
+
+
+def multiprocess_dir() -> Path | None:
+    """The folder of Prometheus' multiprocess mode, if it is on."""
+    value = os.environ.get(MULTIPROC_ENV)
+    return Path(value) if value else None
+
+
+def prepare_multiprocess_dir() -> tuple[Path, bool]:
+    """The multiprocess folder, emptied of an earlier run's files; set in the environment.
+
+    Without ``PROMETHEUS_MULTIPROC_DIR`` a new private folder is made (second value True:
+    the caller removes it at the end). A given folder must hold metric files only, since
+    they are deleted: it belongs to this server alone.
+    """
+    given = multiprocess_dir()
+    if given is None:
+        path = Path(tempfile.mkdtemp(prefix="loopline-prom-"))
+        os.environ[MULTIPROC_ENV] = str(path)
+        return path, True
+    given.mkdir(parents=True, exist_ok=True)
+    entries = list(given.iterdir())
+    foreign = [e.name for e in entries if not (e.is_file() and _METRIC_FILE.fullmatch(e.name))]
+    if foreign:
+        raise ConfigError(
+            f"{MULTIPROC_ENV} {given} holds files that are not metrics ({', '.join(foreign[:3])}); "
+            "give the server an empty folder of its own: it deletes the metric files there"
+        )
+    for entry in entries:
+        entry.unlink(missing_ok=True)
+    return given, False
+
+
+def mark_process_dead(pid: int) -> None:
+    """Forget a dead worker's live gauges (its counters still count in the totals)."""
+    from prometheus_client import multiprocess
+
+    path = multiprocess_dir()
+    if path is not None:
+        multiprocess.mark_process_dead(pid, str(path))
 
 
 class ServerMetrics:
@@ -88,6 +138,20 @@ class ServerMetrics:
             mv,
             registry=r,
         )
+        self.log_spilled = Counter(
+            "loopline_prediction_log_spilled_rows",
+            "prediction rows written to the spill file after repeated write failures",
+            mv,
+            registry=r,
+        )
+        self.process_predictions = Gauge(
+            "loopline_process_predictions",
+            "predictions made by this server process (with several workers: one series "
+            "per live worker, labelled by pid)",
+            mv,
+            registry=r,
+            multiprocess_mode="liveall",
+        )
         self.log_pending = Gauge(
             "loopline_prediction_log_pending_rows",
             "prediction rows waiting to be stored",
@@ -101,6 +165,8 @@ class ServerMetrics:
         self._per_class = [self.predictions.labels(*self._mv, label) for label in labels]
         self._written = self.log_written.labels(*self._mv)
         self._dropped = self.log_dropped.labels(*self._mv)
+        self._spilled = self.log_spilled.labels(*self._mv)
+        self._process_predictions = self.process_predictions.labels(*self._mv)
         self._pending = self.log_pending.labels(*self._mv)
         self._request_children: dict[tuple[str, int], tuple[Any, Any, Any]] = {}
 
@@ -124,6 +190,7 @@ class ServerMetrics:
     ) -> None:
         self._batch.observe(n_images)
         self._inference.observe(seconds)
+        self._process_predictions.inc(n_images)
         for index, count in enumerate(np.bincount(top, minlength=len(self._per_class)).tolist()):
             if count:
                 self._per_class[index].inc(count)
@@ -136,11 +203,14 @@ class ServerMetrics:
     def log_rows_dropped(self, n: int) -> None:
         self._dropped.inc(n)
 
+    def log_rows_spilled(self, n: int) -> None:
+        self._spilled.inc(n)
+
     def set_log_pending(self, n: int) -> None:
         self._pending.set(n)
 
     def render(self) -> bytes:
-        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        if os.environ.get(MULTIPROC_ENV):
             from prometheus_client import multiprocess
 
             registry = CollectorRegistry()

@@ -21,6 +21,7 @@ import orjson
 from fastapi import FastAPI, Request, Response
 
 from loopline import __version__
+from loopline.deploy import openapi
 from loopline.deploy.fastroute import add_fast_post
 from loopline.deploy.limits import RequestRejected, json_body, media_type, unsupported_type
 
@@ -373,7 +374,7 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
     for base in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
         add_fast_post(
             app, base + "/infer", infer, summary="Inference", tags=["v2"],
-            content_types=("application/json", "application/octet-stream"),
+            openapi={"requestBody": openapi.INFER_BODY, "parameters": [openapi.INFER_HEADER]},
         )  # fmt: skip
         app.get(base, tags=["v2"], summary="Model metadata")(model_metadata)
         app.get(base + "/ready", tags=["v2"], summary="The model is ready")(model_ready)

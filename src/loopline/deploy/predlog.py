@@ -7,30 +7,50 @@ background thread writes whatever accumulated every ``flush_interval_s`` (sooner
 
 Durability: a graceful stop (SIGTERM, Ctrl-C) writes every row before the process ends. A
 crash (SIGKILL, power loss) loses the rows not yet flushed: at most one flush interval of
-predictions. While the store is unreachable rows are kept in memory (up to
-``max_pending_rows``, then the oldest are dropped and counted) and retried; if the store
-is still down when the server stops, the rows are written to a JSON Lines file instead.
+predictions. A batch that cannot be written is retried with backoff, and never blocks the
+rows behind it:
+
+* when the store answers other writes (a *probe*: an already stored row written again,
+  which the store skips), the batch itself is at fault and goes to a spill file at once;
+* after ``write_attempts`` failures in a row the store counts as down: the batch and every
+  row waiting go to a spill file, and so does each later batch that fails, until a write
+  succeeds. While rows wait in memory they are bounded by ``max_pending_rows`` (beyond,
+  the oldest are dropped and counted).
+
+Spill files (``predictions-unwritten-*.jsonl`` in ``spill_dir``) are imported again at
+start and every ``reimport_interval_s`` while any exist; the store skips ids it holds, so
+an import can be repeated safely, and several server processes may share the folder (a
+file is claimed by renaming it). Rows the store refuses while it answers other writes go
+to ``predictions-rejected-*.jsonl``, kept for a person to look at, and count as dropped.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 log = logging.getLogger("loopline.deploy")
+
+SPILL_GLOB = "predictions-unwritten-*.jsonl"
+_CLAIMED = ".importing"
 
 
 class PredictionLog:
     """A batched, thread-safe writer of prediction rows.
 
-    ``write(rows)`` stores a list of row dicts (``MetadataStore.log_predictions``). Rows are
-    dicts with the ``predictions`` columns; ``at`` may be a UNIX timestamp (float).
+    ``write(rows)`` stores a list of row dicts (``store.predictions.log``), skipping ids
+    it already holds. Rows are dicts with the ``predictions`` columns; ``at`` may be a UNIX
+    timestamp (float).
     """
 
     def __init__(
@@ -40,24 +60,35 @@ class PredictionLog:
         flush_interval_s: float = 1.0,
         flush_max_rows: int = 5000,
         max_pending_rows: int = 1_000_000,
+        write_attempts: int = 5,
         spill_dir: Path | None = None,
+        reimport_interval_s: float = 30.0,
+        max_backoff_s: float = 30.0,
         on_written: Callable[[int], None] | None = None,
         on_dropped: Callable[[int], None] | None = None,
+        on_spilled: Callable[[int], None] | None = None,
     ) -> None:
         self._write = write
         self.flush_interval_s = flush_interval_s
         self.flush_max_rows = flush_max_rows
         self.max_pending_rows = max_pending_rows
-        self.spill_dir = spill_dir
+        self.write_attempts = write_attempts
+        self.spill_dir = spill_dir or Path.cwd()
+        self.reimport_interval_s = reimport_interval_s
+        self.max_backoff_s = max_backoff_s
         self._on_written = on_written
         self._on_dropped = on_dropped
+        self._on_spilled = on_spilled
         self._rows: deque[dict[str, Any]] = deque()
         self._lock = threading.Lock()
         self._done = threading.Condition(self._lock)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._added = 0
-        self._settled = 0  # rows written or dropped
+        self._settled = 0  # rows written, spilled or dropped
+        self._unwritten = 0  # rows spilled or dropped
+        self._failures = 0  # writes failed in a row
+        self._probe: dict[str, Any] | None = None  # a row the store holds
         self._thread: threading.Thread | None = None
 
     @property
@@ -79,6 +110,7 @@ class PredictionLog:
                 self._rows.popleft()
                 dropped += 1
             self._settled += dropped
+            self._unwritten += dropped
         if dropped:
             log.error("prediction log: store unreachable, dropped %d oldest rows", dropped)
             if self._on_dropped:
@@ -87,11 +119,16 @@ class PredictionLog:
             self._wake.set()
 
     def flush(self, timeout: float = 30.0) -> bool:
-        """Write every row added so far; True when they are all stored within ``timeout``."""
+        """Write every row added so far; True when they are all stored within ``timeout``.
+
+        False as well when some of them went to a spill file or were dropped instead.
+        """
         if self._thread is None:
-            return self._flush_all()
+            unwritten = self._unwritten
+            return self._flush_all() and self._unwritten == unwritten
         with self._lock:
             target = self._added
+            unwritten = self._unwritten
         self._wake.set()
         deadline = time.monotonic() + timeout
         with self._done:
@@ -100,7 +137,7 @@ class PredictionLog:
                 if left <= 0:
                     return False
                 self._done.wait(left)
-        return True
+            return self._unwritten == unwritten
 
     def close(self, timeout: float = 30.0) -> None:
         """Write everything (spilling to a file if the store stays down), then stop."""
@@ -110,70 +147,258 @@ class PredictionLog:
             self._thread.join(timeout)  # its last act is a final flush, with retries
             self._thread = None
         elif self._rows:
-            self._flush_all(attempts=3)
+            self._final_flush()
         if self._rows:
-            self._spill()
+            self._spill(self._take(len(self._rows)), "the store is unreachable at stop")
 
     # -- the writer thread ------------------------------------------------------------------
     def _run(self) -> None:
+        self.import_spilled()
+        next_import = time.monotonic() + self.reimport_interval_s
         backoff = self.flush_interval_s
         while not self._stop.is_set():
             self._wake.wait(self.flush_interval_s)
             self._wake.clear()
             if self._flush_all():
                 backoff = self.flush_interval_s
+                if time.monotonic() >= next_import:
+                    self.import_spilled()
+                    next_import = time.monotonic() + self.reimport_interval_s
             else:  # the store is down: retry later, without spinning
                 self._stop.wait(backoff)
-                backoff = min(backoff * 2, 30.0)
-        self._flush_all(attempts=3)
+                backoff = min(backoff * 2, self.max_backoff_s)
+        self._final_flush()
 
-    def _flush_all(self, attempts: int = 1) -> bool:
+    def _final_flush(self) -> None:
+        for attempt in range(3):
+            if self._flush_all(spill_when_down=False):
+                return
+            time.sleep(0.5 * (attempt + 1))
+
+    def _take(self, n: int) -> list[dict[str, Any]]:
+        with self._lock:
+            return [self._rows.popleft() for _ in range(min(n, len(self._rows)))]
+
+    def _flush_all(self, spill_when_down: bool = True) -> bool:
+        """Write the waiting rows, batch by batch; False when the store seems down."""
         while self._rows:
-            with self._lock:
-                n = min(len(self._rows), self.flush_max_rows)
-                batch = [self._rows.popleft() for _ in range(n)]
-            for attempt in range(attempts):
-                try:
-                    self._write([_row(r) for r in batch])
-                    break
-                except Exception as err:
-                    log.warning("prediction log: cannot write %d rows: %s", len(batch), err)
-                    if attempt + 1 < attempts:
-                        time.sleep(0.5 * (attempt + 1))
-            else:
-                with self._lock:
-                    self._rows.extendleft(reversed(batch))
+            batch = self._take(self.flush_max_rows)
+            if self._try_write(batch):
+                self._settle(len(batch))
+                if self._on_written:
+                    self._on_written(len(batch))
+                continue
+            if self._store_answers():
+                self._spill(batch, "the store refuses this batch")
+                continue  # the rows behind it flow
+            if spill_when_down and self._failures >= self.write_attempts:
+                rest = self._take(len(self._rows))
+                self._spill(batch + rest, f"the store failed {self._failures} writes in a row")
                 return False
-            with self._done:
-                self._settled += len(batch)
-                self._done.notify_all()
-            if self._on_written:
-                self._on_written(len(batch))
+            with self._lock:
+                self._rows.extendleft(reversed(batch))
+            return False
         return True
 
-    def _spill(self) -> None:
-        import orjson
+    def _try_write(self, rows: list[dict[str, Any]]) -> bool:
+        try:
+            self._write([_row(r) for r in rows])
+        except Exception as err:
+            self._failures += 1
+            log.warning("prediction log: cannot write %d rows: %s", len(rows), err)
+            return False
+        self._failures = 0
+        if rows:
+            self._probe = rows[-1]
+        return True
 
-        rows = list(self._rows)
-        self._rows.clear()
-        folder = self.spill_dir or Path.cwd()
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"predictions-unwritten-{int(time.time())}.jsonl"
-        with open(path, "ab") as f:
-            for r in rows:
-                r = dict(r)
-                if isinstance(r.get("at"), float):
-                    r["at"] = datetime.fromtimestamp(r["at"], UTC).isoformat()
-                f.write(orjson.dumps(r, default=str) + b"\n")
-        log.error("prediction log: store unreachable; wrote %d rows to %s", len(rows), path)
+    def _store_answers(self) -> bool:
+        """Whether the store takes a write now: an already stored row again (skipped)."""
+        if self._probe is None:
+            return False
+        try:
+            self._write([_row(self._probe)])
+        except Exception:
+            return False
+        self._failures = 0
+        return True
+
+    def _settle(self, n: int, unwritten: bool = False) -> None:
         with self._done:
-            self._settled += len(rows)
+            self._settled += n
+            if unwritten:
+                self._unwritten += n
             self._done.notify_all()
+
+    def _spill(self, rows: list[dict[str, Any]], why: str) -> None:
+        path = _write_jsonl(self.spill_dir, "predictions-unwritten", rows)
+        log.error("prediction log: %s; wrote %d rows to %s for re-import", why, len(rows), path)
+        self._settle(len(rows), unwritten=True)
+        if self._on_spilled:
+            self._on_spilled(len(rows))
+
+    # -- re-importing spill files -------------------------------------------------------------
+    def import_spilled(self) -> int:
+        """Write the rows of every spill file to the store; return how many were written.
+
+        A file whose rows cannot all be written keeps the rest (in a new spill file) for
+        the next try; rows the store refuses while it answers other writes are rejected.
+        """
+        folder = self.spill_dir
+        if not folder.is_dir():
+            return 0
+        _release_stale_claims(folder)
+        written = 0
+        for path in sorted(folder.glob(SPILL_GLOB)):
+            claim = path.with_name(f"{path.name}.{os.getpid()}{_CLAIMED}")
+            try:
+                path.rename(claim)
+            except OSError:  # another process claimed it
+                continue
+            try:
+                rows, bad_lines = _read_jsonl(claim)
+                done, rejected, rest = self._import(rows)
+                rejected += bad_lines
+                if rejected:
+                    where = _write_jsonl(folder, "predictions-rejected", rejected)
+                    log.error(
+                        "prediction log: the store refuses %d spilled rows; kept in %s",
+                        len(rejected),
+                        where,
+                    )
+                    if self._on_dropped:
+                        self._on_dropped(len(rejected))
+                if rest:
+                    _write_jsonl(folder, "predictions-unwritten", rest)
+                claim.unlink()
+            except OSError as err:
+                log.error("prediction log: cannot import %s: %s", path, err)
+                continue
+            written += done
+            if done:
+                log.info("prediction log: imported %d spilled rows from %s", done, path.name)
+                if self._on_written:
+                    self._on_written(done)
+            if rest:
+                break  # the store is down: try again later
+        return written
+
+    def _import(
+        self, rows: list[dict[str, Any]]
+    ) -> tuple[int, list[dict[str, Any]], list[dict[str, Any]]]:
+        """Write ``rows`` in chunks: (rows written, rows rejected, rows left for later)."""
+        step = self.flush_max_rows
+        chunks = [rows[i : i + step] for i in range(0, len(rows), step)]
+        failed = []
+        written = 0
+        for chunk in chunks:
+            if self._try_write(chunk):
+                written += len(chunk)
+            else:
+                failed.append(chunk)
+        rejected: list[dict[str, Any]] = []
+        rest: list[dict[str, Any]] = []
+        for chunk in failed:
+            if rest or not self._store_answers():
+                rest.extend(chunk)
+                continue
+            w, r, left = self._bisect(chunk)
+            written += w
+            rejected += r
+            rest += left
+        return written, rejected, rest
+
+    def _bisect(
+        self, rows: list[dict[str, Any]]
+    ) -> tuple[int, list[dict[str, Any]], list[dict[str, Any]]]:
+        """Find the rows the store refuses in a chunk it refused while answering others."""
+        if len(rows) == 1:
+            return 0, rows, []
+        mid = len(rows) // 2
+        written = 0
+        rejected: list[dict[str, Any]] = []
+        rest: list[dict[str, Any]] = []
+        for half in (rows[:mid], rows[mid:]):
+            if rest:
+                rest += half
+            elif self._try_write(half):
+                written += len(half)
+            elif self._store_answers():
+                w, r, left = self._bisect(half)
+                written, rejected, rest = written + w, rejected + r, rest + left
+            else:
+                rest += half
+        return written, rejected, rest
 
 
 def _row(r: dict[str, Any]) -> dict[str, Any]:
     at = r.get("at")
-    if isinstance(at, float):
+    if isinstance(at, float | str):
         r = dict(r)
-        r["at"] = datetime.fromtimestamp(at, UTC)
+        r["at"] = datetime.fromtimestamp(at, UTC) if isinstance(at, float) else _parse_time(at)
     return r
+
+
+def _parse_time(text: str) -> datetime:
+    at = datetime.fromisoformat(text)
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
+
+
+def _write_jsonl(folder: Path, prefix: str, rows: list[dict[str, Any]]) -> Path:
+    """Rows as JSON Lines in a new file, which appears complete (written, then renamed)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    path = folder / f"{prefix}-{stamp}-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl"
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        for r in rows:
+            if isinstance(r.get("at"), float):
+                r = {**r, "at": datetime.fromtimestamp(r["at"], UTC).isoformat()}
+            f.write(orjson.dumps(r, default=str) + b"\n")
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.rename(path)
+    return path
+
+
+def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The rows of a spill file, and the lines that are not rows (kept as rejected)."""
+    rows, bad = [], []
+    for line in path.read_bytes().splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            bad.append({"unreadable_line": line.decode(errors="replace")})
+    return rows, bad
+
+
+def _release_stale_claims(folder: Path) -> None:
+    """Put back the spill files claimed by a process that died while importing them."""
+    for claim in folder.glob(f"predictions-unwritten-*.jsonl.*{_CLAIMED}"):
+        original, _, pid_text = claim.name.removesuffix(_CLAIMED).rpartition(".")
+        try:
+            pid = int(pid_text)
+        except ValueError:
+            continue
+        if pid != os.getpid() and _alive(pid):
+            continue
+        try:
+            claim.rename(folder / original)
+        except OSError:
+            continue
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -13,6 +13,11 @@ spinning ONNX Runtime thread pool.
 
 A lone request never waits for company. Once traffic is concurrent (the previous batch held
 more than one job) a batch may wait up to ``max_delay_ms`` to fill up to ``max_batch_size``.
+
+Images from cameras nobody controls are hostile until proven otherwise: each job is decoded
+on its own (JPEG or PNG only, its pixel count checked from the header before decoding), so
+a bad image fails its own request and never the requests batched with it. The queue is
+bounded by jobs and by bytes.
 """
 
 from __future__ import annotations
@@ -33,11 +38,9 @@ import numpy as np
 
 from loopline.bundle import Bundle, PreprocessSpec, decode_image, to_input
 from loopline.errors import InvalidInput, LooplineError
+from loopline.images import image_stats
 
 log = logging.getLogger("loopline.deploy")
-
-# ITU-R BT.601 luma weights: brightness and contrast are the mean and spread of luma.
-_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
 class Overloaded(LooplineError):
@@ -148,28 +151,13 @@ class Job:
     received: float
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[JobResult]
+    nbytes: int = 0  # what the job holds while it waits (the queue's byte bound)
     # filled by the batcher thread
     x: np.ndarray | None = None
     stats: list[dict[str, Any]] = field(default_factory=list)
 
 
 _STOP = object()
-
-
-def image_stats(pixels: np.ndarray, channels_last: bool) -> np.ndarray:
-    """Cheap per-image statistics: brightness, contrast (luma mean, std), mean R, G, B.
-
-    ``pixels`` is [N, H, W, 3] (channels last) or [N, 3, H, W]; values 0..255.
-    """
-    x = pixels.astype(np.float32, copy=False)
-    if channels_last:
-        means = x.mean(axis=(1, 2))
-        luma = x @ _LUMA
-    else:
-        means = x.mean(axis=(2, 3))
-        luma = np.tensordot(_LUMA, x, axes=([0], [1]))
-    flat = luma.reshape(len(x), -1)
-    return np.column_stack([flat.mean(axis=1), flat.std(axis=1), means])
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -192,6 +180,8 @@ class Batcher:
         max_batch_size: int = 32,
         max_delay_ms: float = 1.0,
         max_queue: int = 2048,
+        max_queue_bytes: int = 256 << 20,
+        max_pixels: int | None = None,
         threads: int = 1,
         on_batch: Callable[[list[Job], list[JobResult], float], None] | None = None,
     ) -> None:
@@ -199,12 +189,16 @@ class Batcher:
         self.max_batch_size = max_batch_size
         self.max_delay = max_delay_ms / 1000.0
         self.max_queue = max_queue
+        self.max_queue_bytes = max_queue_bytes
+        self.max_pixels = max_pixels
         self.on_batch = on_batch
         self.threads = threads
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._accepting = False
         self._concurrent = False
+        self._bytes_lock = threading.Lock()
+        self._queued_bytes = 0
 
     # -- lifecycle (event loop side) ----------------------------------------------------
     def start(self) -> None:
@@ -255,11 +249,29 @@ class Batcher:
             raise Overloaded("the server is shutting down; retry on another replica")
         if self._queue.qsize() >= self.max_queue:
             raise Overloaded(f"more than {self.max_queue} requests are waiting; retry later")
+        if images is not None:
+            n, nbytes = len(images), sum(len(b) for b in images)
+        else:
+            assert tensor is not None
+            n, nbytes = len(tensor), tensor.nbytes
+        with self._bytes_lock:
+            # A job alone in the queue is always taken, however large: no request is
+            # refused forever.
+            if self._queued_bytes and self._queued_bytes + nbytes > self.max_queue_bytes:
+                raise Overloaded(
+                    f"more than {self.max_queue_bytes} bytes of requests are waiting; retry later"
+                )
+            self._queued_bytes += nbytes
         loop = asyncio.get_running_loop()
-        n = len(images) if images is not None else len(tensor)  # type: ignore[arg-type]
         fut: asyncio.Future[JobResult] = loop.create_future()
-        self._queue.put(Job(images, tensor, n, metadata, source, time.time(), loop, fut))
+        job = Job(images, tensor, n, metadata, source, time.time(), loop, fut, nbytes)
+        self._queue.put(job)
         return fut
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes held by the jobs waiting in the queue."""
+        return self._queued_bytes
 
     # -- the batcher thread ----------------------------------------------------------------
     def _run(self) -> None:
@@ -295,55 +307,58 @@ class Batcher:
             self._process(jobs)
 
     def _process(self, jobs: list[Job]) -> None:
+        taken = sum(j.nbytes for j in jobs)
+        with self._bytes_lock:
+            self._queued_bytes -= taken
         answers: list[tuple[Job, JobResult | None, BaseException | None]] = []
-        try:
-            ready = self._prepare(jobs, answers)
-            if ready:
-                t0 = time.perf_counter()
-                preds = self._infer(ready)
-                seconds = time.perf_counter() - t0
-                answers.extend((job, pred, None) for job, pred in zip(ready, preds, strict=True))
-                if self.on_batch is not None:
-                    try:
-                        self.on_batch(ready, preds, seconds)
-                    except Exception:  # logging must never cost an answer
-                        log.exception("prediction hook failed")
-        except Exception as err:
-            log.exception("batch failed")
-            done = {id(j) for j, _, _ in answers}
-            answers.extend(
-                (j, None, LooplineError(f"inference failed: {err}"))
-                for j in jobs
-                if id(j) not in done
-            )
-        _deliver(answers)
-
-    def _prepare(
-        self, jobs: list[Job], answers: list[tuple[Job, JobResult | None, BaseException | None]]
-    ) -> list[Job]:
-        """Decode every job's images; a job with one bad image fails alone and whole."""
-        spec = self.runtime.spec
         ready = []
         for job in jobs:
-            if job.images is not None:
-                try:
-                    pixels = np.stack([_decode(i, data, spec) for i, data in enumerate(job.images)])
-                except InvalidInput as err:
-                    answers.append((job, None, err))
-                    continue
-                job.x = to_input(pixels)
-                stats = image_stats(job.x, channels_last=False)
-                sizes: list[int | None] = [len(b) for b in job.images]
-            else:
-                assert job.tensor is not None
-                job.x = job.tensor
-                stats = image_stats(job.tensor, channels_last=False)
-                sizes = [None] * job.n
-            job.stats = [
-                _stats_dict(row, size) for row, size in zip(stats.tolist(), sizes, strict=True)
-            ]
-            ready.append(job)
-        return ready
+            try:
+                self._prepare(job)
+                ready.append(job)
+            except InvalidInput as err:
+                answers.append((job, None, err))
+            except Exception as err:  # a decoder's own failure still fails this job only
+                log.exception("cannot prepare a job")
+                answers.append((job, None, LooplineError(f"cannot decode the input: {err}")))
+        if ready:
+            answers.extend(self._run_batch(ready))
+        _deliver(answers)
+
+    def _run_batch(self, jobs: list[Job]) -> list[tuple[Job, JobResult | None, Any]]:
+        """Run the model on the jobs; if the batch fails, each job alone, so that one
+        job's failure is its own."""
+        try:
+            t0 = time.perf_counter()
+            preds = self._infer(jobs)
+            seconds = time.perf_counter() - t0
+        except Exception as err:
+            if len(jobs) > 1:
+                return [answer for job in jobs for answer in self._run_batch([job])]
+            log.exception("inference failed")
+            return [(jobs[0], None, LooplineError(f"inference failed: {err}"))]
+        if self.on_batch is not None:
+            try:
+                self.on_batch(jobs, preds, seconds)
+            except Exception:  # logging must never cost an answer
+                log.exception("prediction hook failed")
+        return [(job, pred, None) for job, pred in zip(jobs, preds, strict=True)]
+
+    def _prepare(self, job: Job) -> None:
+        """Decode the job's images (one bad image fails the job) and compute its stats."""
+        if job.images is not None:
+            spec, limit = self.runtime.spec, self.max_pixels
+            pixels = np.stack([_decode(i, data, spec, limit) for i, data in enumerate(job.images)])
+            job.x = to_input(pixels)
+            sizes: list[int | None] = [len(b) for b in job.images]
+        else:
+            assert job.tensor is not None
+            job.x = job.tensor
+            sizes = [None] * job.n
+        stats = image_stats(job.x, channels_last=False)
+        job.stats = [
+            _stats_dict(row, size) for row, size in zip(stats.tolist(), sizes, strict=True)
+        ]
 
     def _infer(self, jobs: list[Job]) -> list[JobResult]:
         xs = [j.x for j in jobs if j.x is not None]
@@ -370,13 +385,13 @@ class Batcher:
         return out
 
 
-def _decode(index: int, data: bytes, spec: PreprocessSpec) -> np.ndarray:
+def _decode(index: int, data: bytes, spec: PreprocessSpec, max_pixels: int | None) -> np.ndarray:
     if not data:
         raise InvalidInput(f"image {index + 1} is empty: send JPEG or PNG bytes")
     try:
-        return decode_image(data, spec)
-    except InvalidInput as err:
-        raise InvalidInput(f"image {index + 1}: {err}") from None
+        return decode_image(data, spec, max_pixels=max_pixels)
+    except InvalidInput as err:  # the same class (and status), naming the image
+        raise type(err)(f"image {index + 1}: {err}") from None
 
 
 def _stats_dict(row: list[float], size: int | None) -> dict[str, Any]:

@@ -7,16 +7,16 @@ it into ONNX Runtime; ``serve`` does both and runs uvicorn. The container image 
 
     python -m loopline.deploy.server --bundle /bundle --host 0.0.0.0 --port 8080
 
-Client mistakes become a JSON 4xx ``{"error": "..."}``; nothing here imports torch.
+Its flags are those of ``loopline serve`` (one parser, ``settings.build_parser``). Client
+mistakes become a JSON 4xx ``{"error": "..."}``; nothing here imports torch.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import hashlib
 import logging
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import AsyncIterator
@@ -33,14 +33,20 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loopline import __version__
 from loopline.bundle import Bundle, extract_bundle, fetch_bundle, load_bundle
-from loopline.deploy import oip, v1
+from loopline.deploy import oip, openapi, v1
 from loopline.deploy.auth import BearerAuth, Unauthorized
 from loopline.deploy.limits import BodyLimitMiddleware
-from loopline.deploy.metrics import MetricsMiddleware, ServerMetrics
+from loopline.deploy.metrics import (
+    MetricsMiddleware,
+    ServerMetrics,
+    multiprocess_dir,
+    prepare_multiprocess_dir,
+)
 from loopline.deploy.predlog import PredictionLog
 from loopline.deploy.runtime import Batcher, Job, JobResult, ModelRuntime, ServedModel
-from loopline.deploy.settings import ServeSettings, load_settings
+from loopline.deploy.settings import ServeSettings, build_parser, load_settings, setting_options
 from loopline.deploy.state import ServerState
+from loopline.digest import sha256_file
 from loopline.errors import ConfigError, IntegrityError, InvalidInput, LooplineError, NotFound
 
 log = logging.getLogger("loopline.deploy")
@@ -79,7 +85,7 @@ def load_model(source: ModelSource, settings: ServeSettings) -> tuple[ServedMode
             from loopline.drivers.artifacts.store import ArtifactStore
 
             store = MetadataStore(url)
-            mv = store.resolve_model(source.ref)
+            mv = store.models.resolve(source.ref)
             name, version, digest = mv.name, mv.version, mv.bundle_sha256
             try:
                 bundle = fetch_bundle(ArtifactStore(cfg.artifacts_url()), digest, Path(tmp))
@@ -111,19 +117,11 @@ def _open_bundle(path: Path, tmp: Path) -> tuple[Bundle, str]:
         raise NotFound(f"bundle {path} does not exist")
     try:
         if path.is_file():
-            digest = _sha256(path)
+            digest = sha256_file(path)
             return load_bundle(extract_bundle(path, tmp / digest)), digest
-        return load_bundle(path), _sha256(path / "MANIFEST.json")
+        return load_bundle(path), sha256_file(path / "MANIFEST.json")
     except IntegrityError as err:
         raise IntegrityError(f"refusing to serve bundle {path}: {err}") from None
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # -- the app ---------------------------------------------------------------------------------------
@@ -142,19 +140,23 @@ def create_app(
     predlog = None
     if settings.log_predictions and store is not None:
         predlog = PredictionLog(
-            store.log_predictions,
+            store.predictions.log,
             flush_interval_s=settings.flush_interval_s,
             flush_max_rows=settings.flush_max_rows,
             max_pending_rows=settings.max_pending_rows,
-            spill_dir=spill_dir or Path.cwd(),
+            write_attempts=settings.log_write_attempts,
+            spill_dir=spill_dir or settings.spill_dir or Path.cwd(),
             on_written=metrics.log_rows_written,
             on_dropped=metrics.log_rows_dropped,
+            on_spilled=metrics.log_rows_spilled,
         )
     batcher = Batcher(
         served.runtime,
         max_batch_size=settings.max_batch_size,
         max_delay_ms=settings.max_delay_ms,
         max_queue=settings.max_queue,
+        max_queue_bytes=settings.max_queue_bytes,
+        max_pixels=settings.max_image_pixels,
         threads=settings.inference_threads,
         on_batch=_batch_hook(served, settings, metrics, predlog),
     )
@@ -191,6 +193,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.loopline = state
+    openapi.install(app)
     _add_error_handlers(app)
     v1.add_routes(app, state)  # the hot routes first: routing tries them in order
     oip.add_routes(app, state)
@@ -294,6 +297,19 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 # -- running ---------------------------------------------------------------------------------------
 _WORKER_SOURCE = "LOOPLINE_SERVE_SOURCE"
+WORKER_APP = "loopline.deploy.server:worker_app"  # what each worker process imports
+DESCRIPTION = (
+    "Serve a registered model (MODEL) or a bundle (--bundle) over HTTP until Ctrl-C or "
+    "SIGTERM; a graceful stop loses no prediction.\n\n"
+    "MODEL is NAME, NAME:VERSION or NAME@ALIAS (e.g. vehicles@production). The bundle is "
+    "verified against its registered sha256 and its manifest before the model is loaded.\n\n"
+    "Endpoints: Open Inference Protocol v2 under /v2 (KServe and Triton clients work as they "
+    "are); JPEG/PNG images at POST /v1/models/NAME/predict; ground truth at POST /v1/feedback "
+    "(needs a bearer token: set LOOPLINE_SERVE_TOKEN); Prometheus metrics at /metrics; the "
+    "OpenAPI document at /openapi.json. Every prediction is logged to the metadata store.\n\n"
+    "Every setting can also be set as LOOPLINE_SERVE_<SETTING>, e.g. "
+    "LOOPLINE_SERVE_MAX_BATCH_SIZE=16. See docs/serving.md."
+)
 
 
 def serve(source: ModelSource, settings: ServeSettings, *, log_level: str = "info") -> None:
@@ -314,19 +330,25 @@ def serve(source: ModelSource, settings: ServeSettings, *, log_level: str = "inf
         "timeout_graceful_shutdown": 30,
     }
     if settings.workers == 1:
+        if multiprocess_dir() is not None:  # set by the user: an earlier run's values go
+            prepare_multiprocess_dir()
         uvicorn.run(create_app(served, settings, store), **options)
         return
     # Several processes share the port; each loads (and verifies) the model itself.
     if store is not None:
         store.close()
-    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="loopline-prom-"))
+    metrics_dir, owned = prepare_multiprocess_dir()
     os.environ.update(settings.to_env())
     os.environ[_WORKER_SOURCE] = orjson.dumps(
         {k: str(v) if isinstance(v, Path) else v for k, v in source.__dict__.items()}
     ).decode()
     from loopline.deploy.workers import run_workers
 
-    run_workers(settings.workers, options)
+    try:
+        run_workers(settings.workers, options, WORKER_APP)
+    finally:
+        if owned:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def worker_app() -> FastAPI:
@@ -341,42 +363,6 @@ def worker_app() -> FastAPI:
     return create_app(served, settings, store)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m loopline.deploy.server",
-        description="Serve a Loopline model bundle (Open Inference Protocol v2 and /v1 images).",
-    )
-    what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--bundle", type=Path, help="an extracted bundle folder or a bundle tar")
-    what.add_argument("--model", help="a registered model: NAME, NAME:VERSION or NAME@ALIAS")
-    p.add_argument("--config", type=Path, help="loopline.yaml (default: ./loopline.yaml)")
-    p.add_argument("--model-name", help="name of a --bundle model (default: its metadata)")
-    p.add_argument("--model-version", type=int, help="version of a --bundle model")
-    p.add_argument("--host")
-    p.add_argument("--port", type=int)
-    p.add_argument("--workers", type=int)
-    p.add_argument("--max-batch-size", type=int)
-    p.add_argument("--max-delay-ms", type=float)
-    p.add_argument("--inference-threads", type=int)
-    p.add_argument("--intra-op-threads", type=int)
-    p.add_argument("--inter-op-threads", type=int)
-    p.add_argument("--max-body-bytes", type=int)
-    p.add_argument("--token-file", type=Path, help="file holding the bearer token(s)")
-    p.add_argument("--require-token-for-predict", action="store_true", default=None)
-    p.add_argument("--no-log", dest="log_predictions", action="store_false", default=None)
-    p.add_argument("--flush-interval-s", type=float)
-    p.add_argument("--metadata-url", help="where the prediction log goes (SQLAlchemy URL)")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    return p
-
-
-SETTING_FLAGS = (
-    "host", "port", "workers", "max_batch_size", "max_delay_ms", "inference_threads",
-    "intra_op_threads", "inter_op_threads", "max_body_bytes", "require_token_for_predict",
-    "log_predictions", "flush_interval_s", "metadata_url",
-)  # fmt: skip
-
-
 def make_settings(options: dict[str, Any], token_file: Path | None = None) -> ServeSettings:
     """Settings from the environment, with flags (``options``, None = unset) on top."""
     overrides = dict(options)
@@ -388,10 +374,13 @@ def make_settings(options: dict[str, Any], token_file: Path | None = None) -> Se
     return load_settings(overrides)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m loopline.deploy.server") -> int:
+    """The command line of ``python -m loopline.deploy.server`` and ``loopline serve``."""
+    args = build_parser(prog, DESCRIPTION).parse_args(argv)
     try:
-        settings = make_settings({k: getattr(args, k) for k in SETTING_FLAGS}, args.token_file)
+        if (args.model is None) == (args.bundle is None):
+            raise ConfigError("give either MODEL (NAME[:VERSION|@ALIAS]) or --bundle PATH")
+        settings = make_settings(setting_options(args), args.token_file)
         source = ModelSource(
             ref=args.model,
             bundle=args.bundle,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loopline.deploy.auth import BearerAuth
 from loopline.deploy.limits import RequestRejected
@@ -13,6 +13,9 @@ from loopline.deploy.predlog import PredictionLog
 from loopline.deploy.runtime import Batcher, ServedModel
 from loopline.deploy.settings import ServeSettings
 from loopline.errors import NotFound
+
+if TYPE_CHECKING:
+    from loopline.drivers.metadata.store import MetadataStore
 
 MAX_KEY = 64
 MAX_VALUE = 1024
@@ -26,7 +29,7 @@ class ServerState:
     metrics: ServerMetrics
     auth: BearerAuth
     predlog: PredictionLog | None
-    store: Any | None  # MetadataStore; None when the prediction log is off
+    store: MetadataStore | None  # None when the prediction log is off
     ready: bool = False
 
     def check_model(self, path_params: dict[str, Any]) -> None:

@@ -18,7 +18,9 @@ import orjson
 from fastapi import FastAPI, Request, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from loopline.deploy import openapi
 from loopline.deploy.fastroute import add_fast_post
 from loopline.deploy.limits import (
     IMAGE_TYPES,
@@ -75,9 +77,17 @@ async def read_images(request: Request, state: ServerState) -> tuple[list[bytes]
         raise unsupported_type(mime, IMAGE_HELP)
     limit = state.settings.max_images_per_request
     images: list[bytes] = []
-    async with request.form(
-        max_files=limit, max_fields=state.settings.max_metadata_keys + 1
-    ) as form:
+    try:
+        form = await request.form(max_files=limit, max_fields=state.settings.max_metadata_keys + 1)
+    except StarletteHTTPException as err:  # Starlette says 400 for every multipart mistake
+        if str(err.detail).startswith("Too many files"):
+            raise too_many_images(limit) from None
+        if str(err.detail).startswith("Too many fields"):
+            raise RequestRejected(
+                f"too much metadata: more than {state.settings.max_metadata_keys} fields"
+            ) from None
+        raise
+    try:
         for key, value in form.multi_items():
             if isinstance(value, UploadFile):
                 part = (value.content_type or "application/octet-stream").split(";")[0].lower()
@@ -94,9 +104,16 @@ async def read_images(request: Request, state: ServerState) -> tuple[list[bytes]
                 metadata.update(extra)
             else:
                 metadata[key] = value
+    finally:
+        await form.close()
     if not images:
         raise RequestRejected("no image in the multipart body: send images as file fields")
     return images, metadata
+
+
+def too_many_images(limit: int, count: int | None = None) -> RequestRejected:
+    given = f"{count}, " if count is not None else ""
+    return RequestRejected(f"too many images: {given}at most {limit} per request", 413)
 
 
 def parse_feedback(body: bytes) -> list[Any]:
@@ -125,11 +142,7 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
             state.auth.require(request.headers, "predict")
         images, metadata = await read_images(request, state)
         if len(images) > state.settings.max_images_per_request:
-            raise RequestRejected(
-                f"too many images: {len(images)}, at most "
-                f"{state.settings.max_images_per_request} per request",
-                413,
-            )
+            raise too_many_images(state.settings.max_images_per_request, len(images))
         meta = state.check_metadata(metadata)
         result = await state.batcher.submit(images=images, metadata=meta, source="v1")
         return Response(render_predictions(state, result), media_type="application/json")
@@ -137,7 +150,8 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
     for path in ("/v1/models/{name}/predict", "/v1/models/{name}/versions/{version}/predict"):
         add_fast_post(
             app, path, predict, summary="Predict on JPEG/PNG images", tags=["v1"],
-            content_types=("image/jpeg", "image/png", "multipart/form-data"),
+            openapi={"requestBody": openapi.IMAGE_BODY, "parameters": [openapi.METADATA_QUERY],
+                     "responses": openapi.PREDICTIONS_RESPONSE},
         )  # fmt: skip
 
     @app.get("/v1/models/{name}", tags=["v1"], summary="The served model")
@@ -158,7 +172,12 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
             media_type="application/json",
         )
 
-    @app.post("/v1/feedback", tags=["v1"], summary="Ground-truth labels for predictions")
+    @app.post(
+        "/v1/feedback",
+        tags=["v1"],
+        summary="Ground-truth labels for predictions",
+        openapi_extra={"requestBody": openapi.FEEDBACK_BODY},
+    )
     async def feedback(request: Request) -> Response:
         state.auth.require(request.headers, "feedback")
         if state.store is None or state.predlog is None:
@@ -186,15 +205,14 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
                 results.append(None)
         # Predictions answered a moment ago may still wait in the log's buffer.
         await run_in_threadpool(state.predlog.flush, 10.0)
-        stored = await run_in_threadpool(state.store.record_feedback, pairs, served.labels)
+        record = state.store.predictions.record_feedback
+        stored = await run_in_threadpool(record, pairs, served.labels)
         if state.settings.workers > 1:
             # Another worker process may still hold some ids: wait one flush interval.
             missing = [i for i, r in enumerate(stored) if r.get("code") == "unknown_prediction"]
             if missing:
                 await asyncio.sleep(min(state.settings.flush_interval_s * 1.5 + 0.1, 10.0))
-                again = await run_in_threadpool(
-                    state.store.record_feedback, [pairs[i] for i in missing], served.labels
-                )
+                again = await run_in_threadpool(record, [pairs[i] for i in missing], served.labels)
                 for i, r in zip(missing, again, strict=True):
                     stored[i] = r
         answers = iter(stored)

@@ -5,8 +5,12 @@ accepts a whole burst of connections, so a client that opens its keep-alive conn
 once (every load balancer, every benchmark) often lands almost all of them on one process
 while the other idles — measured here as 1,912 requests/s in one run and 939 in the next.
 Here each process binds its own socket with ``SO_REUSEPORT`` and the kernel hashes every
-new connection to one of them. The parent supervises: it restarts a worker that dies and
-forwards SIGTERM/SIGINT so that every worker stops gracefully (and flushes its log).
+new connection to one of them. The parent supervises: it restarts a worker that dies, after
+a delay that doubles with each consecutive crash (``RestartPolicy``), and forwards
+SIGTERM/SIGINT so that every worker stops gracefully (and flushes its log).
+
+The supervisor knows nothing of the app: it gets the app factory as an import string
+(``"package.module:factory"``), which each worker imports itself.
 """
 
 from __future__ import annotations
@@ -16,9 +20,34 @@ import multiprocessing
 import signal
 import socket
 import time
+from dataclasses import dataclass
+from multiprocessing.process import BaseProcess
 from typing import Any
 
+from loopline.deploy.metrics import mark_process_dead, multiprocess_dir
+
 log = logging.getLogger("loopline.deploy")
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """How long to wait before restarting a worker that died.
+
+    The n-th consecutive crash waits ``base_s * 2**(n-1)``, at most ``cap_s``. A worker
+    that ran ``healthy_s`` or longer before it died starts the count again.
+    """
+
+    base_s: float = 0.5
+    cap_s: float = 30.0
+    healthy_s: float = 30.0
+
+    def delay(self, failures: int) -> float:
+        """The wait before the restart that follows ``failures`` consecutive crashes (>= 1)."""
+        return min(self.cap_s, self.base_s * 2.0 ** max(failures - 1, 0))
+
+    def failures_after(self, failures: int, uptime_s: float) -> int:
+        """The consecutive crash count once a worker that ran ``uptime_s`` has died."""
+        return 1 if uptime_s >= self.healthy_s else failures + 1
 
 
 def bind_reuseport(host: str, port: int, backlog: int = 2048) -> socket.socket:
@@ -33,19 +62,35 @@ def bind_reuseport(host: str, port: int, backlog: int = 2048) -> socket.socket:
     return sock
 
 
-def _worker(options: dict[str, Any]) -> None:
-    """One server process: its own socket, the app built by ``server.worker_app``."""
+def _worker(app_factory: str, options: dict[str, Any]) -> None:
+    """One server process: its own socket, the app built by the ``app_factory`` it imports."""
     import uvicorn
 
-    from loopline.deploy.server import worker_app
-
     sock = bind_reuseport(options["host"], options["port"], options.get("backlog", 2048))
-    config = uvicorn.Config(worker_app, factory=True, **options)
+    config = uvicorn.Config(app_factory, factory=True, **options)
     uvicorn.Server(config).run(sockets=[sock])
 
 
-def run_workers(n: int, options: dict[str, Any], grace_s: float = 60.0) -> None:
+@dataclass
+class _Slot:
+    """One worker place: the process in it (None while a restart waits) and its crashes."""
+
+    proc: BaseProcess | None = None
+    started: float = 0.0
+    failures: int = 0
+    restart_at: float = 0.0
+
+
+def run_workers(
+    n: int,
+    options: dict[str, Any],
+    app_factory: str,
+    *,
+    policy: RestartPolicy | None = None,
+    grace_s: float = 60.0,
+) -> None:
     """Run ``n`` worker processes until SIGTERM or SIGINT; restart any that dies."""
+    policy = policy or RestartPolicy()
     # Fail fast (address in use, bad host) before starting anything.
     bind_reuseport(options["host"], options["port"]).close()
     ctx = multiprocessing.get_context("spawn")
@@ -55,19 +100,34 @@ def run_workers(n: int, options: dict[str, Any], grace_s: float = 60.0) -> None:
         nonlocal stopping
         stopping = True
 
+    def start(slot: _Slot) -> None:
+        slot.proc = ctx.Process(target=_worker, args=(app_factory, options), daemon=False)
+        slot.proc.start()
+        slot.started = time.monotonic()
+
     previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
-    procs = [ctx.Process(target=_worker, args=(options,), daemon=False) for _ in range(n)]
+    slots = [_Slot() for _ in range(n)]
     try:
-        for p in procs:
-            p.start()
+        for slot in slots:
+            start(slot)
         while not stopping:
-            for i, p in enumerate(procs):
-                if not p.is_alive() and not stopping:
-                    log.warning("worker %s exited with %s; starting another", p.pid, p.exitcode)
-                    procs[i] = ctx.Process(target=_worker, args=(options,), daemon=False)
-                    procs[i].start()
-            time.sleep(0.2)
+            now = time.monotonic()
+            for slot in slots:
+                if slot.proc is not None and not slot.proc.is_alive():
+                    pid, code = slot.proc.pid, slot.proc.exitcode
+                    _forget(slot.proc)
+                    slot.proc = None
+                    slot.failures = policy.failures_after(slot.failures, now - slot.started)
+                    wait = policy.delay(slot.failures)
+                    slot.restart_at = now + wait
+                    log.warning(
+                        "worker %s exited with %s; starting another in %.1f s", pid, code, wait
+                    )
+                if slot.proc is None and now >= slot.restart_at and not stopping:
+                    start(slot)
+            time.sleep(0.1)
     finally:
+        procs = [s.proc for s in slots if s.proc is not None]
         for p in procs:
             if p.is_alive():
                 p.terminate()  # SIGTERM: uvicorn stops gracefully and the log is flushed
@@ -76,5 +136,13 @@ def run_workers(n: int, options: dict[str, Any], grace_s: float = 60.0) -> None:
             p.join(max(0.0, deadline - time.monotonic()))
             if p.is_alive():
                 p.kill()
+                p.join()
+            _forget(p)
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def _forget(proc: BaseProcess) -> None:
+    """Drop a dead worker's live gauges from the metrics (Prometheus multiprocess mode)."""
+    if proc.pid is not None and multiprocess_dir() is not None:
+        mark_process_dead(proc.pid)

@@ -1,8 +1,10 @@
 """Runs a pipeline: cache lookups, artifact I/O, step records, failure and resume.
 
 The runner is handed a metadata store and an artifact store (anything with their methods);
-it never imports a driver. A step's cache key is the hash of its code version, parameters,
-input digests and any run-time extras; a hit reuses the recorded outputs without running.
+it never imports a driver. A step gets only the config keys it declares; its cache key is the
+hash of its code version (its module, what that imports and the Loopline version), those
+params, its input digests and any run-time extras; a hit reuses the recorded outputs without
+running. Steps only return values: a ``Recorder`` writes what they mean to the store.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import json
 import time
 import traceback
 import uuid
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -21,7 +23,14 @@ from pydantic import BaseModel
 
 from loopline.errors import LooplineError, PipelineError
 from loopline.pipeline import codecs
-from loopline.pipeline.step import Pipeline, Reporter, SilentReporter, Step, StepContext
+from loopline.pipeline.step import (
+    Pipeline,
+    Recorder,
+    Reporter,
+    SilentReporter,
+    Step,
+    StepContext,
+)
 
 RESUMABLE = ("failed", "interrupted")
 
@@ -51,10 +60,13 @@ def _canonical(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
 
 
-def cache_key(step: Step, params: dict[str, Any], inputs: dict[str, str], extra: str) -> str:
+def cache_key(
+    step: Step, code: str, params: dict[str, Any], inputs: dict[str, str], extra: str
+) -> str:
+    """The hash that names a step's outputs: same key, same outputs."""
     payload = {
         "step": step.name,
-        "code": step.code_version,
+        "code": code,
         "params": params,
         "inputs": inputs,
         "extra": extra,
@@ -72,9 +84,9 @@ class Runner:
         reporter: Reporter | None = None,
         resources: Any = None,
         use_cache: bool = True,
-        after_step: Callable[[str, str, dict[str, Any]], None] | None = None,
+        recorder: Recorder | None = None,
     ) -> None:
-        self.after_step = after_step
+        self.recorder = recorder
         self.store = store
         self.artifacts = artifacts
         self.reporter = reporter or SilentReporter()
@@ -84,9 +96,8 @@ class Runner:
     def run(
         self,
         pipeline: Pipeline,
-        sections: dict[str, BaseModel],
+        config: Mapping[str, Any],
         *,
-        config: dict[str, Any],
         project: str,
         run_id: str | None = None,
         resume: bool = False,
@@ -94,33 +105,40 @@ class Runner:
         trigger_ref: str | None = None,
         git_commit: str | None = None,
     ) -> RunResult:
-        """Run (or, with ``resume``, continue) ``pipeline``; returns how it ended.
+        """Run (or, with ``resume``, continue) ``pipeline`` on ``config``; returns how it ended.
 
+        ``config`` (JSON-like) is recorded with the run; each step gets its declared keys.
         Raises the step's LooplineError (or PipelineError for anything unexpected) after
         recording the failure, so the caller can report it and the run can be resumed.
         """
         if resume:
             if run_id is None:
                 raise PipelineError("resume needs a run id")
-            previous = self.store.get_run(run_id)
+            # One atomic claim: of two resumes of one run, only one gets to execute it.
+            claim = self.store.runs.claim(run_id)
+            previous = claim.run
             run_id = previous.id
-            if previous.status not in RESUMABLE:
+            if not claim.won:
+                if previous.status == "running":
+                    raise PipelineError(
+                        f"run {run_id} is already running (pid {previous.pid} on "
+                        f"{previous.host}); wait for it to end, then resume it if it failed"
+                    )
                 raise PipelineError(
                     f"run {run_id} is {previous.status}; only failed or interrupted runs "
                     "can be resumed"
                 )
-            self.store.update_run(run_id, status="running", error=None, finished_at=None)
-            self.store.audit("loopline", "run.resume", run_id)
+            self.store.audit.record("loopline", "run.resume", run_id)
             # What this run already did is kept even with the cache off: that is resuming.
-            done = {s.step: s for s in self.store.list_steps(run_id) if s.status == "succeeded"}
+            done = {s.step: s for s in self.store.steps.for_run(run_id) if s.status == "succeeded"}
         else:
             done = {}
             run_id = run_id or new_run_id()
-            self.store.create_run(
+            self.store.runs.create(
                 run_id,
                 pipeline=pipeline.name,
                 project=project,
-                config=config,
+                config=dict(config),
                 trigger=trigger,
                 trigger_ref=trigger_ref,
                 git_commit=git_commit,
@@ -132,11 +150,13 @@ class Runner:
         outcomes: list[StepOutcome] = []
         for step in pipeline:
             try:
-                outcome = self._run_step(run_id, step, sections, refs, values, done)
+                outcome = self._run_step(run_id, step, config, refs, values, done)
+                if self.recorder is not None:
+                    self.recorder.step_done(run_id, step.name, values)
             except BaseException as err:
                 reason = _reason(err)
                 status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
-                self.store.update_run(
+                self.store.runs.update(
                     run_id, status=status, error=f"{step.name}: {reason}", finished_at=_now()
                 )
                 if isinstance(err, LooplineError):
@@ -145,16 +165,14 @@ class Runner:
                     raise PipelineError(f"step {step.name} failed: {reason}") from err
                 raise
             outcomes.append(outcome)
-            if self.after_step is not None:
-                self.after_step(run_id, step.name, values)
             if step.halt is not None:
                 halted = step.halt({name: values[name] for name in step.outputs})
                 if halted:
-                    self.store.update_run(
+                    self.store.runs.update(
                         run_id, status="rejected", error=halted, finished_at=_now()
                     )
                     return RunResult(run_id, "rejected", outcomes, values, halted)
-        self.store.update_run(run_id, status="succeeded", finished_at=_now())
+        self.store.runs.update(run_id, status="succeeded", finished_at=_now())
         return RunResult(run_id, "succeeded", outcomes, values)
 
     # -- one step ------------------------------------------------------------------------
@@ -162,32 +180,33 @@ class Runner:
         self,
         run_id: str,
         step: Step,
-        sections: dict[str, BaseModel],
+        config: Mapping[str, Any],
         refs: dict[str, dict[str, Any]],
         values: dict[str, Any],
         done: dict[str, Any],
     ) -> StepOutcome:
-        section = sections.get(step.params) if step.params else None
-        params = section.model_dump(mode="json") if section is not None else {}
+        selected = step.select_params(config)
+        params = _params_json(selected)
+        code = step.code_version_for(selected)
         input_digests = {name: refs[name]["sha256"] for name in step.inputs}
         ctx = StepContext(
             run_id=run_id,
             step=step.name,
             reporter=self.reporter,
             resources=self.resources,
-            record_trial=lambda number, **f: self.store.record_trial(run_id, number, **f),
+            record_trial=lambda number, **f: self.store.trials.record(run_id, number, **f),
         )
-        extra = step.cache_extra(ctx) if step.cache_extra is not None else ""
-        key = cache_key(step, params, input_digests, extra)
+        extra = step.cache_extra(ctx, selected) if step.cache_extra is not None else ""
+        key = cache_key(step, code, params, input_digests, extra)
         common = {
             "cache_key": key,
-            "code_version": step.code_version,
+            "code_version": code,
             "params": params,
             "inputs": {name: refs[name] for name in step.inputs},
         }
         self.reporter.step_started(step.name)
 
-        hit = self.store.find_cached_step(step.name, key) if self.use_cache else None
+        hit = self.store.steps.find_cached(step.name, key) if self.use_cache else None
         if hit is None and step.name in done and done[step.name].cache_key == key:
             hit = done[step.name]
         if hit is not None and self._outputs_present(hit.outputs, step):
@@ -196,10 +215,10 @@ class Runner:
                 values[name] = self._load(hit.outputs[name])
             # Name the run that produced the outputs, not one that itself reused them.
             source = hit.cached_from or hit.run_id
-            sid = self.store.start_step(
+            sid = self.store.steps.start(
                 run_id, step.name, cached=True, cached_from=source, **common
             )
-            self.store.finish_step(
+            self.store.steps.finish(
                 sid,
                 status="succeeded",
                 outputs=hit.outputs,
@@ -209,15 +228,15 @@ class Runner:
             self.reporter.step_finished(step.name, "cached", 0.0, f"from run {source}")
             return StepOutcome(step.name, "cached", 0.0, hit.outputs)
 
-        sid = self.store.start_step(run_id, step.name, cached=False, **common)
+        sid = self.store.steps.start(run_id, step.name, cached=False, **common)
         t0 = time.perf_counter()
         try:
             kwargs = {
                 name: values[name] if name in values else self._load(refs[name])
                 for name in step.inputs
             }
-            if section is not None:
-                kwargs["params"] = section
+            if selected is not None:
+                kwargs["params"] = selected
             result = step.func(ctx, **kwargs)
             produced = _as_outputs(step, result)
             out_refs: dict[str, dict[str, Any]] = {}
@@ -232,11 +251,11 @@ class Runner:
             detail = _reason(err)
             if not isinstance(err, LooplineError):
                 detail = "".join(traceback.format_exception(err))[-4000:]
-            self.store.finish_step(sid, status="failed", error=detail, log="\n".join(ctx.lines))
+            self.store.steps.finish(sid, status="failed", error=detail, log="\n".join(ctx.lines))
             self.reporter.step_finished(step.name, "failed", seconds, _reason(err))
             raise
         seconds = time.perf_counter() - t0
-        self.store.finish_step(sid, status="succeeded", outputs=out_refs, log="\n".join(ctx.lines))
+        self.store.steps.finish(sid, status="succeeded", outputs=out_refs, log="\n".join(ctx.lines))
         self.reporter.step_finished(step.name, "succeeded", seconds)
         return StepOutcome(step.name, "succeeded", seconds, out_refs)
 
@@ -253,7 +272,15 @@ class Runner:
         import os
         import socket
 
-        self.store.update_run(run_id, pid=os.getpid(), host=socket.gethostname())
+        self.store.runs.update(run_id, pid=os.getpid(), host=socket.gethostname())
+
+
+def _params_json(selected: Any) -> dict[str, Any]:
+    if selected is None:
+        return {}
+    if isinstance(selected, BaseModel):
+        return selected.model_dump(mode="json")
+    return dict(selected)
 
 
 def _as_outputs(step: Step, result: Any) -> dict[str, Any]:

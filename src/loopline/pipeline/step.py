@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
 import inspect
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from pydantic import BaseModel, ValidationError
+
+from loopline.errors import PipelineError
+from loopline.pipeline.code import code_digest, module_file
 
 
 class Progress(Protocol):
@@ -25,6 +29,16 @@ class Reporter(Protocol):
     def log(self, step: str, message: str) -> None: ...
 
     def progress(self, step: str, total: int | None, description: str) -> Progress: ...
+
+
+class Recorder(Protocol):
+    """Writes what outputs mean to the metadata store (a dataset version, a model version).
+
+    The runner calls it after every step, fresh or cached, before a halt is checked, so a
+    step only returns values and never writes metadata itself.
+    """
+
+    def step_done(self, run_id: str, step: str, values: Mapping[str, Any]) -> None: ...
 
 
 class _NullProgress:
@@ -75,6 +89,11 @@ class Step:
     """A plain function ``func(ctx, *, <inputs>, params)`` returning its outputs.
 
     With one output the function returns the value; with several, a dict by output name.
+    ``params`` declares the config keys the step reads, and only those reach it (see
+    ``select_params``); ``params_type`` validates them into the model the function gets.
+    ``code_modules`` names further modules the step runs given its params (a user's model
+    class), hashed into its code version. ``cache_extra(ctx, params)`` adds what else the
+    output depends on, read at run time (the data source's content, the production model).
     ``halt`` looks at the outputs (fresh or from cache) and returns a reason to stop the
     pipeline there, e.g. a gate that rejected the candidate.
     """
@@ -83,23 +102,71 @@ class Step:
     func: Callable[..., Any]
     inputs: tuple[str, ...] = ()
     outputs: tuple[str, ...] = ()
-    params: str | None = None
+    params: tuple[str, ...] = ()
+    params_type: type[BaseModel] | None = None
     version: str = "1"
-    # Extra cache inputs computed at run time (e.g. which model is in production now).
-    cache_extra: Callable[[Any], str] | None = None
+    code_modules: Callable[[Any], Iterable[str]] | None = None
+    cache_extra: Callable[[Any, Any], str] | None = None
     halt: Callable[[dict[str, Any]], str | None] | None = None
 
     @property
     def code_version(self) -> str:
-        """Hash of the step's module source and explicit version: code changes bust the cache."""
-        h = hashlib.sha256(self.version.encode())
+        """Hash of the code the step runs whatever its params (see ``loopline.pipeline.code``)."""
+        return self.code_version_for(None)
+
+    def code_version_for(self, params: Any) -> str:
+        """Hash of the step's module, what it imports, the Loopline version and explicit
+        version, plus the ``code_modules`` it names for ``params``."""
+        from loopline import __version__
+
         module = inspect.getmodule(self.func)
+        name = getattr(module, "__name__", None)
+        if name is None or module_file(name) is None:
+            # No source to read (an interactive session): the function's name stands in.
+            seeds: list[str] = []
+            parts = [self.version, __version__, getattr(self.func, "__qualname__", self.name)]
+        else:
+            seeds = [name]
+            parts = [self.version, __version__]
+        follow = {"loopline", *(s.split(".")[0] for s in seeds)}
+        if self.code_modules is not None and params is not None:
+            extra = sorted(self.code_modules(params))
+            seeds += extra
+            follow |= {m.split(".")[0] for m in extra}
+        return code_digest(seeds, follow, *parts)
+
+    def select_params(self, config: Mapping[str, Any]) -> Any:
+        """The step's params from ``config``: only its declared keys, validated.
+
+        A key naming a section (a mapping) passes that section's fields; any other dotted
+        key passes its one value under its last part's name: ``("train", "data.labels")``
+        gives the train fields plus ``labels``. Returns ``params_type`` built from them,
+        the plain dict without a type, or None when the step declares no params.
+        """
+        if not self.params:
+            return None
+        merged: dict[str, Any] = {}
+        for key in self.params:
+            node: Any = config
+            for part in key.split("."):
+                if not isinstance(node, Mapping) or part not in node:
+                    raise PipelineError(f"step {self.name} reads {key!r}, which the config lacks")
+                node = node[part]
+            fields = dict(node) if isinstance(node, Mapping) else {key.rpartition(".")[2]: node}
+            clash = sorted(set(fields) & set(merged))
+            if clash:
+                raise PipelineError(
+                    f"step {self.name}: params {', '.join(self.params)} both give {clash[0]!r}"
+                )
+            merged.update(fields)
+        if self.params_type is None:
+            return merged
         try:
-            src = inspect.getsource(module) if module is not None else ""
-        except (OSError, TypeError):
-            src = getattr(self.func, "__qualname__", self.name)
-        h.update(src.encode())
-        return h.hexdigest()
+            return self.params_type.model_validate(merged)
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise PipelineError(f"step {self.name} params: {where}: {first['msg']}") from None
 
 
 class Pipeline:

@@ -8,7 +8,6 @@ mismatch. The backend itself is plain fsspec (a local folder, ``s3://``, ``memor
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import uuid
@@ -18,9 +17,9 @@ from typing import IO, Any
 
 import fsspec
 
+from loopline.digest import CHUNK, sha256_bytes, sha256_file, sha256_stream
 from loopline.errors import IntegrityError, NotFound, StoreError
 
-CHUNK = 1 << 20
 _HEX = set("0123456789abcdef")
 
 
@@ -34,14 +33,6 @@ class ArtifactRef:
 
     def to_dict(self) -> dict[str, Any]:
         return {"sha256": self.sha256, "size": self.size, "uri": self.uri}
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _check_digest(digest: str) -> str:
@@ -82,7 +73,7 @@ class ArtifactStore:
 
     # -- writing -------------------------------------------------------------------------
     def put_bytes(self, data: bytes) -> ArtifactRef:
-        digest = hashlib.sha256(data).hexdigest()
+        digest = sha256_bytes(data)
         if not self.exists(digest):
             self._commit(digest, lambda f: f.write(data))
         return ArtifactRef(digest, len(data), self.uri(digest))
@@ -130,15 +121,8 @@ class ArtifactStore:
 
     # -- reading -------------------------------------------------------------------------
     def _verify(self, path: str, digest: str) -> None:
-        h = hashlib.sha256()
         with self.fs.open(path, "rb") as f:
-            while chunk := f.read(CHUNK):
-                h.update(chunk)
-        if h.hexdigest() != digest:
-            raise IntegrityError(
-                f"artifact sha256:{digest[:12]} is corrupt or tampered with "
-                f"(content hashes to {h.hexdigest()[:12]}); refusing to use it"
-            )
+            _check(digest, sha256_stream(f))
 
     def get_bytes(self, digest: str) -> bytes:
         path = self._path(digest)
@@ -147,12 +131,7 @@ class ArtifactStore:
                 data = f.read()
         except FileNotFoundError:
             raise NotFound(f"artifact sha256:{digest} is missing from {self.url}") from None
-        actual = hashlib.sha256(data).hexdigest()
-        if actual != digest:
-            raise IntegrityError(
-                f"artifact sha256:{digest[:12]} is corrupt or tampered with "
-                f"(content hashes to {actual[:12]}); refusing to use it"
-            )
+        _check(digest, sha256_bytes(data))
         return data
 
     def get_json(self, digest: str) -> Any:
@@ -163,25 +142,26 @@ class ArtifactStore:
         dest = Path(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.part")
-        h = hashlib.sha256()
         try:
             try:
                 src = self.fs.open(self._path(digest), "rb")
             except FileNotFoundError:
                 raise NotFound(f"artifact sha256:{digest} is missing from {self.url}") from None
             with src, open(tmp, "wb") as out:
-                while chunk := src.read(CHUNK):
-                    h.update(chunk)
-                    out.write(chunk)
-            if h.hexdigest() != digest:
-                raise IntegrityError(
-                    f"artifact sha256:{digest[:12]} is corrupt or tampered with "
-                    f"(content hashes to {h.hexdigest()[:12]}); refusing to use it"
-                )
+                actual = sha256_stream(src, copy_to=out)
+            _check(digest, actual)
             os.replace(tmp, dest)
         finally:
             tmp.unlink(missing_ok=True)
         return dest
+
+
+def _check(digest: str, actual: str) -> None:
+    if actual != digest:
+        raise IntegrityError(
+            f"artifact sha256:{digest[:12]} is corrupt or tampered with "
+            f"(content hashes to {actual[:12]}); refusing to use it"
+        )
 
 
 def _protocols(fs: Any) -> tuple[str, ...]:

@@ -1,6 +1,8 @@
 """A data warehouse: an SQL query over a SQLAlchemy URL returning ``path,label,...`` rows.
 
-The query gives the records; the image bytes are read from ``images_root`` (a lake).
+The query gives the records; the image bytes are read from ``images_root`` (a lake). The
+URL's password is only used to connect: ``uri`` (what a dataset version records as its
+source, and what logs show) and every error name the URL with the password masked.
 """
 
 from __future__ import annotations
@@ -12,15 +14,21 @@ import pandas as pd
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import SQLAlchemyError
 
+from loopline.credentials import expand_url, mask_url, scrub, url_secrets
 from loopline.drivers.data.lake import Lake
 from loopline.errors import DataSourceError
 
 
 class Warehouse:
-    def __init__(self, url: str, query: str, images_root: str) -> None:
-        self.url = url
+    """Records from an SQL query; ``url`` is what to connect with, ``shown_url`` (default
+    ``url``) is the form to name it by, e.g. with an ``${ENV}`` reference unexpanded."""
+
+    def __init__(
+        self, url: str, query: str, images_root: str, *, shown_url: str | None = None
+    ) -> None:
+        self._url = url
         self.query = query
-        self.uri = f"{url} :: {query}"
+        self.uri = f"{mask_url(shown_url or url)} :: {query}"
         self.images = Lake(images_root, layout="folders")
 
     @classmethod
@@ -28,11 +36,12 @@ class Warehouse:
         if not src.url or not src.query:
             raise DataSourceError("a warehouse source needs data.source.url and data.source.query")
         root = src.images_root or src.uri
-        return cls(src.url, src.query, resolve(root))
+        url = expand_url(src.url, "data.source.url")
+        return cls(url, src.query, resolve(root), shown_url=src.url)
 
     def list_records(self) -> pd.DataFrame:
         try:
-            engine = create_engine(self.url)
+            engine = create_engine(self._url)
             try:
                 with engine.connect() as conn:
                     df = pd.read_sql_query(text(self.query), conn)
@@ -41,7 +50,7 @@ class Warehouse:
         except (SQLAlchemyError, pd.errors.DatabaseError) as err:
             # pandas wraps a failed statement's SQLAlchemyError in its own DatabaseError.
             cause = err.__cause__ if isinstance(err.__cause__, SQLAlchemyError) else err
-            first = str(cause).strip().splitlines()[0]
+            first = scrub(str(cause).strip().splitlines()[0], *url_secrets(self._url))
             raise DataSourceError(f"warehouse query failed: {first}") from None
         missing = {"path", "label"} - set(df.columns)
         if missing:

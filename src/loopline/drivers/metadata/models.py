@@ -138,6 +138,8 @@ class ModelVersion(Base):
     run_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
     lineage: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # An archived version holds no alias and is hidden from listings; NAME:VERSION finds it.
+    archived_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class ModelAlias(Base):

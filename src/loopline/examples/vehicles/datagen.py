@@ -66,6 +66,7 @@ def generate_lake(
     image_size: tuple[int, int] = (96, 72),
     defect_rate: float = 0.03,
     progress: Callable[[int], None] | None = None,
+    overwrite: bool = False,
 ) -> LakeSummary:
     """Write a synthetic CCTV image lake with a manifest to ``out``.
 
@@ -75,7 +76,7 @@ def generate_lake(
 
     Args:
         out: Lake folder; created if missing. A previous lake there (one with a
-            ``manifest.csv``) is replaced, so the folder holds exactly this generation.
+            ``manifest.csv``) is refused unless ``overwrite``.
         images: Files to write in total, defects included.
         seed: Seed for everything; the same seed gives byte-identical output.
         conditions: Light/weather conditions to use, a subset of ``CONDITIONS``.
@@ -83,16 +84,19 @@ def generate_lake(
         image_size: ``(width, height)`` in pixels.
         defect_rate: Share of deliberately broken files, in ``[0, 0.5]``.
         progress: Called with the number of files just written, for a progress bar.
+        overwrite: Replace a previous lake in ``out`` (its manifest and images), so the
+            folder holds exactly this generation. Files it did not write are never deleted.
 
     Returns:
         Counts of what was written.
 
     Raises:
-        ConfigError: An argument is out of range, or ``out`` is not a lake folder.
+        ConfigError: An argument is out of range, ``out`` is not a lake folder, or it holds
+            a lake already and ``overwrite`` is false.
     """
     conds = _check_args(images, conditions, cameras, image_size, defect_rate)
     out = Path(out)
-    _prepare_folder(out)
+    _prepare_folder(out, overwrite)
     size = (int(image_size[0]), int(image_size[1]))
     master = np.random.default_rng(seed)
     labels = master.permutation(np.arange(images) % len(CLASSES))
@@ -164,11 +168,16 @@ def _check_args(
     return conds
 
 
-def _prepare_folder(out: Path) -> None:
+def _prepare_folder(out: Path, overwrite: bool) -> None:
     """Create ``out``, or clear the previous lake in it; never delete files it did not write."""
     manifest, images = out / "manifest.csv", out / "images"
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out} is a file; the lake needs a folder")
+    if manifest.exists() and not overwrite:
+        raise ConfigError(
+            f"{out} already holds a lake (manifest.csv and images/); refusing to delete it: "
+            "choose another folder, or replace it with --force (overwrite=True)"
+        )
     if manifest.exists():
         shutil.rmtree(images, ignore_errors=True)
         manifest.unlink()

@@ -1,0 +1,207 @@
+"""The prediction log and feedback, written by the prediction server and read by Monitor."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+
+from loopline.drivers.metadata.database import Database
+from loopline.drivers.metadata.models import Feedback, Prediction, utcnow
+
+# The columns of ``predictions`` the prediction server writes.
+COLUMNS = (
+    "id", "at", "model_name", "model_version", "source", "label", "confidence",
+    "probabilities", "request_metadata", "input_stats",
+)  # fmt: skip
+_CHUNK = 500  # ids per IN (...) list, well under every backend's parameter limit
+
+
+class PredictionRepository:
+    """``store.predictions``: log predictions, record feedback, read both back."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self._sqlite_cache: tuple[str, Any] | None = None
+
+    def log(self, rows: list[dict[str, Any]]) -> int:
+        """Insert prediction rows in one transaction; an id already stored is skipped.
+
+        Skipping known ids makes a retried flush safe after a commit whose answer was lost.
+        """
+        if not rows:
+            return 0
+        if self._db.dialect == "sqlite":
+            return self._log_sqlite(rows)
+        stmt = self._db.insert(Prediction).on_conflict_do_nothing(index_elements=["id"])
+        with self._db.write_connection() as conn:
+            conn.execute(stmt, rows)
+        return len(rows)
+
+    def _log_sqlite(self, rows: list[dict[str, Any]]) -> int:
+        """The SQLite fast path: one ``executemany`` on the driver, JSON encoded by orjson.
+
+        The server writes about a thousand rows a second per process, and SQLAlchemy's
+        per-row processing of an ``executemany`` costs twice the CPU of this path, held
+        under the GIL, in the server's latency tail (``benchmarks/predlog_bench.py``
+        measures both). The statement is SQLAlchemy's own ``INSERT OR IGNORE``, times are
+        encoded by the column type's own bind processor, and JSON is plain JSON text, so
+        the ORM reads these rows exactly as its own (``tests/drivers/metadata/
+        test_prediction_rows.py`` holds both paths to the same rows).
+        """
+        import orjson
+
+        sql, encode_at = self._sqlite_insert()
+
+        def js(value: Any) -> str | None:
+            return None if value is None else orjson.dumps(value).decode()
+
+        def param(r: dict[str, Any]) -> tuple[Any, ...]:  # in the order of COLUMNS
+            return (
+                r["id"],
+                encode_at(r["at"].astimezone(UTC)),
+                r["model_name"],
+                r["model_version"],
+                r["source"],
+                r["label"],
+                r["confidence"],
+                js(r.get("probabilities")),
+                js(r.get("request_metadata")),
+                js(r.get("input_stats")),
+            )
+
+        with self._db.write_connection() as conn:
+            conn.exec_driver_sql(sql, [param(r) for r in rows])
+        return len(rows)
+
+    def _sqlite_insert(self) -> tuple[str, Any]:
+        """The compiled ``INSERT OR IGNORE`` (parameters in the order of COLUMNS) and the
+        time column's encoder."""
+        if self._sqlite_cache is None:
+            from sqlalchemy import insert
+
+            dialect = self._db.engine.dialect
+            table = Prediction.__table__
+            stmt = insert(Prediction).prefix_with("OR IGNORE").values({c: None for c in COLUMNS})
+            compiled = stmt.compile(dialect=dialect)
+            assert tuple(compiled.positiontup or ()) == COLUMNS
+            at_type = table.c.at.type.dialect_impl(dialect)
+            self._sqlite_cache = (str(compiled), at_type.bind_processor(dialect))
+        return self._sqlite_cache
+
+    def record_feedback(
+        self, items: list[tuple[str, str]], labels: list[str] | None = None
+    ) -> list[dict[str, Any]]:
+        """Record ground-truth labels for predictions, idempotently.
+
+        Returns one result per item, in order: ``status`` is ``recorded`` (new), ``updated``
+        (a different label replaced the old one), ``unchanged`` (the same label again) or
+        ``error`` with a ``code`` (``unknown_prediction``, ``unknown_label``: not in
+        ``labels`` when given) and an ``error`` message.
+        """
+        for attempt in range(3):
+            try:
+                with self._db.write() as s:
+                    return _record_feedback(s, items, labels)
+            except IntegrityError:  # the same id recorded concurrently: read it again
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def find(
+        self,
+        model_name: str | None = None,
+        model_version: int | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int | None = None,
+    ) -> list[Prediction]:
+        """Logged predictions, oldest first, filtered as given (``until`` exclusive)."""
+        q = _filter(select(Prediction), model_name, model_version, since, until)
+        q = q.order_by(Prediction.at, Prediction.id)
+        if limit is not None:
+            q = q.limit(limit)
+        with self._db.read() as s:
+            return list(s.scalars(q))
+
+    def count(
+        self,
+        model_name: str | None = None,
+        model_version: int | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> int:
+        """How many predictions match the filters of ``find``."""
+        q = _filter(
+            select(func.count()).select_from(Prediction), model_name, model_version, since, until
+        )
+        with self._db.read() as s:
+            return int(s.scalar(q) or 0)
+
+    def feedback(self, prediction_ids: list[str]) -> dict[str, str]:
+        """The ground-truth label of each of ``prediction_ids`` that has one."""
+        out: dict[str, str] = {}
+        with self._db.read() as s:
+            for i in range(0, len(prediction_ids), _CHUNK):
+                chunk = prediction_ids[i : i + _CHUNK]
+                q = select(Feedback).where(Feedback.prediction_id.in_(chunk))
+                out.update((fb.prediction_id, fb.label) for fb in s.scalars(q))
+        return out
+
+
+def _record_feedback(
+    s: Any, items: list[tuple[str, str]], labels: list[str] | None
+) -> list[dict[str, Any]]:
+    ids = sorted({pid for pid, _ in items})
+    known: set[str] = set()
+    existing: dict[str, Feedback] = {}
+    for i in range(0, len(ids), _CHUNK):
+        chunk = ids[i : i + _CHUNK]
+        known.update(s.scalars(select(Prediction.id).where(Prediction.id.in_(chunk))))
+        q = select(Feedback).where(Feedback.prediction_id.in_(chunk))
+        existing.update((fb.prediction_id, fb) for fb in s.scalars(q))
+    now = utcnow()
+    results: list[dict[str, Any]] = []
+    for pid, label in items:
+        out: dict[str, Any] = {"prediction_id": pid, "label": label}
+        results.append(out)
+        if labels is not None and label not in labels:
+            out["status"] = "error"
+            out["code"] = "unknown_label"
+            out["error"] = f"unknown label {label!r}; expected one of {labels}"
+        elif pid not in known:
+            out["status"] = "error"
+            out["code"] = "unknown_prediction"
+            out["error"] = f"unknown prediction_id {pid!r}"
+        elif pid not in existing:
+            fb = Feedback(prediction_id=pid, label=label, at=now, updated_at=now)
+            s.add(fb)
+            existing[pid] = fb
+            out["status"] = "recorded"
+        elif existing[pid].label == label:
+            out["status"] = "unchanged"
+        else:
+            existing[pid].label = label
+            existing[pid].updated_at = now
+            out["status"] = "updated"
+    return results
+
+
+def _filter(
+    q: Any,
+    model_name: str | None,
+    model_version: int | None,
+    since: datetime | None,
+    until: datetime | None,
+) -> Any:
+    if model_name is not None:
+        q = q.where(Prediction.model_name == model_name)
+    if model_version is not None:
+        q = q.where(Prediction.model_version == model_version)
+    if since is not None:
+        q = q.where(Prediction.at >= since)
+    if until is not None:
+        q = q.where(Prediction.at < until)
+    return q
