@@ -41,7 +41,9 @@ def test_expand_url_takes_the_secret_from_the_environment(
 
     assert make_url(expand_url(url, "f")).password == "p@ss/word"
     monkeypatch.delenv("WH_PW")
-    with pytest.raises(ConfigError, match=r"data.source.url refers to \$\{WH_PW\}, which is not set"):
+    with pytest.raises(
+        ConfigError, match=r"data.source.url refers to \$\{WH_PW\}, which is not set"
+    ):
         expand_url(url, "data.source.url")
 
 
@@ -87,3 +89,13 @@ def test_a_stored_config_takes_its_passwords_from_the_current_one(tmp_path: Path
     moved = {**WAREHOUSE, "data": {"source": {**WAREHOUSE["data"]["source"], "url": "postgresql://u:x@elsewhere/x"}}}  # type: ignore[dict-item]  # fmt: skip
     other = stored.with_credentials_from(parse_config(moved, tmp_path))
     assert other.data.source.url == "postgresql://u:***@db/x"  # not the same URL: stays masked
+
+
+def test_a_lake_url_with_a_password_is_masked_too(tmp_path: Path) -> None:
+    from loopline.drivers.data.lake import Lake
+
+    cfg = parse_config({"data": {"source": {"uri": "https://u:hunter2@host/lake"}}}, tmp_path)
+    assert cfg.to_dict()["data"]["source"]["uri"] == "https://u:***@host/lake"
+    # What a lake records and shows as its name (here a local folder named by such a URL).
+    lake = Lake(str(tmp_path), shown_uri="https://u:hunter2@host/lake")
+    assert lake.uri == "https://u:***@host/lake"

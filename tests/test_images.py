@@ -12,7 +12,13 @@ from PIL import Image
 
 from loopline.bundle import PreprocessSpec, decode_image
 from loopline.errors import ImageTooLarge, InvalidInput, UnsupportedImage
-from loopline.images import DEFAULT_MAX_PIXELS, image_stats, open_image, sniff_format
+from loopline.images import (
+    DEFAULT_MAX_PIXELS,
+    PILLOW_MAX_PIXELS,
+    image_stats,
+    open_image,
+    sniff_format,
+)
 
 
 def png_declaring(width: int, height: int) -> bytes:
@@ -52,6 +58,17 @@ def test_a_bomb_is_refused_from_its_header(side: int) -> None:
     spec = PreprocessSpec(height=8, width=8)
     with pytest.raises(ImageTooLarge):
         decode_image(bomb, spec, max_pixels=DEFAULT_MAX_PIXELS)
+
+
+def test_no_limit_goes_past_pillows_own() -> None:
+    assert PILLOW_MAX_PIXELS == Image.MAX_IMAGE_PIXELS  # Loopline leaves Pillow's as it is
+    from pydantic import ValidationError
+
+    from loopline.deploy.settings import ServeSettings
+
+    assert ServeSettings(max_image_pixels=PILLOW_MAX_PIXELS).max_image_pixels == PILLOW_MAX_PIXELS
+    with pytest.raises(ValidationError):
+        ServeSettings(max_image_pixels=PILLOW_MAX_PIXELS + 1)
 
 
 def test_the_limit_is_the_callers() -> None:

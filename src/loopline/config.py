@@ -66,7 +66,7 @@ class SourceConfig(Section):
 
     # Whatever records the config (a run, a step's params and cache key) gets the URL with
     # its password masked; an ${ENV} reference is kept and expanded only to connect.
-    @field_serializer("url")
+    @field_serializer("url", "uri", "images_root")
     def _hide_secrets(self, url: str | None) -> str | None:
         return mask_url(url) if url else url
 
@@ -219,7 +219,13 @@ class Config(Section):
 
 
 # Config fields holding URLs that may carry a password (see ``loopline.credentials``).
-CREDENTIAL_FIELDS = ("data.source.url", "store.metadata_url", "store.artifacts_url")
+CREDENTIAL_FIELDS = (
+    "data.source.url",
+    "data.source.uri",
+    "data.source.images_root",
+    "store.metadata_url",
+    "store.artifacts_url",
+)
 
 
 def _get(model: BaseModel, dotted: str) -> Any:

@@ -71,16 +71,14 @@ def expand_url(url: str, field: str) -> str:
 
     def value(name: str) -> str:
         if name not in os.environ:
-            raise ConfigError(
-                f"{field} refers to ${{{name}}}, which is not set in the environment"
-            )
+            raise ConfigError(f"{field} refers to ${{{name}}}, which is not set in the environment")
         return os.environ[name]
 
     m = _USERINFO.match(url)
     if m is not None and _is_reference(m.group("password")):
         name = _ENV_REF.fullmatch(m.group("password")).group("name")  # type: ignore[union-attr]
         secret = quote(value(name), safe="")
-        url = f"{m.group('head')}{secret}{m.group('tail')}{url[m.end():]}"
+        url = f"{m.group('head')}{secret}{m.group('tail')}{url[m.end() :]}"
     return _ENV_REF.sub(lambda r: value(r.group("name")), url)
 
 

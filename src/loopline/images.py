@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 FORMATS = ("JPEG", "PNG")
 # 4096 x 4096: a 4K frame (3840 x 2160 or 4096 x 2160) fits in either orientation.
 DEFAULT_MAX_PIXELS = 4096 * 4096
+# Pillow's own warning threshold (Image.MAX_IMAGE_PIXELS, left as it is): a limit above it
+# would have Pillow warn about, and from twice it refuse, images the limit allows.
+PILLOW_MAX_PIXELS = 89_478_485
 _MAGIC = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"))
 # ITU-R BT.601 luma weights: brightness and contrast are the mean and spread of luma.
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)

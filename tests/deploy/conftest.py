@@ -235,8 +235,10 @@ class Process:
 
 
 @contextmanager
-def server_process(project: Project, *args: str) -> Iterator[Process]:
-    """``python -m loopline.deploy.server vehicles:1`` in a subprocess."""
+def server_process(
+    project: Project, *args: str, env: dict[str, str] | None = None
+) -> Iterator[Process]:
+    """``python -m loopline.deploy.server vehicles:1`` in a subprocess (``env`` added)."""
     import os
     import subprocess
     import sys
@@ -250,13 +252,16 @@ def server_process(project: Project, *args: str) -> Iterator[Process]:
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             cmd, stdout=out, stderr=subprocess.STDOUT, cwd=project.root,
-            env={**os.environ, "LOOPLINE_SERVE_TOKEN": TOKEN},
+            env={**os.environ, "LOOPLINE_SERVE_TOKEN": TOKEN, **(env or {})},
         )  # fmt: skip
     running = Process(f"http://127.0.0.1:{port}", proc, log)
     try:
         wait_ready(running.url, timeout=60, alive=lambda: proc.poll() is None)
         yield running
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        if proc.poll() is None:  # a failed test: stop it (and its workers) anyway
+            try:
+                running.stop(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import typer
 from typer.testing import CliRunner
 
 from loopline.cli.serve import register
+from loopline.deploy.settings import ServeSettings
 from tests.deploy.conftest import TOKEN, Project, free_port, wait_ready
 
 APP = """
@@ -40,6 +42,33 @@ def test_help_explains() -> None:
     assert result.exit_code == 0
     for words in ("NAME@ALIAS", "--max-batch-size", "--workers", "LOOPLINE_SERVE_TOKEN", "/v2"):
         assert words in result.output
+
+
+def listed_flags(help_text: str) -> set[str]:
+    """The flags a --help lists (its option lines, which start with a dash)."""
+    lines = [line for line in help_text.splitlines() if line.lstrip().startswith("-")]
+    return {f for line in lines for f in re.findall(r"--[a-z][a-z0-9-]*", line)}
+
+
+def test_both_commands_take_the_same_flags() -> None:
+    cli_help = CliRunner().invoke(cli(), ["serve", "--help"])
+    assert cli_help.exit_code == 0, cli_help.output
+    module_help = subprocess.run(
+        [sys.executable, "-m", "loopline.deploy.server", "--help"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert listed_flags(cli_help.output) == listed_flags(module_help)
+    # One flag per setting (the token stays off the command line: see --token-file).
+    names = {"log_predictions": "log"}
+    settings = {
+        "--" + names.get(field, field).replace("_", "-")
+        for field in ServeSettings.model_fields
+        if field != "token"
+    }
+    assert settings <= listed_flags(module_help)
+    assert {"--bundle", "--config", "--token-file", "--no-log", "--max-image-pixels"} <= (
+        listed_flags(module_help)
+    )
 
 
 def test_errors_are_one_line(fresh_project: Project) -> None:

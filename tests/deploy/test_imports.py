@@ -27,3 +27,58 @@ def test_serving_imports_no_torch(fresh_project: Project) -> None:
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "", f"serving imported {out.stdout.strip()}"
+
+
+def deploy_imports() -> dict[str, set[str]]:
+    """Which ``loopline.deploy`` modules each one imports, lazy imports inside functions
+    included (those that only type checkers see excepted)."""
+    import ast
+    from pathlib import Path
+
+    import loopline.deploy
+
+    folder = Path(loopline.deploy.__file__).parent
+    graph: dict[str, set[str]] = {}
+    for path in folder.glob("*.py"):
+        name = f"loopline.deploy.{path.stem}"
+        tree = ast.parse(path.read_text())
+        skip = {
+            id(n)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+            for n in ast.walk(node)
+        }
+        found: set[str] = set()
+        for node in ast.walk(tree):
+            if id(node) in skip:
+                continue
+            if isinstance(node, ast.ImportFrom) and node.module:
+                if node.module == "loopline.deploy":
+                    found |= {f"loopline.deploy.{a.name}" for a in node.names}
+                else:
+                    found.add(node.module)
+            elif isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+        graph[name] = {m for m in found if m.startswith("loopline.deploy.") and m != name}
+    return graph
+
+
+def test_no_import_cycle_among_deploy_modules() -> None:
+    graph = deploy_imports()
+    assert "loopline.deploy.workers" in graph and "loopline.deploy.server" in graph
+
+    def visit(node: str, path: list[str]) -> None:
+        for nxt in sorted(graph.get(node, ())):
+            assert nxt not in path, "import cycle: " + " -> ".join([*path, nxt])
+            visit(nxt, [*path, nxt])
+
+    for module in graph:
+        visit(module, [module])
+
+
+def test_server_and_workers_import_alone() -> None:
+    for module in ("loopline.deploy.workers", "loopline.deploy.server"):
+        out = subprocess.run(
+            [sys.executable, "-c", f"import {module}"], capture_output=True, text=True, timeout=120
+        )
+        assert out.returncode == 0, out.stderr

@@ -48,12 +48,12 @@ def test_tampered_tar_in_the_artifact_store_is_refused(fresh_project: Project) -
     flip_byte(stored, 5000)
     with pytest.raises(IntegrityError, match="corrupt or tampered"):
         load_model(ModelSource(ref="vehicles:1", config=fresh_project.config), ServeSettings())
-    out = serve_cli("--model", "vehicles@candidate", "--config", str(fresh_project.config))
+    out = serve_cli("vehicles@candidate", "--config", str(fresh_project.config))
     assert out.returncode == 1
     assert "error: refusing to serve vehicles:1" in out.stderr and "tampered" in out.stderr
 
 
 def test_unknown_model_is_a_clear_error(fresh_project: Project) -> None:
-    out = serve_cli("--model", "vehicles:7", "--config", str(fresh_project.config))
+    out = serve_cli("vehicles:7", "--config", str(fresh_project.config))
     assert out.returncode == 1
     assert out.stderr.strip() == "error: no model version vehicles:7 (see `loopline models`)"

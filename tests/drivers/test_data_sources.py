@@ -321,3 +321,45 @@ def test_a_warehouse_needs_url_and_query(tmp_path: Path, folder_lake: Path) -> N
     cfg = parse_config({"data": {"source": {"kind": "warehouse", "uri": "lake"}}}, tmp_path)
     with pytest.raises(DataSourceError, match="data.source.url and data.source.query"):
         open_source(cfg)
+
+
+# -- credentials ---------------------------------------------------------------------------
+def test_a_warehouse_names_itself_without_its_password(
+    pg_warehouse: tuple[str, str], folder_lake: Path
+) -> None:
+    from sqlalchemy.engine import make_url
+
+    url, table = pg_warehouse
+    pw = f"pw-{uuid.uuid4().hex[:8]}"
+    with_pw = make_url(url).set(password=pw).render_as_string(hide_password=False)
+    wh = Warehouse(with_pw, f"SELECT path, label FROM {table}", str(folder_lake))
+    assert len(wh.list_records()) == 3  # trust auth: any password connects
+    assert pw not in wh.uri and "postgres:***@127.0.0.1" in wh.uri
+    # An error that would quote the secret (here: a database named like it) is scrubbed.
+    bad = make_url(with_pw).set(database=pw).render_as_string(hide_password=False)
+    with pytest.raises(DataSourceError, match="warehouse query failed") as info:
+        Warehouse(bad, "SELECT 1", str(folder_lake)).list_records()
+    assert pw not in str(info.value) and "***" in str(info.value)
+
+
+def test_a_warehouse_password_from_the_environment(
+    tmp_path: Path,
+    folder_lake: Path,
+    pg_warehouse: tuple[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from sqlalchemy.engine import make_url
+
+    from loopline.errors import ConfigError
+
+    url, table = pg_warehouse
+    ref = make_url(url).set(password="X").render_as_string(hide_password=False)
+    ref = ref.replace(":X@", ":${LOOPLINE_TEST_PW}@")
+    source = {"kind": "warehouse", "url": ref, "query": f"SELECT * FROM {table}", "uri": "lake"}
+    cfg = parse_config({"data": {"source": source}}, tmp_path)
+    with pytest.raises(ConfigError, match=r"\$\{LOOPLINE_TEST_PW\}, which is not set"):
+        open_source(cfg)
+    monkeypatch.setenv("LOOPLINE_TEST_PW", "s3cr3t@/x")
+    wh = open_source(cfg)
+    assert len(wh.list_records()) == 3
+    assert "${LOOPLINE_TEST_PW}" in wh.uri and "s3cr3t" not in wh.uri

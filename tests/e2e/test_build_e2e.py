@@ -328,6 +328,6 @@ def test_evaluate_scores_a_registered_model_on_the_source(project: Path) -> None
     code, out, err = cli("evaluate", "tiny:1", "-c", str(project), "--json")
     assert code == 0, err
     report = json.loads(out)
-    assert report["model"] == "tiny:1" and report["n"] > first["metrics"]["n"]
+    assert report["model"] == "tiny:1" and report["n"] > 200  # every valid record, no split
     assert report["dataset_version"] == first["model"]["dataset_version"]
     assert set(report["segments"]) == {"condition", "camera_id"}

@@ -49,7 +49,7 @@ def evaluate_cmd(
         f"{report['accuracy']:.4f}, macro-F1 {report['macro_f1']:.4f}"
     )
     for column, values in report["segments"].items():
-        table = Table(cell(column), "images", "accuracy", "macro-F1")
+        table = Table(escape(column), "images", "accuracy", "macro-F1")
         for value, r in values.items():
             table.add_row(cell(value), str(r["n"]), f"{r['accuracy']:.3f}", f"{r['macro_f1']:.3f}")
         console.print(table)

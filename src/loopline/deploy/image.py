@@ -36,7 +36,7 @@ SERVE_REQUIREMENTS = (
 OPTIONAL = frozenset({"uvloop", "httptools", "psycopg"})
 EXTRAS = {"psycopg": "[binary]"}
 # Parts of the package the server never imports (training needs torch).
-EXCLUDED = ("examples", "build", "cli")
+EXCLUDED = ("examples", "builder", "cli")
 
 DOCKERFILE = """\
 # Serving image of a Loopline model bundle: no torch, runs as a non-root user.

@@ -25,7 +25,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from loopline.errors import ConfigError
-from loopline.images import DEFAULT_MAX_PIXELS
+from loopline.images import DEFAULT_MAX_PIXELS, PILLOW_MAX_PIXELS
 
 ENV_PREFIX = "LOOPLINE_SERVE_"
 MiB = 1024 * 1024
@@ -74,6 +74,7 @@ class ServeSettings(BaseModel):
     max_image_pixels: int = Field(
         DEFAULT_MAX_PIXELS,
         ge=1,
+        le=PILLOW_MAX_PIXELS,
         description="most pixels an image may declare in its header (413); "
         "the default, 4096x4096, fits a 4K frame",
     )
@@ -224,6 +225,7 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
         prog=prog,
         description="\n\n".join(paragraphs),
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # a flag is spelt out, as click wants it
     )
     p.add_argument("model", nargs="?", metavar="MODEL",
                    help="a registered model: NAME, NAME:VERSION or NAME@ALIAS")  # fmt: skip

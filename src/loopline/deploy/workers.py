@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import signal
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
@@ -62,13 +64,26 @@ def bind_reuseport(host: str, port: int, backlog: int = 2048) -> socket.socket:
     return sock
 
 
-def _worker(app_factory: str, options: dict[str, Any]) -> None:
+def _worker(app_factory: str, options: dict[str, Any], parent: int) -> None:
     """One server process: its own socket, the app built by the ``app_factory`` it imports."""
     import uvicorn
 
+    _stop_with_parent(parent)
     sock = bind_reuseport(options["host"], options["port"], options.get("backlog", 2048))
     config = uvicorn.Config(app_factory, factory=True, **options)
     uvicorn.Server(config).run(sockets=[sock])
+
+
+def _stop_with_parent(parent: int) -> None:
+    """Stop gracefully (SIGTERM to itself) once the supervisor is gone, e.g. SIGKILLed:
+    an orphan would keep serving on the port with nobody to stop it."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="loopline-parent-watch", daemon=True).start()
 
 
 @dataclass
@@ -101,7 +116,9 @@ def run_workers(
         stopping = True
 
     def start(slot: _Slot) -> None:
-        slot.proc = ctx.Process(target=_worker, args=(app_factory, options), daemon=False)
+        slot.proc = ctx.Process(
+            target=_worker, args=(app_factory, options, os.getpid()), daemon=False
+        )
         slot.proc.start()
         slot.started = time.monotonic()
 

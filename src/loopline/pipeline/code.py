@@ -51,6 +51,8 @@ def module_file(name: str) -> Path | None:
     """The ``.py`` source file of module ``name``, found without importing it."""
     spec = module_spec(name)
     origin = spec.origin if spec is not None else None
+    if origin is None:  # a script run as __main__ has no spec, only a file
+        origin = getattr(sys.modules.get(name), "__file__", None)
     if not origin or not origin.endswith(".py"):
         return None
     return Path(origin)

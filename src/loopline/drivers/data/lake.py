@@ -17,6 +17,7 @@ from typing import Any
 import fsspec
 import pandas as pd
 
+from loopline.credentials import expand_url, mask_url, scrub, url_secrets
 from loopline.errors import DataSourceError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -36,26 +37,38 @@ def safe_join(root: str, rel: str) -> str:
 class Lake:
     """Images in a folder or object store, described by a manifest or by class folders."""
 
-    def __init__(self, uri: str, layout: str = "auto", manifest: str = "manifest.csv") -> None:
-        self.uri = uri
+    def __init__(
+        self,
+        uri: str,
+        layout: str = "auto",
+        manifest: str = "manifest.csv",
+        *,
+        shown_uri: str | None = None,
+    ) -> None:
+        # ``uri`` opens the lake; ``self.uri`` names it (recorded, shown) without a password.
+        self.uri = mask_url(shown_uri or uri)
         self.layout = layout
         self.manifest = manifest
         try:
             self.fs, self.root = fsspec.core.url_to_fs(uri)
         except (ImportError, ValueError) as err:
-            raise DataSourceError(f"unsupported data lake URL {uri!r}: {err}") from None
+            reason = scrub(str(err), *url_secrets(uri))
+            raise DataSourceError(f"unsupported data lake URL {self.uri!r}: {reason}") from None
         self.root = self.root.rstrip("/")
         self._local = "file" in (
             (self.fs.protocol,) if isinstance(self.fs.protocol, str) else self.fs.protocol
         )
         if not self.fs.isdir(self.root):
             raise DataSourceError(
-                f"data lake not found: {uri} (generate one with `loopline datagen --out {uri}`)"
+                f"data lake not found: {self.uri} "
+                f"(generate one with `loopline datagen --out {self.uri}`)"
             )
 
     @classmethod
     def from_config(cls, src: Any, resolve: Callable[[str], str]) -> Lake:
-        return cls(resolve(src.uri), layout=src.layout, manifest=src.manifest)
+        uri = resolve(expand_url(src.uri, "data.source.uri"))
+        shown = resolve(src.uri) if "://" not in src.uri else src.uri
+        return cls(uri, layout=src.layout, manifest=src.manifest, shown_uri=shown)
 
     # -- records ---------------------------------------------------------------------------
     def list_records(self) -> pd.DataFrame:

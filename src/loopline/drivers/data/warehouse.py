@@ -37,7 +37,8 @@ class Warehouse:
             raise DataSourceError("a warehouse source needs data.source.url and data.source.query")
         root = src.images_root or src.uri
         url = expand_url(src.url, "data.source.url")
-        return cls(url, src.query, resolve(root), shown_url=src.url)
+        images = resolve(expand_url(root, "data.source.images_root"))
+        return cls(url, src.query, images, shown_url=src.url)
 
     def list_records(self) -> pd.DataFrame:
         try:
