@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import shlex
 import socket
 import threading
 import time
@@ -265,3 +266,18 @@ def server_process(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def image_command(folder: Path) -> tuple[list[str], dict[str, str]]:
+    """The Dockerfile's ENV and CMD, with /bundle standing for ``folder``."""
+    text = (folder / "Dockerfile").read_text().replace("\\\n", " ")
+    env: dict[str, str] = {}
+    cmd: list[str] = []
+    for line in text.splitlines():
+        if line.startswith("ENV "):
+            env.update(pair.split("=", 1) for pair in shlex.split(line[4:]))
+        elif line.startswith("CMD "):
+            cmd = json.loads(line[4:])
+    assert cmd, "the Dockerfile has no CMD"
+    swap = {k: v.replace("/bundle", str(folder)) for k, v in env.items()}
+    return [arg.replace("/bundle", str(folder)) for arg in cmd], swap

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +13,7 @@ from typer.testing import CliRunner
 from loopline.bundle import load_bundle
 from loopline.cli.main import app
 from loopline.errors import IntegrityError
-from tests.deploy.conftest import Project
+from tests.deploy.conftest import Project, image_command
 
 
 def test_export_writes_a_verified_build_context(fresh_project: Project, tmp_path: Path) -> None:
@@ -63,21 +61,6 @@ def _export(project: Project, out: Path) -> Path:
     return out
 
 
-def _image_command(folder: Path) -> tuple[list[str], dict[str, str]]:
-    """The Dockerfile's ENV and CMD, with /bundle standing for ``folder``."""
-    text = (folder / "Dockerfile").read_text().replace("\\\n", " ")
-    env: dict[str, str] = {}
-    cmd: list[str] = []
-    for line in text.splitlines():
-        if line.startswith("ENV "):
-            env.update(pair.split("=", 1) for pair in shlex.split(line[4:]))
-        elif line.startswith("CMD "):
-            cmd = json.loads(line[4:])
-    assert cmd, "the Dockerfile has no CMD"
-    swap = {k: v.replace("/bundle", str(folder)) for k, v in env.items()}
-    return [arg.replace("/bundle", str(folder)) for arg in cmd], swap
-
-
 def test_a_file_added_to_an_exported_bundle_is_refused_and_never_runs(
     fresh_project: Project, tmp_path: Path
 ) -> None:
@@ -95,7 +78,7 @@ def test_a_file_added_to_an_exported_bundle_is_refused_and_never_runs(
     assert served.stderr.startswith("error: refusing to serve bundle")
     assert "sitecustomize.py is not in its manifest" in served.stderr
     # The image's own start command, as the Dockerfile gives it (its ENV included).
-    cmd, env = _image_command(out)
+    cmd, env = image_command(out)
     home = tmp_path / "home"
     home.mkdir()
     image = subprocess.run(

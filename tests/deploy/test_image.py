@@ -2,7 +2,7 @@
 
 No container engine runs here, so the slow test does what the Dockerfile does: a fresh
 virtualenv with only ``requirements-serve.txt`` installed (from the package index), the
-bundle on PYTHONPATH, and the Dockerfile's command. Run it with ``LOOPLINE_SLOW=1``.
+bundle folder, and the Dockerfile's own ENV and CMD. Run it with ``LOOPLINE_SLOW=1``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,14 @@ import pytest
 
 from loopline.bundle import extract_bundle
 from loopline.deploy.image import image_context_files
-from tests.deploy.conftest import TOKEN, Project, free_port, image_bytes, wait_ready
+from tests.deploy.conftest import (
+    TOKEN,
+    Project,
+    free_port,
+    image_bytes,
+    image_command,
+    wait_ready,
+)
 
 
 def test_context_files() -> None:
@@ -38,7 +45,7 @@ def test_context_files() -> None:
     sources = [name for name in files if name.startswith("loopline/")]
     assert "loopline/deploy/server.py" in sources and "loopline/bundle.py" in sources
     assert "loopline/drivers/metadata/migrations/versions/0002_predictions.py" in sources
-    assert not [s for s in sources if s.split("/")[1] in ("build", "cli", "examples")]
+    assert not [s for s in sources if s.split("/")[1] in ("builder", "cli", "examples")]
 
 
 @pytest.mark.slow
@@ -54,14 +61,18 @@ def test_serving_requirements_alone_serve_the_bundle(
         [python, "-m", "pip", "install", "--quiet", "-r", str(folder / "requirements-serve.txt")],
         check=True, timeout=1200,
     )  # fmt: skip
+    # The image's own start command (Dockerfile ENV and CMD, /bundle standing for the folder):
+    # an unlisted file such as a __pycache__ would make it refuse the bundle.
+    cmd, image_env = image_command(folder)
     env = {
         "PATH": f"{venv / 'bin'}:/usr/bin:/bin",
         "HOME": str(tmp_path),
-        "PYTHONPATH": str(folder),
         "LOOPLINE_SERVE_TOKEN": TOKEN,
+        **image_env,
     }
     probe = subprocess.run(
-        [python, "-c", "import importlib.util as u, loopline; "
+        [python, "-I", "-B", "-c", f"import sys; sys.path.append({str(folder)!r}); "
+         "import importlib.util as u, loopline; "
          "print(loopline.__file__); print(u.find_spec('torch'))"],
         env=env, capture_output=True, text=True, check=True,
     )  # fmt: skip
@@ -70,9 +81,9 @@ def test_serving_requirements_alone_serve_the_bundle(
     port = free_port()
     home = tmp_path / "home"
     home.mkdir()
+    assert cmd[0] == "python" and cmd[-4:] == ["--host", "0.0.0.0", "--port", "8080"], cmd
     proc = subprocess.Popen(
-        [python, "-m", "loopline.deploy.server", "--bundle", str(folder),
-         "--host", "127.0.0.1", "--port", str(port)],
+        [python, *cmd[1:-4], "--host", "127.0.0.1", "--port", str(port)],
         env=env, cwd=home, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
     try:
