@@ -9,6 +9,8 @@ the first one created instead of failing "table already exists".
 
 from __future__ import annotations
 
+import random
+import time
 from pathlib import Path
 
 from sqlalchemy import inspect, text
@@ -30,7 +32,38 @@ def head_revision() -> str:
 
 
 def migrate(db: Database) -> None:
-    """Bring the schema of ``db`` to the newest migration."""
+    """Bring the schema of ``db`` to the newest migration.
+
+    On SQLite, a brand-new file opened by several processes at once can answer "database
+    is locked" without waiting (switching it to WAL, or WAL recovery, does not always call
+    the busy handler): such an open is retried with backoff.
+    """
+    for attempt in range(_SQLITE_OPEN_TRIES):
+        try:
+            _migrate(db)
+            return
+        except _Locked:
+            time.sleep(min(0.05 * 2**attempt, 1.0) * (0.5 + random.random()))
+    _migrate(db, final=True)
+
+
+class _Locked(Exception):
+    """SQLite answered "database is locked" while a store was being opened."""
+
+
+_SQLITE_OPEN_TRIES = 8
+
+
+def _migrate(db: Database, *, final: bool = False) -> None:
+    try:
+        _migrate_once(db)
+    except OperationalError as err:
+        if not final and db.dialect == "sqlite" and "database is locked" in str(err.orig):
+            raise _Locked() from err
+        raise _store_error(db, err) from None
+
+
+def _migrate_once(db: Database) -> None:
     head = head_revision()
     try:
         with db.engine.connect() as conn:
@@ -38,16 +71,13 @@ def migrate(db: Database) -> None:
                 return
     except OperationalError as err:
         if _unreachable(err):
-            raise _store_error(db, err) from None
-    try:
-        with db.write_connection() as conn:
-            if db.dialect == "postgresql":
-                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_MIGRATION_LOCK})
-            if _current(conn) == head:
-                return  # another process upgraded it while this one waited
-            _upgrade(conn)
-    except OperationalError as err:
-        raise _store_error(db, err) from None
+            raise
+    with db.write_connection() as conn:
+        if db.dialect == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_MIGRATION_LOCK})
+        if _current(conn) == head:
+            return  # another process upgraded it while this one waited
+        _upgrade(conn)
 
 
 def _current(conn: Connection, *, quick: bool = False) -> str | None:
