@@ -196,6 +196,21 @@ def test_decode_image_keeps_pixels_at_native_size() -> None:
     np.testing.assert_array_equal(decode_image(buf.getvalue(), SPEC), pixels)
 
 
+def test_a_multi_picture_jpeg_decodes_as_its_first_picture_does() -> None:
+    # Cameras and phones write MPO files: JPEGs holding several pictures. Pillow opens them
+    # as "MPO"; they must take the same reduced-scale JPEG decode as a plain JPEG.
+    first = Image.open(io.BytesIO(_image_bytes("PNG", (640, 480)))).convert("RGB")
+    second = first.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    mpo, jpeg = io.BytesIO(), io.BytesIO()
+    first.save(mpo, "MPO", save_all=True, append_images=[second], quality=90)
+    first.save(jpeg, "JPEG", quality=90)
+    with Image.open(io.BytesIO(mpo.getvalue()), formats=["JPEG"]) as opened:
+        assert opened.format == "MPO" and getattr(opened, "n_frames", 1) == 2
+    np.testing.assert_array_equal(
+        decode_image(mpo.getvalue(), SPEC), decode_image(jpeg.getvalue(), SPEC)
+    )
+
+
 # -- nothing but the manifest's files -------------------------------------------------------
 def _extracted(tmp_path: Path) -> Path:
     write_bundle(_files(), tmp_path / "b.tar")
@@ -332,6 +347,34 @@ def test_an_existing_folder_must_be_an_extraction_of_this_tar(tmp_path: Path) ->
     assert other
     with pytest.raises(IntegrityError, match="manifest differs"):
         extract_bundle(tmp_path / "other.tar", dest)
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_a_folder_extracted_by_another_process_meanwhile_must_be_this_tar(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, same: bool
+) -> None:
+    import loopline.bundle
+
+    mine = tmp_path / "mine.tar"
+    write_bundle(_files(), mine)
+    theirs = tmp_path / "theirs.tar"
+    write_bundle(_files() if same else {**_files(), "labels.json": b'["bus"]'}, theirs)
+    staged = extract_bundle(theirs, tmp_path / "staged")
+    dest = tmp_path / "out"
+    extract_members = loopline.bundle._extract_members
+
+    def racing(tar: tarfile.TarFile, into: Path) -> None:
+        extract_members(tar, into)
+        staged.rename(dest)  # another process finishes first, with its own tar
+
+    monkeypatch.setattr(loopline.bundle, "_extract_members", racing)
+    if same:
+        assert extract_bundle(mine, dest) == dest
+    else:  # a self-consistent bundle, but not this one
+        with pytest.raises(IntegrityError, match="manifest differs"):
+            extract_bundle(mine, dest)
+    assert json.loads((dest / "labels.json").read_bytes()) == (["car", "van"] if same else ["bus"])
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".part")] == []
 
 
 # -- deterministic writing ---------------------------------------------------------------------

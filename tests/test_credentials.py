@@ -23,6 +23,14 @@ from loopline.errors import ConfigError
         ("sqlite:///rel.db", "sqlite:///rel.db"),
         ("s3://bucket/artifacts", "s3://bucket/artifacts"),
         ("mysql://u:***@db/x", "mysql://u:***@db/x"),
+        # The password ends at the last '@' before the host, as urllib splits it.
+        ("postgresql://user:p@ss@host/db", "postgresql://user:***@host/db"),
+        ("postgresql://u:p@s@s@host:5432/db?x=a@b", "postgresql://u:***@host:5432/db?x=a@b"),
+        ("postgresql://u:p/ss@host/db", "postgresql://u:***@host/db"),
+        ("postgresql://a@b:pw@host/db", "postgresql://a@b:***@host/db"),
+        ("postgresql://u@db:5432/x", "postgresql://u@db:5432/x"),
+        # A mistyped scheme is still a URL with a password.
+        ("postgres ql://user:s3cret@host/db", "postgres ql://user:***@host/db"),
     ],
 )  # fmt: skip
 def test_mask_url(url: str, masked: str) -> None:

@@ -33,6 +33,7 @@ import numpy as np
 
 from loopline.digest import sha256_bytes, sha256_file
 from loopline.errors import IntegrityError, InvalidInput
+from loopline.images import open_image
 
 FORMAT = "loopline-bundle/1"
 MANIFEST = "MANIFEST.json"
@@ -60,6 +61,8 @@ class PreprocessSpec:
 
 
 _RESAMPLE = {"bilinear": 2, "nearest": 0, "bicubic": 3}  # PIL.Image.Resampling values
+# Pillow opens a JPEG holding several pictures (phones' and cameras' MPO files) as "MPO".
+_JPEG_LIKE = frozenset({"JPEG", "MPO"})
 
 
 def decode_image(data: bytes, spec: PreprocessSpec, *, max_pixels: int | None = None) -> np.ndarray:
@@ -70,11 +73,9 @@ def decode_image(data: bytes, spec: PreprocessSpec, *, max_pixels: int | None = 
     Raises InvalidInput for anything Pillow cannot decode. Training and serving both use
     this function, so a model sees the same pixels in production as in training.
     """
-    from loopline.images import open_image
-
     try:
         with open_image(data, max_pixels=max_pixels) as img:
-            if img.format == "JPEG":
+            if img.format in _JPEG_LIKE:  # decode at a reduced scale when that is enough
                 img.draft("RGB", (spec.width, spec.height))
             rgb = img.convert(spec.color)
             if rgb.size != (spec.width, spec.height):
@@ -169,9 +170,10 @@ def extract_bundle(tar_path: Path, dest: Path) -> Path:
             verify_bundle_dir(tmp)
             try:
                 os.replace(tmp, dest)
-            except OSError:  # another process extracted it first
+            except OSError:  # another process extracted first: it must be this very tar
                 if not dest.exists():
                     raise
+                verify_bundle_dir(dest, manifest=(tmp / MANIFEST).read_bytes())
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)

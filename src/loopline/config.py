@@ -296,6 +296,27 @@ def parse_config(data: dict[str, Any], root: Path, source: str = "config") -> Co
     return cfg
 
 
+def require_project(path: str | Path | None = None, *, metadata_url: str | None = None) -> None:
+    """ConfigError unless there is a project: a config file, or a store named elsewhere.
+
+    A project is a given config ``path``, a ``loopline.yaml`` here, a ``metadata_url``, or
+    a store named by ``LOOPLINE_DB_URL``. Whatever reads the registry calls this before it
+    opens a store, so running in the wrong folder says so instead of creating an empty
+    ``.loopline/`` there.
+    """
+    if (
+        path is not None
+        or metadata_url
+        or Path(DEFAULT_CONFIG_FILE).is_file()
+        or os.environ.get("LOOPLINE_DB_URL")
+    ):
+        return
+    raise ConfigError(
+        f"no Loopline project here: {Path.cwd()} has no {DEFAULT_CONFIG_FILE}; create one "
+        "with `loopline init`, or pass --config FILE (or set LOOPLINE_DB_URL)"
+    )
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load ``loopline.yaml`` (or the defaults when absent and no path is given)."""
     explicit = path is not None

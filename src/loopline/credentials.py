@@ -18,8 +18,15 @@ from loopline.errors import ConfigError
 
 MASK = "***"
 
-# The userinfo of ``scheme://user:password@...``, split as SQLAlchemy's URL parser does.
-_USERINFO = re.compile(r"^(?P<head>[\w+.\-]+://[^:/@]*:)(?P<password>[^@]*)(?P<tail>@)")
+# The userinfo of ``scheme://user:password@host...``, split as urllib splits it: the user
+# ends at the first ``:`` and the password at the last ``@`` before the host
+# (``u:p@ss@host`` has password ``p@ss``). The password may also hold ``/``
+# (``u:p/ss@host``): each further ``@`` is taken into it while no ``/``, ``?`` or ``#``
+# comes first, so an ``@`` in the path or query is never reached. Any scheme counts, a
+# mistyped one (``postgres ql://``) too.
+_USERINFO = re.compile(
+    r"^(?P<head>[^:/?#@]+://[^:/]*:)(?P<password>[^@]*(?:@[^@/?#]*(?=@))*)(?P<tail>@)"
+)
 # Password-like query parameters (``?password=...``, as libpq and some drivers accept).
 _QUERY_SECRET = re.compile(r"(?P<key>[?&](?:password|passwd|pwd)=)(?P<value>[^&#]*)", re.I)
 _ENV_REF = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)\}")

@@ -77,6 +77,10 @@ class ImageTooLarge(InvalidInput):
     status_code = 413
 
 
+class UndecodableImage(InvalidInput):
+    """An image's decoder failed in a way Loopline does not expect (the server answers 400)."""
+
+
 def require_extra(module: str, extra: str) -> None:
     """Raise MissingExtra unless ``module`` can be imported."""
     import importlib.util

@@ -2,20 +2,17 @@
 
 Training (decoding the lake), serving (decoding a camera's upload) and drift detection
 (statistics of training and production images) all use this module, so each sees the same
-rules and the same numbers. It imports numpy only; Pillow loads when an image is opened.
+rules and the same numbers. ``import loopline`` and ``loopline --help`` do not import it.
 """
 
 from __future__ import annotations
 
 import io
-from typing import TYPE_CHECKING
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from loopline.errors import ImageTooLarge, InvalidInput, UnsupportedImage
-
-if TYPE_CHECKING:
-    from PIL.Image import Image
 
 FORMATS = ("JPEG", "PNG")
 # 4096 x 4096: a 4K frame (3840 x 2160 or 4096 x 2160) fits in either orientation.
@@ -36,7 +33,7 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
-def open_image(data: bytes, *, max_pixels: int | None = None) -> Image:
+def open_image(data: bytes, *, max_pixels: int | None = None) -> Image.Image:
     """Open JPEG or PNG bytes lazily: the header is read, no pixel is decoded yet.
 
     Raises UnsupportedImage (any other format), InvalidInput (an unreadable header) and
@@ -44,8 +41,6 @@ def open_image(data: bytes, *, max_pixels: int | None = None) -> Image:
     Pillow's own decompression-bomb limit), all before anything is decoded. Decoding errors
     surface later, from ``load()``.
     """
-    from PIL import Image, UnidentifiedImageError
-
     kind = sniff_format(data)
     if kind is None:
         raise UnsupportedImage(

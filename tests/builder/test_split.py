@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+from collections import Counter
 
 import pandas as pd
 import pytest
@@ -116,3 +117,78 @@ def test_a_class_with_no_train_record_is_an_error() -> None:
     seed = next(s for s in range(1000) if all(split_unit(s, x) < 0.3 for x in pair["sha256"]))
     with pytest.raises(ValidationFailed, match="class 'bus' has 2 distinct valid image"):
         split(CTX, pair, SplitConfig(seed=seed))
+
+
+def test_growing_data_step_by_step_never_moves_a_record_towards_test() -> None:
+    """Records added in batches over classes of every size, small ones (3-10) included.
+
+    The guarantee (see ``loopline.builder.split``): a record whose class had at least 3
+    distinct images never moves from train into val or test, nor from val into test; only
+    a class reaching 3 images for the first time may promote up to two existing images.
+    """
+    rank = {"train": 0, "val": 1, "test": 2}
+    rng = random.Random(11)
+    params = SplitConfig()
+    # Target sizes: two large classes, three small ones (3-10), one growing from 1 image.
+    sizes = {"car": 400, "van": 150, "truck": 10, "bus": 6, "motorcycle": 3, "tram": 12}
+    pending = [(label, i) for label, n in sizes.items() for i in range(n)]
+    rng.shuffle(pending)
+    rows: list[dict[str, str]] = []
+    before: dict[str, str] = {}
+    moves = {"towards_train": 0, "promotions": 0}
+    checked = 0
+    while pending:
+        n = rng.randint(1, 25)
+        batch, pending = pending[:n], pending[n:]
+        rows += [
+            {"path": f"{label}/{i}", "label": label, "sha256": _sha(f"{label}:{i}")}
+            for label, i in batch
+        ]
+        table = pd.DataFrame(rows)
+        distinct = table.groupby("label")["sha256"].nunique().to_dict()
+        try:
+            after = by_path(split(CTX, table, params))
+        except ValidationFailed:  # a class of 1-2 images with none in train yet
+            continue
+        label_of = dict(zip(table["path"], table["label"], strict=True))
+        had = Counter(label_of[p] for p in before)
+        promoted: Counter[str] = Counter()
+        for path, where in before.items():
+            now = after[path]
+            if rank[now] > rank[where]:
+                # Only when the class reaches 3 images for the first time, at most two.
+                label = label_of[path]
+                assert had[label] < 3 <= distinct[label], (path, where, now)
+                promoted[label] += 1
+                assert promoted[label] <= 2
+                moves["promotions"] += 1
+            elif rank[now] < rank[where]:
+                moves["towards_train"] += 1
+            checked += 1
+        before = after
+    assert len(before) == sum(sizes.values())
+    assert checked > 5_000  # many records re-split, step after step
+    assert moves["towards_train"] > 0, moves  # promoted records moved back: the test saw it
+
+
+def test_the_one_exception_a_class_reaching_three_images_promotes_existing_ones() -> None:
+    """Documented, not wanted: with 2 images a class has no test or val image to keep;
+    at 3 the smallest ``u`` goes to test and the next to val, existing images included."""
+    params = SplitConfig()
+    train_only = (
+        f"bus {i}" for i in range(10_000) if split_unit(params.seed, _sha(f"bus {i}")) >= 0.3
+    )
+    shas = [_sha(next(train_only)) for _ in range(3)]
+    big = records(100, labels=["car"])
+    two = pd.concat([big, pd.DataFrame({"path": ["b0", "b1"], "label": "bus", "sha256": shas[:2]})])
+    three = pd.concat([two, pd.DataFrame({"path": ["b2"], "label": "bus", "sha256": shas[2:]})])
+    before, after = by_path(split(CTX, two, params)), by_path(split(CTX, three, params))
+    assert (before["b0"], before["b1"]) == ("train", "train")
+    assert sorted(after[p] for p in ("b0", "b1", "b2")) == ["test", "train", "val"]
+    assert {p: after[p] for p in before if p.startswith("img/")} == {
+        p: s for p, s in before.items() if p.startswith("img/")
+    }  # the large class is untouched
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()

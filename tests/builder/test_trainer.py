@@ -6,6 +6,7 @@ horizontal bars on noise), so the whole file runs in seconds on a CPU.
 
 from __future__ import annotations
 
+import importlib
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -13,9 +14,25 @@ from typing import Any
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("optuna")
-ort = pytest.importorskip("onnxruntime")
+from tests.conftest import IN_CI
+
+
+def _train_extra(name: str) -> Any:
+    """A module of the ``train`` extra: without it the file is skipped, but fails in CI."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as err:
+        if IN_CI:
+            pytest.fail(f"the train extra is required in CI but {name} is missing: {err}")
+        pytest.skip(
+            f"the train extra is not installed ({name}): pip install 'loopline[train]'",
+            allow_module_level=True,
+        )
+
+
+torch = _train_extra("torch")
+_train_extra("optuna")
+ort = _train_extra("onnxruntime")
 
 from loopline.builder import trainer  # noqa: E402
 from loopline.builder.trainer import ModelSpec  # noqa: E402

@@ -40,6 +40,8 @@ def empty_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         ["datasets"],
         ["audit"],
         ["evaluate", "vehicles:1"],
+        ["serve", "vehicles:1"],
+        ["serve", "vehicles@production", "--port", "0"],
     ],
 )
 def test_read_commands_outside_a_project_say_so_and_create_nothing(

@@ -281,3 +281,43 @@ def image_command(folder: Path) -> tuple[list[str], dict[str, str]]:
     assert cmd, "the Dockerfile has no CMD"
     swap = {k: v.replace("/bundle", str(folder)) for k, v in env.items()}
     return [arg.replace("/bundle", str(folder)) for arg in cmd], swap
+
+
+def image_build_checks(folder: Path) -> list[list[str]]:
+    """The Dockerfile's ``RUN python ...`` steps (its checks), with /bundle standing for
+    ``folder``."""
+    text = (folder / "Dockerfile").read_text().replace("\\\n", " ")
+    return [
+        [arg.replace("/bundle", str(folder)) for arg in shlex.split(line[4:])]
+        for line in text.splitlines()
+        if line.startswith("RUN python ")
+    ]
+
+
+@pytest.fixture(scope="session")
+def image_python(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A Python that sees the serving dependencies but not the installed Loopline, as in the
+    image, where ``import loopline`` finds the bundle's own copy once /bundle is on the path.
+
+    A virtualenv whose one ``.pth`` file names this environment's site-packages: the
+    ``.pth`` files inside that folder (the editable install of Loopline among them) are
+    not processed, so the packages are found and Loopline is not.
+    """
+    import os
+    import subprocess
+    import sysconfig
+    import venv
+
+    where = tmp_path_factory.mktemp("image-python")
+    venv.create(where, with_pip=False, symlinks=True)
+    python = str(where / "bin" / "python")
+    ask = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    site = subprocess.run([python, "-c", ask], capture_output=True, text=True, check=True)
+    ours = {sysconfig.get_paths()[key] for key in ("purelib", "platlib")}
+    Path(site.stdout.strip(), "serving-deps.pth").write_text("\n".join(sorted(ours)) + "\n")
+    probe = "import importlib.util as u; print(u.find_spec('loopline'), u.find_spec('fastapi'))"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "LOOPLINE_"))}
+    found = subprocess.run([python, "-I", "-c", probe], capture_output=True, text=True,
+                           check=True, env=env).stdout.split(maxsplit=1)  # fmt: skip
+    assert found[0] == "None" and found[1] != "None", found
+    return python

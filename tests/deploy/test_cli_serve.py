@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 import typer
@@ -79,6 +80,34 @@ def test_errors_are_one_line(fresh_project: Project) -> None:
     assert result.stderr == "error: no model version vehicles:9 (see `loopline models`)\n"
     result = CliRunner().invoke(cli(), ["serve", "vehicles", "--port", "99999"])
     assert result.exit_code == 1 and result.stderr.startswith("error: serve setting port")
+
+
+def _server_module(folder: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOOPLINE_")}
+    return subprocess.run(
+        [sys.executable, "-m", "loopline.deploy.server", *args],
+        capture_output=True, text=True, timeout=120, cwd=folder, env=env,
+    )  # fmt: skip
+
+
+def test_the_server_module_outside_a_project_says_so_and_creates_nothing(
+    tmp_path: Path,
+) -> None:
+    out = _server_module(tmp_path, "vehicles:1")
+    assert out.returncode == 1
+    assert out.stderr == (
+        f"error: no Loopline project here: {tmp_path} has no loopline.yaml; create one with "
+        "`loopline init`, or pass --config FILE (or set LOOPLINE_DB_URL)\n"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_first_open_of_the_store_prints_no_migration_lines(tmp_path: Path) -> None:
+    (tmp_path / "loopline.yaml").write_text("project: p\n")
+    out = _server_module(tmp_path, "vehicles:1")
+    assert out.returncode == 1
+    assert out.stderr == "error: no model version vehicles:1 (see `loopline models`)\n"
+    assert (tmp_path / ".loopline" / "loopline.db").is_file()  # the store was created
 
 
 def test_serve_starts_and_stops(fresh_project: Project) -> None:

@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import py_compile
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 from typer.testing import CliRunner
 
 from loopline.bundle import load_bundle
 from loopline.cli.main import app
+from loopline.deploy import prestart
 from loopline.errors import IntegrityError
-from tests.deploy.conftest import Project, image_command
+from tests.deploy.conftest import (
+    Project,
+    free_port,
+    image_build_checks,
+    image_bytes,
+    image_command,
+    wait_ready,
+)
 
 
 def test_export_writes_a_verified_build_context(fresh_project: Project, tmp_path: Path) -> None:
@@ -100,3 +111,84 @@ def test_an_extra_migration_in_an_exported_bundle_is_refused(
     (versions / "0099_evil.py").write_text("revision = '0099'\ndown_revision = '0002'\n")
     with pytest.raises(IntegrityError, match="0099_evil.py is not in its manifest"):
         load_bundle(out)
+
+
+def _clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "LOOPLINE_"))}
+
+
+def test_the_image_command_checks_then_serves_the_bundle_s_own_source(
+    fresh_project: Project, tmp_path: Path, image_python: str
+) -> None:
+    out = _export(fresh_project, tmp_path / "context")
+    assert (out / "verify-bundle.py").read_bytes() == Path(prestart.__file__).read_bytes()
+    for check in image_build_checks(out):  # the build's own check passes
+        assert check[0] == "python", check
+        subprocess.run([image_python, *check[1:]], check=True, env=_clean_env(), timeout=60)
+    cmd, env = image_command(out)
+    assert cmd[0] == "python" and cmd[-4:] == ["--host", "0.0.0.0", "--port", "8080"], cmd
+    home = tmp_path / "home"
+    home.mkdir()
+    port = free_port()
+    proc = subprocess.Popen(
+        [image_python, *cmd[1:-4], "--host", "127.0.0.1", "--port", str(port), "--no-log"],
+        env={**_clean_env(), **env}, cwd=home,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url, timeout=120, alive=lambda: proc.poll() is None)
+        r = httpx.post(f"{url}/v1/models/vehicles/predict", content=image_bytes(5),
+                       headers={"Content-Type": "image/png"})  # fmt: skip
+        assert r.status_code == 200, r.text
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    # The server ran from the bundle's copy of Loopline, as it does in the image.
+    where = subprocess.run(
+        [image_python, "-I", "-B", "-c",
+         f"import sys; sys.path.append({str(out)!r}); import loopline; print(loopline.__file__)"],
+        capture_output=True, text=True, check=True, env=_clean_env(),
+    )  # fmt: skip
+    assert where.stdout.strip() == str(out / "loopline" / "__init__.py")
+
+
+def _plant(out: Path, kind: str, code: str) -> str:
+    """Put a file that Python would run in place of a listed module; return its name."""
+    if kind == "package":  # a package shadows the module of the same name
+        package = out / "loopline" / "deploy" / "server"
+        package.mkdir()
+        (package / "__init__.py").write_text(code)
+        return "loopline/deploy/server/__init__.py"
+    # Bytecode that Python takes without looking at the source (an unchecked-hash .pyc).
+    source = out / "loopline" / "__init__.py"
+    evil = out.parent / "evil.py"
+    evil.write_text(code)
+    pyc = Path(importlib.util.cache_from_source(str(source)))
+    py_compile.compile(str(evil), cfile=str(pyc), dfile=str(source), doraise=True,
+                       invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)  # fmt: skip
+    return pyc.relative_to(out).as_posix()
+
+
+@pytest.mark.parametrize("kind", ["package", "bytecode"])
+def test_a_file_dropped_among_the_bundle_s_modules_never_runs(
+    fresh_project: Project, tmp_path: Path, image_python: str, kind: str
+) -> None:
+    out = _export(fresh_project, tmp_path / "context")
+    marker = tmp_path / "planted-code-ran"
+    name = _plant(out, kind, f"open({str(marker)!r}, 'w').write('ran')\n")
+    for check in image_build_checks(out):  # the image build fails...
+        built = subprocess.run([image_python, *check[1:]], capture_output=True, text=True,
+                               env=_clean_env(), timeout=60)  # fmt: skip
+        assert built.returncode == 1
+        assert built.stderr == (
+            f"error: bundle file {name} is not in its manifest; refusing to serve {out}\n"
+        )
+    cmd, env = image_command(out)  # ...and so does a start on such a folder
+    started = subprocess.run(
+        [image_python, *cmd[1:]], capture_output=True, text=True, timeout=120,
+        cwd=tmp_path, env={**_clean_env(), **env},
+    )  # fmt: skip
+    assert not marker.exists(), "a file outside the manifest ran before the check"
+    assert started.returncode == 1, started.stderr
+    assert f"bundle file {name} is not in its manifest" in started.stderr

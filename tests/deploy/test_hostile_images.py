@@ -130,6 +130,44 @@ def test_bad_images_batched_with_good_ones_fail_alone(
     assert [type(e) for e in errors] == [kind for _, kind in bad]
 
 
+def test_an_unexpected_decoder_failure_fails_its_request_as_the_client_s(
+    runtime: ModelRuntime, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import struct
+
+    import loopline.deploy.runtime
+
+    # A fake, in-process: a Pillow plugin that raises its own exception type on a crafted
+    # file (struct.error, IndexError...) cannot be produced on demand with a fixed Pillow.
+    poison = image_bytes(77)
+    decode = loopline.deploy.runtime.decode_image
+
+    def decoder(data: bytes, spec: Any, *, max_pixels: int | None = None) -> np.ndarray:
+        if data == poison:
+            raise struct.error("unpack requires a buffer of 4 bytes")
+        return decode(data, spec, max_pixels=max_pixels)
+
+    monkeypatch.setattr(loopline.deploy.runtime, "decode_image", decoder)
+    batcher = Batcher(runtime, threads=0, max_batch_size=64)
+
+    async def main() -> list[Any]:
+        batcher.start()
+        futures = [
+            batcher.submit(images=[image_bytes(1)]),
+            batcher.submit(images=[image_bytes(2), poison]),
+        ]
+        await asyncio.to_thread(batcher.stop)
+        return await asyncio.gather(*futures, return_exceptions=True)
+
+    good, bad = asyncio.run(main())
+    assert len(good.ids) == 1  # the job batched with it is answered
+    assert isinstance(bad, InvalidInput) and bad.status_code == 400
+    assert str(bad).startswith("image 2: cannot decode image (error: unpack requires")
+    (record,) = [r for r in caplog.records if "decoder failed" in r.getMessage()]
+    assert record.exc_info is not None  # the traceback is logged
+    assert batcher.queued_bytes == 0
+
+
 def test_the_queue_is_bounded_by_bytes(runtime: ModelRuntime) -> None:
     batcher = Batcher(runtime, threads=0, max_queue=1000, max_queue_bytes=10_000)
     image = image_bytes(1)  # about 3 kB
@@ -149,6 +187,7 @@ def test_the_queue_is_bounded_by_bytes(runtime: ModelRuntime) -> None:
     queued, message = asyncio.run(main())
     assert queued == 10_000 // len(image)
     assert "10000 bytes" in message and Overloaded.status_code == 503
+    assert batcher.queued_bytes == 0  # after successful jobs
     # A request alone in the queue is taken whatever its size: nothing is refused forever.
     big = np.zeros((30, 3, 32, 32), np.float32)  # 368,640 bytes
 
@@ -159,6 +198,25 @@ def test_the_queue_is_bounded_by_bytes(runtime: ModelRuntime) -> None:
         return len((await fut).ids)
 
     assert asyncio.run(alone()) == 30
+    assert batcher.queued_bytes == 0
+
+    async def failing() -> list[Any]:
+        batcher.start()
+        futures = [
+            batcher.submit(images=[image[:200]]),  # truncated
+            batcher.submit(images=[encoded("BMP")]),
+            batcher.submit(images=[image, b""]),
+        ]
+        await asyncio.to_thread(batcher.stop)
+        return await asyncio.gather(*futures, return_exceptions=True)
+
+    assert all(isinstance(r, InvalidInput) for r in asyncio.run(failing()))
+    assert batcher.queued_bytes == 0  # after failing jobs
+    batcher.start()
+    with pytest.raises(RuntimeError, match="no running event loop"):
+        batcher.submit(images=[image])  # refused before anything is queued or counted
+    batcher.stop()
+    assert batcher.queued_bytes == 0
 
 
 # -- a burst against a real server process ----------------------------------------------------

@@ -7,9 +7,11 @@ bundle folder, and the Dockerfile's own ENV and CMD. Run it with ``LOOPLINE_SLOW
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import httpx
 import pytest
 
 from loopline.bundle import extract_bundle
+from loopline.deploy import prestart
 from loopline.deploy.image import image_context_files
 from tests.deploy.conftest import (
     TOKEN,
@@ -37,6 +40,11 @@ def test_context_files() -> None:
     assert "pip install --no-cache-dir -r /bundle/requirements-serve.txt" in docker
     assert 'CMD ["python", "-I", "-B", "-c", \\\n' in docker
     assert '"--bundle", "/bundle", "--host", "0.0.0.0", "--port", "8080"]' in docker
+    # The folder is checked by the standard library alone, at build and before any import.
+    assert "RUN python -I -B /bundle/verify-bundle.py /bundle\n" in docker
+    check = "runpy.run_path('/bundle/verify-bundle.py')['verify']('/bundle'); "
+    assert docker.index(check) < docker.index("sys.path.append('/bundle')")
+    assert files["verify-bundle.py"] == Path(prestart.__file__).read_bytes()
     reqs = files["requirements-serve.txt"].decode().splitlines()[1:]
     pins = dict(line.split("==") for line in reqs)
     assert pins["onnxruntime"] == metadata.version("onnxruntime")
@@ -46,6 +54,46 @@ def test_context_files() -> None:
     assert "loopline/deploy/server.py" in sources and "loopline/bundle.py" in sources
     assert "loopline/drivers/metadata/migrations/versions/0002_predictions.py" in sources
     assert not [s for s in sources if s.split("/")[1] in ("builder", "cli", "examples")]
+
+
+def test_the_prestart_check_imports_only_the_standard_library() -> None:
+    tree = ast.parse(Path(prestart.__file__).read_text())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)
+                for a in n.names}  # fmt: skip
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree)
+                 if isinstance(n, ast.ImportFrom) and n.module}  # fmt: skip
+    assert imported and imported <= set(sys.stdlib_module_names) | {"__future__"}, imported
+
+
+def _bundle_folder(tmp_path: Path) -> Path:
+    from loopline.bundle import write_bundle
+
+    files = {name: f"{name}\n".encode() for name in ("model.onnx", "labels.json",
+             "preprocess.json", "metadata.json", "loopline/__init__.py")}  # fmt: skip
+    write_bundle(files, tmp_path / "b.tar")
+    return extract_bundle(tmp_path / "b.tar", tmp_path / "bundle")
+
+
+@pytest.mark.parametrize(
+    ("spoil", "why"),
+    [
+        (lambda b: (b / "labels.json").write_text("x"), "labels.json does not match its sha256"),
+        (lambda b: (b / "labels.json").unlink(), "bundle file labels.json is missing"),
+        (lambda b: (b / "x.py").symlink_to(b / "labels.json"), "entry x.py is a link"),
+        (lambda b: (b / "d").symlink_to(b / "loopline"), "entry d is a link"),
+        (lambda b: (b / "MANIFEST.json").write_text("{"), "MANIFEST.json is missing or unread"),
+    ],
+)
+def test_the_prestart_check_refuses_a_spoilt_folder(
+    tmp_path: Path, spoil: Callable[[Path], object], why: str
+) -> None:
+    folder = _bundle_folder(tmp_path)
+    prestart.verify(str(folder))  # as exported: passes
+    spoil(folder)
+    with pytest.raises(SystemExit) as exc:
+        prestart.verify(str(folder))
+    assert str(exc.value.code).startswith("error: ") and why in str(exc.value.code)
+    assert str(exc.value.code).endswith(f"; refusing to serve {folder}")
 
 
 @pytest.mark.slow

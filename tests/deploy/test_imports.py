@@ -7,14 +7,30 @@ import sys
 
 from tests.deploy.conftest import Project
 
+# Requests go through the app too: a module imported lazily while an image is decoded,
+# a batch is run or an answer is written counts as well.
 CHECK = """
-import sys
+import io, sys
+from PIL import Image
+from starlette.testclient import TestClient
 from loopline.deploy.server import ModelSource, create_app, load_model
 from loopline.deploy.settings import ServeSettings
 from loopline.cli.serve import register
 settings = ServeSettings(log_predictions=False)
 served, _ = load_model(ModelSource(ref="vehicles:1", config=sys.argv[1]), settings)
-create_app(served, settings)
+app = create_app(served, settings)
+with TestClient(app) as client:
+    for fmt in ("PNG", "JPEG"):
+        buf = io.BytesIO()
+        Image.new("RGB", (48, 40), (90, 120, 30)).save(buf, fmt)
+        r = client.post("/v1/models/vehicles/predict", content=buf.getvalue(),
+                        headers={"Content-Type": "image/" + fmt.lower()})
+        assert r.status_code == 200, r.text
+    body = {"inputs": [{"name": "input", "shape": [1, 3, 32, 32], "datatype": "FP32",
+                        "data": [0.5] * 3072}]}
+    r = client.post("/v2/models/vehicles/infer", json=body)
+    assert r.status_code == 200, r.text
+    assert client.get("/metrics").status_code == 200
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision", "onnx"))
 print(",".join(heavy))
 """

@@ -201,3 +201,89 @@ def test_memory_is_bounded_while_the_store_is_down(store: MetadataStore) -> None
     log = PredictionLog(store.predictions.log, max_pending_rows=1000, on_dropped=dropped.append)
     log.add(rows(0, 1500))
     assert log.pending == 1000 and sum(dropped) == 500
+
+
+def test_rows_that_cannot_be_spilled_are_dropped_and_the_writer_lives_on(
+    store: MetadataStore, tmp_path: Path
+) -> None:
+    not_a_folder = tmp_path / "spill"
+    not_a_folder.write_text("a file where the spill folder should be")
+    dropped: list[int] = []
+    log = PredictionLog(
+        store.predictions.log,
+        flush_interval_s=0.05,
+        write_attempts=1,
+        max_backoff_s=0.2,
+        spill_dir=not_a_folder,
+        on_dropped=dropped.append,
+    )
+    log.start()
+    try:
+        table_away(store, True)
+        log.add(rows(0, 10))
+        assert not log.flush(30)  # settled, but not written
+        assert sum(dropped) == 10 and log.pending == 0
+        assert log.running
+        table_away(store, False)  # the store recovers: new rows are written again
+        log.add(rows(10, 10))
+        assert log.flush(30)
+        assert stored(store) == ids(range(10, 20))
+    finally:
+        log.close()
+    assert not_a_folder.read_text().startswith("a file")
+
+
+def test_the_writer_survives_a_failing_hook(store: MetadataStore, spill: Path) -> None:
+    calls: list[int] = []
+
+    def on_written(n: int) -> None:
+        calls.append(n)
+        if len(calls) == 1:
+            raise RuntimeError("a metrics hook with a bug")
+
+    log = PredictionLog(
+        store.predictions.log,
+        flush_interval_s=0.05,
+        max_backoff_s=0.2,
+        spill_dir=spill,
+        on_written=on_written,
+    )
+    log.start()
+    try:
+        log.add(rows(0, 5))
+        assert log.flush(30)
+        log.add(rows(5, 5))
+        assert log.flush(30)
+        assert log.running
+    finally:
+        log.close()
+    assert stored(store) == ids(range(10)) and calls == [5, 5]
+    assert not spill.exists()
+
+
+def test_an_import_stops_at_the_first_chunk_the_store_cannot_take(
+    store: MetadataStore, spill: Path
+) -> None:
+    calls: list[int] = []
+
+    def write(batch: list[dict[str, Any]]) -> int:
+        calls.append(len(batch))
+        n = store.predictions.log(batch)
+        if len(calls) == 1:
+            table_away(store, True)  # the store goes down after the file's first chunk
+        return n
+
+    spill.mkdir()
+    path = spill / "predictions-unwritten-x.jsonl"
+    path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows(0, 50)))
+    log = PredictionLog(write, flush_max_rows=10, spill_dir=spill)
+    assert log.import_spilled() == 10
+    # The first chunk, the second (failed), one probe: the other three were not tried.
+    assert calls == [10, 10, 1]
+    assert {r["id"] for r in spilled(spill)} == ids(range(10, 50))  # kept for later
+    calls.clear()
+    assert log.import_spilled() == 0
+    assert calls == [10, 1]  # a store that is down gets one write (and a probe) per try
+    table_away(store, False)
+    assert log.import_spilled() == 40
+    assert stored(store) == ids(range(50)) and spilled(spill) == []

@@ -152,9 +152,20 @@ def test_workers_stop_when_the_supervisor_is_killed(fresh_project: Project) -> N
         server.proc.send_signal(signal.SIGKILL)
         server.proc.wait(30)
         deadline = time.monotonic() + 60
-        while any(Path(f"/proc/{p}").exists() for p in workers):
+        while any(_running(p) for p in workers):
             assert time.monotonic() < deadline, "orphaned workers still running"
             time.sleep(0.2)
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` still runs: a zombie (state Z or X) has ended, though nobody has
+    reaped it yet (a container without an init process may never reap it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    state = stat.rpartition(")")[2].split()[0]  # after the command name, which may hold spaces
+    return state not in ("Z", "X")
 
 
 def _cmdline(pid: int) -> bytes:

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from sqlalchemy import inspect, text
 
+from loopline.drivers.metadata.database import safe_url
 from loopline.drivers.metadata.models import ModelVersion, PipelineRun
 from loopline.drivers.metadata.registry import Registration
 from loopline.drivers.metadata.store import MIGRATIONS, MetadataStore
@@ -471,3 +472,18 @@ def test_unreachable_server_is_a_one_line_store_error() -> None:
 def test_garbage_url_is_a_store_error(url: str) -> None:
     with pytest.raises(StoreError, match="metadata store URL"):
         MetadataStore(url)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgres ql://user:s3cret@host/db",  # SQLAlchemy cannot parse it
+        "nosuchdialect://user:s3cret@host/db",
+        "postgresql+nosuchdriver://user:p@s3cret@host/db",  # '@' in the password
+    ],
+)
+def test_a_bad_url_never_shows_its_password(url: str) -> None:
+    with pytest.raises(StoreError, match="metadata store URL") as info:
+        MetadataStore(url)
+    assert "s3cret" not in str(info.value) and "***" in str(info.value)
+    assert "s3cret" not in safe_url(url)

@@ -331,3 +331,41 @@ def test_evaluate_scores_a_registered_model_on_the_source(project: Path) -> None
     assert report["model"] == "tiny:1" and report["n"] > 200  # every valid record, no split
     assert report["dataset_version"] == first["model"]["dataset_version"]
     assert set(report["segments"]) == {"condition", "camera_id"}
+
+
+def test_the_gate_compares_with_the_model_its_cache_key_names(
+    project: Path, user_arch: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The alias moves between the gate's key (production = the good tiny:1) and its run:
+    the decision must still be against tiny:1, the model its key names."""
+    from loopline.builder.resources import BuildResources
+
+    code, first = build_json(project)
+    assert code == 0, first
+    arch = "train.architecture=usernet.constant:Constant"
+    code, second = build_json(project, arch)  # tiny:2, a constant (bad) model
+    assert code == 0 and second["model"]["version"] == 2, second
+    store = store_of(project)
+    store.models.set_alias("tiny", "production", 1)
+
+    real = BuildResources.find_model
+    lookups: list[int] = []
+
+    def then_move(self: BuildResources, name: str, alias: str) -> object:
+        mv = real(self, name, alias)
+        lookups.append(mv.version)
+        if len(lookups) == 1:  # right after the first read, as a concurrent promotion would
+            store.models.set_alias("tiny", "production", 2)
+        return mv
+
+    monkeypatch.setattr(BuildResources, "find_model", then_move)
+    code, third = build_json(project, arch, "gate.max_regression=0.0")
+    assert lookups[0] == 1
+    gate_step = [s for s in store.steps.for_run(third["run_id"]) if s.step == "gate"][0]
+    from loopline.drivers.artifacts import ArtifactStore
+
+    artifacts = ArtifactStore(str(project.parent / "state" / "artifacts"))
+    baseline = artifacts.get_json(gate_step.outputs["decision"]["sha256"])["baseline"]
+    assert baseline["model"] == "tiny:1", baseline  # not tiny:2, where the alias is now
+    assert code == 3 and "worse than production tiny:1" in third["reason"], third
+    assert lookups == [1]  # read once: the key and the decision agree by construction

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -149,3 +150,99 @@ def test_relative_imports_and_type_checking_blocks(tmp_path: Path, user_package:
 
 def _noop(ctx: Any) -> None:
     return None
+
+
+def _edited(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, module: str, text: str = "\nEDITED = 1\n"
+) -> None:
+    """Make ``module``'s source an edited copy of itself, as an edit of the installed file."""
+    original = code.module_file(module)
+    assert original is not None
+    edited = tmp_path / f"{module}.py"
+    edited.write_text(original.read_text() + text)
+    real = code.module_file
+    monkeypatch.setattr(code, "module_file", lambda name: edited if name == module else real(name))
+
+
+@pytest.mark.parametrize(
+    ("kind", "driver"),
+    [("lake", "loopline.drivers.data.lake"), ("warehouse", "loopline.drivers.data.warehouse")],
+)
+def test_ingest_covers_the_source_driver_it_opens_by_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str, driver: str
+) -> None:
+    from loopline.builder.pipeline import build_pipeline
+    from loopline.config import parse_config
+
+    source = {"kind": kind, "url": "sqlite://", "query": "SELECT 1"} if kind == "warehouse" else {}
+    config = parse_config({"data": {"source": source}}, tmp_path).to_dict()
+    steps = {s.name: s for s in build_pipeline()}
+    params = {name: s.select_params(config) for name, s in steps.items()}
+    before = {name: s.code_version_for(params[name]) for name, s in steps.items()}
+    # The driver is imported by name from SOURCES, which no import scan reaches.
+    _edited(monkeypatch, tmp_path, driver)
+    after = {name: s.code_version_for(params[name]) for name, s in steps.items()}
+    assert {name for name in steps if after[name] != before[name]} == {"ingest"}
+
+
+def test_the_evaluate_step_does_not_cover_the_metadata_store() -> None:
+    """``loopline evaluate``'s recording of dataset versions is not the evaluate step's code."""
+    modules = code.closure(["loopline.builder.evaluate"], ["loopline"])
+    assert "loopline.builder.trainer" in modules
+    assert not [m for m in modules if m.startswith("loopline.drivers.metadata")]
+    assert "loopline.builder.record" not in modules
+
+
+@pytest.fixture
+def user_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A project folder on sys.path: ``archmodels.net:Net`` uses ``archlayers.py`` beside
+    the package, and yaml (installed, not the project's)."""
+    root = tmp_path / "project"
+    _write(root / "archmodels" / "__init__.py", "")
+    _write(
+        root / "archmodels" / "net.py",
+        """
+        import yaml
+
+        from archlayers import Block
+
+
+        class Net(Block):
+            pass
+        """,
+    )
+    _write(root / "archlayers.py", "class Block:\n    width = 1\n")
+    _write(root / "archunused.py", "X = 1\n")
+    monkeypatch.syspath_prepend(str(root))
+    yield root
+    for name in [m for m in sys.modules if m.split(".")[0] in ("archmodels", "archlayers")]:
+        del sys.modules[name]
+
+
+def test_a_user_architecture_covers_the_project_modules_it_imports(user_project: Path) -> None:
+    from loopline.builder.pipeline import build_pipeline
+    from loopline.builder.train import TrainParams
+
+    train = build_pipeline().step("train")
+    params = TrainParams(architecture="archmodels.net:Net", labels=["a", "b"])
+    modules = code.closure(["archmodels.net"], ["archmodels"])
+    assert {"archmodels.net", "archlayers"} <= set(modules)
+    assert "yaml" not in modules and not any(m.startswith("yaml.") for m in modules)
+    first = train.code_version_for(params)
+    _write(user_project / "archunused.py", "X = 2\n")  # imported by nothing: same code
+    assert train.code_version_for(params) == first
+    _write(user_project / "archlayers.py", "class Block:\n    width = 2\n")
+    assert train.code_version_for(params) != first
+
+
+def test_an_edit_keeping_size_and_mtime_still_changes_the_code_version(
+    user_package: Path,
+) -> None:
+    helpers = user_package / "userpkg" / "helpers.py"
+    step = Step("s", _noop, code_modules=lambda params: ["userpkg.helpers"])
+    first = step.code_version_for({})
+    st = helpers.stat()
+    helpers.write_text(helpers.read_text().replace("1", "2"))  # same size
+    os.utime(helpers, ns=(st.st_atime_ns, st.st_mtime_ns))  # same clock tick
+    assert helpers.stat().st_size == st.st_size
+    assert step.code_version_for({}) != first

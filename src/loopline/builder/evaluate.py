@@ -1,23 +1,22 @@
-"""Evaluate: the candidate on the test split, overall and per segment (condition, camera);
-and ``evaluate_registered``, which backs ``loopline evaluate``.
+"""Evaluate: the candidate on the test split, overall and per segment (condition, camera).
+
+``loopline evaluate`` (a registered model on the whole source) is
+``loopline.builder.evaluate_registered``, kept out of this step's code version.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from loopline.builder.images import label_indices, load_images
-from loopline.builder.scoring import evaluate_bundle, segment_reports
+from loopline.builder.scoring import segment_reports
 from loopline.config import EvaluateConfig
 from loopline.errors import require_extra
 from loopline.metrics import classification_report
 from loopline.pipeline import StepContext
-
-if TYPE_CHECKING:
-    from loopline.builder.resources import BuildResources
 
 
 class EvaluateParams(EvaluateConfig):
@@ -57,41 +56,4 @@ def evaluate(
         ctx.log(
             f"by {column}: " + ", ".join(f"{v} acc={r['accuracy']:.3f}" for v, r in values.items())
         )
-    return report
-
-
-def evaluate_registered(
-    resources: BuildResources, ref: str, reporter: Any = None
-) -> dict[str, Any]:
-    """Evaluate a registered model (its ONNX bundle) on every valid record of the source.
-
-    Used to measure a model on data it was not built from, e.g. a day-only model on fog
-    and night images. The records are ingested and validated as in a build (the dataset
-    version is recorded), then scored with ONNX Runtime, overall and per segment.
-    """
-    from loopline.builder.ingest import ingest
-    from loopline.builder.record import record_dataset
-    from loopline.builder.validate import ValidateParams, validate
-    from loopline.pipeline.step import SilentReporter
-
-    config = resources.config
-    mv = resources.store.models.resolve(ref)
-    ctx = StepContext(
-        run_id="evaluate",
-        step="evaluate",
-        reporter=reporter or SilentReporter(),
-        resources=resources.for_steps(),
-    )
-    labels = config.data.labels
-    ingested = ingest(ctx, config.data)
-    record_dataset(resources.store, config.project, ingested["dataset"], None)
-    validate_params = ValidateParams.model_validate(
-        {**config.validate_.model_dump(), "labels": labels}
-    )
-    clean = validate(ctx, ingested["records"], validate_params)["clean"]
-    report, pred = evaluate_bundle(ctx, mv.bundle_sha256, clean, labels)
-    y = label_indices(clean, labels)
-    report["segments"] = segment_reports(clean, y, pred, labels, config.evaluate.segments)
-    report["model"] = f"{mv.name}:{mv.version}"
-    report["dataset_version"] = ingested["dataset"]["version"]
     return report

@@ -6,6 +6,7 @@ Rules read ``METRIC OP NUMBER`` where METRIC is a dotted path into the evaluatio
 
 from __future__ import annotations
 
+import json
 import operator
 import re
 from collections.abc import Callable
@@ -109,24 +110,41 @@ def check_rules(report: dict[str, Any], rules: list[str]) -> list[dict[str, Any]
 
 
 def production_fingerprint(ctx: StepContext, params: GateParams) -> str:
-    """Cache extra for the gate: which model it is compared against."""
+    """Cache extra for the gate: the model it is compared against, resolved once per run.
+
+    The gate reads the same model back from ``ctx.cache_extra`` (``baseline_model``), so an
+    alias moved in between cannot make the decision come from another model than its key.
+    """
     mv = ctx.resources.find_model(params.name, params.compare_to) if params.compare_to else None
-    return f"{mv.name}:{mv.version}:{mv.bundle_sha256}" if mv is not None else ""
+    if mv is None:
+        return ""
+    return json.dumps(
+        {"name": mv.name, "version": mv.version, "bundle_sha256": mv.bundle_sha256},
+        sort_keys=True,
+    )
+
+
+def baseline_model(ctx: StepContext) -> dict[str, Any] | None:
+    """The model ``production_fingerprint`` resolved for this run (name, version,
+    bundle_sha256), or None when there is none to compare against."""
+    return json.loads(ctx.cache_extra) if ctx.cache_extra else None
 
 
 def gate(
     ctx: StepContext, metrics: dict[str, Any], splits: pd.DataFrame, params: GateParams
 ) -> dict[str, Any]:
+    """Check the rules, and no regression against the model the cache key names."""
     rules = check_rules(metrics, params.rules)
     reasons = [f"{r['rule']} failed (value {r['value']:.4f})" for r in rules if not r["passed"]]
     baseline: dict[str, Any] | None = None
-    mv = ctx.resources.find_model(params.name, params.compare_to) if params.compare_to else None
+    mv = baseline_model(ctx) if params.compare_to else None
     if mv is not None:
         test = splits[splits["split"] == "test"].reset_index(drop=True)
-        prod, _ = evaluate_bundle(ctx, mv.bundle_sha256, test, params.labels)
+        prod, _ = evaluate_bundle(ctx, mv["bundle_sha256"], test, params.labels)
         ours, theirs = lookup(metrics, params.metric), lookup(prod, params.metric)
+        model = f"{mv['name']}:{mv['version']}"
         baseline = {
-            "model": f"{mv.name}:{mv.version}",
+            "model": model,
             "alias": params.compare_to,
             "metric": params.metric,
             "candidate": ours,
@@ -136,7 +154,7 @@ def gate(
         if ours < theirs - params.max_regression:
             reasons.append(
                 f"{params.metric} {ours:.4f} is worse than {params.compare_to} "
-                f"{mv.name}:{mv.version} ({theirs:.4f}) by more than {params.max_regression:g}"
+                f"{model} ({theirs:.4f}) by more than {params.max_regression:g}"
             )
     accepted = not reasons
     ctx.log("accepted" if accepted else "rejected: " + "; ".join(reasons))

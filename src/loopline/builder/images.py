@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
 
 from loopline.bundle import PreprocessSpec, decode_image
+from loopline.digest import sha256_bytes
 from loopline.errors import DataSourceError
 from loopline.pipeline import StepContext
 
@@ -26,7 +26,7 @@ def load_images(
     def one(i: int) -> None:
         path, digest = rows[i]
         data = source.read_bytes(path)
-        if hashlib.sha256(data).hexdigest() != digest:
+        if sha256_bytes(data) != digest:
             raise DataSourceError(
                 f"{path} changed since it was ingested (sha256 mismatch); re-run the build "
                 "to ingest a new dataset version"

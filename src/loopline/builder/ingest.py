@@ -7,13 +7,13 @@ returns the records and a description of the version; the recorder stores the ve
 
 from __future__ import annotations
 
-import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pandas as pd
 
 from loopline.config import DataConfig
+from loopline.digest import sha256_bytes
 from loopline.pipeline import StepContext
 
 
@@ -21,7 +21,7 @@ def dataset_version(records: pd.DataFrame) -> str:
     """Content hash of a records table, independent of row order."""
     ordered = records.sort_values("path", kind="stable").reset_index(drop=True)
     ordered = ordered[sorted(ordered.columns)]
-    return hashlib.sha256(ordered.to_csv(index=False).encode()).hexdigest()
+    return sha256_bytes(ordered.to_csv(index=False).encode())
 
 
 def ingest(ctx: StepContext, params: DataConfig) -> dict[str, Any]:
@@ -42,7 +42,7 @@ def ingest(ctx: StepContext, params: DataConfig) -> dict[str, Any]:
             return "", -1
         finally:
             bar.advance()
-        return hashlib.sha256(data).hexdigest(), len(data)
+        return sha256_bytes(data), len(data)
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         hashed = list(pool.map(digest, records["path"].tolist()))
@@ -51,7 +51,7 @@ def ingest(ctx: StepContext, params: DataConfig) -> dict[str, Any]:
     records["bytes"] = [n for _, n in hashed]
     records = records.fillna("").astype({c: str for c in records.columns if c != "bytes"})
     version = dataset_version(records)
-    records_sha = hashlib.sha256(records.to_csv(index=False).encode()).hexdigest()
+    records_sha = sha256_bytes(records.to_csv(index=False).encode())
     stats = {
         "labels": records["label"].value_counts().sort_index().to_dict(),
         "columns": list(records.columns),
@@ -82,3 +82,14 @@ def source_fingerprint(ctx: StepContext, params: Any) -> str:
     """Cache extra for ingest: the step re-runs whenever the source's content changes."""
     source = ctx.resources.source
     return f"{source.uri}|{source.fingerprint()}"
+
+
+def source_modules(params: DataConfig) -> list[str]:
+    """Code modules for ingest: the driver of the configured source (``SOURCES[kind]``).
+
+    The driver is imported by name from a table, so no import scan reaches it; yet its
+    ``list_records`` decides ingest's output, so its module is part of ingest's code version.
+    """
+    from loopline.drivers.data import source_module
+
+    return [source_module(params.source.kind)]

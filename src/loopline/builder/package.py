@@ -7,7 +7,6 @@ sha256 manifest. It is stored in the artifact store by content.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tempfile
 from functools import cache
@@ -21,6 +20,7 @@ from loopline import __version__
 from loopline.builder.images import load_images
 from loopline.bundle import PreprocessSpec, to_input, write_bundle
 from loopline.config import PackageConfig
+from loopline.digest import sha256_bytes
 from loopline.errors import PipelineError, require_extra
 from loopline.pipeline import StepContext
 
@@ -37,10 +37,8 @@ class PackageParams(PackageConfig):
 def _context_digest() -> str:
     from loopline.deploy.image import image_context_files
 
-    h = hashlib.sha256()
-    for name, data in sorted(image_context_files().items()):
-        h.update(f"{name}={hashlib.sha256(data).hexdigest()}\n".encode())
-    return h.hexdigest()
+    files = sorted(image_context_files().items())
+    return sha256_bytes("".join(f"{name}={sha256_bytes(data)}\n" for name, data in files).encode())
 
 
 def context_fingerprint(ctx: StepContext, params: PackageParams) -> str:

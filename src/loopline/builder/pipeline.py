@@ -13,7 +13,7 @@ from typing import Any
 
 from loopline.builder.evaluate import EvaluateParams, evaluate
 from loopline.builder.gate import GateParams, gate, halt_if_rejected, production_fingerprint
-from loopline.builder.ingest import ingest, source_fingerprint
+from loopline.builder.ingest import ingest, source_fingerprint, source_modules
 from loopline.builder.package import PackageParams, context_fingerprint, package
 from loopline.builder.record import BuildRecorder, git_commit
 from loopline.builder.resources import BuildResources
@@ -37,6 +37,7 @@ def build_pipeline() -> Pipeline:
                 outputs=("records", "dataset"),
                 params=("data",),
                 params_type=DataConfig,
+                code_modules=source_modules,
                 cache_extra=source_fingerprint,
             ),
             Step(
@@ -104,16 +105,16 @@ def preflight(config: Config) -> None:
     import it), every gate rule's metric against the evaluation report's shape, and that the
     data source opens.
     """
-    from loopline.builder.gate import GateParams, check_metrics, parse_rule
+    from loopline.builder.gate import check_metrics, parse_rule
     from loopline.drivers.data import open_source
 
     check_architecture(config.train.architecture)
     for rule in config.gate.rules:
         parse_rule(rule)
-    gate_params = GateParams.model_validate(
-        {**config.gate.model_dump(), "labels": config.data.labels, "name": config.model.name}
-    )
-    check_metrics(gate_params, config.evaluate.segments)
+    # The params exactly as the runner will select them for the steps.
+    steps, raw = build_pipeline(), config.to_dict()
+    segments = steps.step("evaluate").select_params(raw).segments
+    check_metrics(steps.step("gate").select_params(raw), segments)
     open_source(config)
 
 

@@ -9,7 +9,6 @@ remembers which version it equals.
 
 from __future__ import annotations
 
-import hashlib
 import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from loopline import __version__
+from loopline.digest import sha256_bytes
 from loopline.drivers.metadata.store import MetadataStore
 from loopline.metrics import headline
 from loopline.pipeline.step import Reporter, SilentReporter
@@ -87,7 +87,7 @@ class BuildRecorder:
 
     def register(self, run_id: str, values: Mapping[str, Any]) -> None:
         bundle: bytes = values["bundle"]
-        digest = hashlib.sha256(bundle).hexdigest()
+        digest = sha256_bytes(bundle)
         if not self.artifacts.exists(digest):  # pragma: no cover - the engine stored it
             self.artifacts.put_bytes(bundle)
         dataset, model = values["dataset"], values["model"]

@@ -1,29 +1,38 @@
-"""Split: train / validation / test by content hash, so adding data never moves a record.
+"""Split: train / validation / test by content hash, so adding data never leaks a record
+into test.
 
 A record's split is a pure function of the sha256 of its file and ``split.seed``:
 ``u = int(sha256(f"{seed}:{file_sha256}")[:16], 16) / 2**64`` lands in test below
 ``split.test``, in val below ``split.test + split.val``, else in train. Records with the same
-content share a split, and a record keeps its split however much data is added, so a model
-tested on one dataset version never finds its training images in a later version's test split.
+content share a split.
 
 Stratification is statistical: each class's shares follow a binomial around the configured
 ones (about ±2.5 points for 200 records of a class at 15 %) instead of being rounded exactly.
 A class with at least 3 distinct images gets at least one test and one val image: when no
-image of the class falls in test, the one with the smallest ``u`` is moved there; then, when
-none falls in val, the smallest left outside test. Those are again pure functions of the
-records, and as data grows they only move an image out of test or val (to where its ``u``
-puts it) or a new image in: an existing train image never moves into val or test, nor a val
-image into test. The trade-off: in a class that small, the promoted image is not where its
-hash alone would put it. A class with no train image is an error.
+image of the class falls in test, the one with the smallest ``u`` is promoted there; then,
+when none falls in val, the smallest left outside test. A class with no train image is an
+error.
+
+What adding records guarantees, precisely (``tests/builder/test_split.py`` checks it):
+
+- A record whose class already had at least 3 distinct images never moves from train into
+  val or test, nor from val into test. Without promotion (every class large enough to have
+  test and val images by hash) no existing record moves at all.
+- A promoted record may move back out of test or val, to where its ``u`` puts it (val or
+  train), when a new image of its class takes its place. So a model trained on one dataset
+  version never finds its training images in a later version's val or test split (classes
+  of fewer than 3 images aside, below), but a later model may train on a record an earlier
+  one was tested on.
+- A class reaching 3 distinct images for the first time has had no test or val image yet;
+  up to two of its existing (train) images are then promoted, one into test, one into val.
 """
 
 from __future__ import annotations
 
-import hashlib
-
 import pandas as pd
 
 from loopline.config import SplitConfig
+from loopline.digest import sha256_bytes
 from loopline.errors import ValidationFailed
 from loopline.pipeline import StepContext
 
@@ -32,7 +41,7 @@ SPLITS = ("train", "val", "test")
 
 def split_unit(seed: int, sha256: str) -> float:
     """A uniform number in [0, 1) drawn from a record's content hash and the seed."""
-    return int(hashlib.sha256(f"{seed}:{sha256}".encode()).hexdigest()[:16], 16) / 2**64
+    return int(sha256_bytes(f"{seed}:{sha256}".encode())[:16], 16) / 2**64
 
 
 def assign(shas: pd.Series, labels: pd.Series, params: SplitConfig) -> pd.Series:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
 from loopline.cli.output import print_error
-from loopline.errors import ConfigError, LooplineError
+from loopline.errors import LooplineError
 
 if TYPE_CHECKING:
     from loopline.config import Config
@@ -27,27 +26,15 @@ def fail(err: LooplineError) -> NoReturn:
     raise typer.Exit(err.exit_code)
 
 
-def require_project(path: Path | None) -> None:
-    """ConfigError unless there is a project: a config file, or a store named by LOOPLINE_DB_URL.
-
-    Commands that read the registry call this before opening any store, so running one in
-    the wrong folder says so instead of creating an empty ``.loopline/`` there.
-    """
-    from loopline.config import DEFAULT_CONFIG_FILE
-
-    if path is not None or Path(DEFAULT_CONFIG_FILE).is_file() or os.environ.get("LOOPLINE_DB_URL"):
-        return
-    raise ConfigError(
-        f"no Loopline project here: {Path.cwd()} has no {DEFAULT_CONFIG_FILE}; create one "
-        "with `loopline init`, or pass --config FILE (or set LOOPLINE_DB_URL)"
-    )
-
-
 def load_config(
     path: Path | None, overrides: list[str] | None = None, *, project: bool = False
 ) -> Config:
-    """The config; with ``project``, first require that there is a project (see above)."""
-    from loopline.config import load_config
+    """The config; with ``project``, first require that there is a project.
+
+    Commands that read the registry pass ``project``, so that one run in the wrong folder
+    says so (``loopline.config.require_project``) instead of creating ``.loopline/`` there.
+    """
+    from loopline.config import load_config, require_project
 
     if project:
         require_project(path)

@@ -28,7 +28,7 @@ def evaluate_cmd(
     """
     from rich.table import Table
 
-    from loopline.builder.evaluate import evaluate_registered
+    from loopline.builder.evaluate_registered import evaluate_registered
     from loopline.builder.pipeline import open_stores
     from loopline.builder.resources import BuildResources
     from loopline.cli.output import RichReporter

@@ -3,7 +3,8 @@
 Every bundle carries these files (the package step adds them), so an extracted bundle is a
 complete ``docker build`` / ``podman build`` context. The image holds no torch: only what
 ``python -m loopline.deploy.server`` imports, pinned to the versions this bundle was built
-and tested with.
+and tested with, and ``verify-bundle.py`` (``prestart.py``), which checks the folder
+against its manifest before any of its code runs.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ EXTRAS = {"psycopg": "[binary]"}
 # Parts of the package the server never imports (training needs torch).
 EXCLUDED = ("examples", "builder", "cli")
 
+VERIFY_SCRIPT = "verify-bundle.py"  # loopline/deploy/prestart.py, at the bundle root
+
 DOCKERFILE = """\
 # Serving image of a Loopline model bundle: no torch, runs as a non-root user.
 # Build it from the extracted bundle folder:
@@ -49,18 +52,24 @@ RUN useradd --create-home --uid 10001 loopline
 COPY requirements-serve.txt /bundle/requirements-serve.txt
 RUN pip install --no-cache-dir -r /bundle/requirements-serve.txt
 COPY . /bundle
+# What may run: the files MANIFEST.json lists, and nothing else. verify-bundle.py uses the
+# standard library alone (python -I puts neither /bundle nor the working folder on
+# sys.path): it refuses a file the manifest does not list (a sitecustomize.py, a
+# __pycache__, a module dropped next to Loopline's own), a link, or a file that does not
+# match its sha256, here and again at every start, before any code from /bundle runs.
+# The manifest itself was checked against the registry when the bundle was exported, and
+# the image's digest pins it; the server then verifies the model files before loading.
+RUN python -I -B /bundle/verify-bundle.py /bundle
 USER loopline
 # The prediction log defaults to a SQLite file here; set LOOPLINE_DB_URL for PostgreSQL.
 WORKDIR /home/loopline
 EXPOSE 8080
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 CMD ["python", "-c", \\
 "import urllib.request as u; u.urlopen('http://127.0.0.1:8080/v2/health/ready', timeout=2)"]
-# /bundle is not on PYTHONPATH and -I ignores it anyway: no file in /bundle (a stray
-# sitecustomize.py, say) runs at start-up, and /bundle comes after the installed packages,
-# so it can shadow none. The server then checks every file against the bundle's manifest
-# (and refuses any file the manifest does not list) before it loads the model.
+# /bundle goes last on sys.path (not on PYTHONPATH, which -I ignores anyway), after the
+# check: it can shadow no installed package.
 CMD ["python", "-I", "-B", "-c", \\
-     "import sys; sys.path.append('/bundle'); from loopline.deploy.server import main; sys.exit(main())", \\
+     "import runpy, sys; runpy.run_path('/bundle/verify-bundle.py')['verify']('/bundle'); sys.path.append('/bundle'); from loopline.deploy.server import main; sys.exit(main())", \\
      "--bundle", "/bundle", "--host", "0.0.0.0", "--port", "8080"]
 """  # noqa: E501 - a Dockerfile's exec-form command cannot be split
 
@@ -96,6 +105,7 @@ def image_context_files() -> dict[str, bytes]:
     files = {
         "Dockerfile": DOCKERFILE.encode(),
         "requirements-serve.txt": serve_requirements().encode(),
+        VERIFY_SCRIPT: (Path(__file__).parent / "prestart.py").read_bytes(),
     }
     files.update(package_sources())
     return files

@@ -20,12 +20,16 @@ rows behind it:
 Spill files (``predictions-unwritten-*.jsonl`` in ``spill_dir``) are imported again at
 start and every ``reimport_interval_s`` while any exist; the store skips ids it holds, so
 an import can be repeated safely, and several server processes may share the folder (a
-file is claimed by renaming it). Rows the store refuses while it answers other writes go
-to ``predictions-rejected-*.jsonl``, kept for a person to look at, and count as dropped.
+file is claimed by renaming it). An import stops at the first chunk the store cannot take
+and keeps the rest of the file for the next try. Rows the store refuses while it answers
+other writes go to ``predictions-rejected-*.jsonl``, kept for a person to look at, and
+count as dropped; so do rows that cannot be spilled (``spill_dir`` not writable, disk
+full). The writer thread survives any error: it logs it and tries again with backoff.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -89,11 +93,17 @@ class PredictionLog:
         self._unwritten = 0  # rows spilled or dropped
         self._failures = 0  # writes failed in a row
         self._probe: dict[str, Any] | None = None  # a row the store holds
+        self._spill_failing = False  # the last spill could not be written
         self._thread: threading.Thread | None = None
 
     @property
     def pending(self) -> int:
         return len(self._rows)
+
+    @property
+    def running(self) -> bool:
+        """Whether the writer thread is running (from ``start`` until ``close``)."""
+        return self._thread is not None and self._thread.is_alive()
 
     def start(self) -> None:
         if self._thread is None:
@@ -113,8 +123,7 @@ class PredictionLog:
             self._unwritten += dropped
         if dropped:
             log.error("prediction log: store unreachable, dropped %d oldest rows", dropped)
-            if self._on_dropped:
-                self._on_dropped(dropped)
+            _notify(self._on_dropped, dropped)
         if len(self._rows) >= self.flush_max_rows:
             self._wake.set()
 
@@ -153,21 +162,27 @@ class PredictionLog:
 
     # -- the writer thread ------------------------------------------------------------------
     def _run(self) -> None:
-        self.import_spilled()
+        # Nothing may end this thread but close(): rows would wait forever, unwritten.
+        _guarded(self.import_spilled)
         next_import = time.monotonic() + self.reimport_interval_s
         backoff = self.flush_interval_s
         while not self._stop.is_set():
             self._wake.wait(self.flush_interval_s)
             self._wake.clear()
-            if self._flush_all():
-                backoff = self.flush_interval_s
-                if time.monotonic() >= next_import:
+            try:
+                healthy = self._flush_all()
+                if healthy and time.monotonic() >= next_import:
                     self.import_spilled()
                     next_import = time.monotonic() + self.reimport_interval_s
-            else:  # the store is down: retry later, without spinning
+            except Exception:
+                log.exception("prediction log: the writer failed; trying again")
+                healthy = False
+            if healthy:
+                backoff = self.flush_interval_s
+            else:  # the store is down (or the writer failed): retry later, without spinning
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, self.max_backoff_s)
-        self._final_flush()
+        _guarded(self._final_flush)
 
     def _final_flush(self) -> None:
         for attempt in range(3):
@@ -184,9 +199,8 @@ class PredictionLog:
         while self._rows:
             batch = self._take(self.flush_max_rows)
             if self._try_write(batch):
+                _notify(self._on_written, len(batch))
                 self._settle(len(batch))
-                if self._on_written:
-                    self._on_written(len(batch))
                 continue
             if self._store_answers():
                 self._spill(batch, "the store refuses this batch")
@@ -231,11 +245,26 @@ class PredictionLog:
             self._done.notify_all()
 
     def _spill(self, rows: list[dict[str, Any]], why: str) -> None:
-        path = _write_jsonl(self.spill_dir, "predictions-unwritten", rows)
+        """Keep ``rows`` in a spill file; drop (and count) them if none can be written."""
+        try:
+            path = _write_jsonl(self.spill_dir, "predictions-unwritten", rows)
+        except OSError as err:
+            if not self._spill_failing:  # once per outage: the dropped-rows counter goes on
+                self._spill_failing = True
+                log.error(
+                    "prediction log: %s, and no spill file can be written in %s (%s); "
+                    "dropped %d rows (later drops are counted, not logged)",
+                    why, self.spill_dir, err, len(rows),
+                )  # fmt: skip
+            _notify(self._on_dropped, len(rows))
+            self._settle(len(rows), unwritten=True)
+            return
+        if self._spill_failing:
+            self._spill_failing = False
+            log.warning("prediction log: spill files can be written in %s again", self.spill_dir)
         log.error("prediction log: %s; wrote %d rows to %s for re-import", why, len(rows), path)
+        _notify(self._on_spilled, len(rows))
         self._settle(len(rows), unwritten=True)
-        if self._on_spilled:
-            self._on_spilled(len(rows))
 
     # -- re-importing spill files -------------------------------------------------------------
     def import_spilled(self) -> int:
@@ -266,8 +295,7 @@ class PredictionLog:
                         len(rejected),
                         where,
                     )
-                    if self._on_dropped:
-                        self._on_dropped(len(rejected))
+                    _notify(self._on_dropped, len(rejected))
                 if rest:
                     _write_jsonl(folder, "predictions-unwritten", rest)
                 claim.unlink()
@@ -277,8 +305,7 @@ class PredictionLog:
             written += done
             if done:
                 log.info("prediction log: imported %d spilled rows from %s", done, path.name)
-                if self._on_written:
-                    self._on_written(done)
+                _notify(self._on_written, done)
             if rest:
                 break  # the store is down: try again later
         return written
@@ -286,27 +313,27 @@ class PredictionLog:
     def _import(
         self, rows: list[dict[str, Any]]
     ) -> tuple[int, list[dict[str, Any]], list[dict[str, Any]]]:
-        """Write ``rows`` in chunks: (rows written, rows rejected, rows left for later)."""
+        """Write ``rows`` in chunks: (rows written, rows rejected, rows left for later).
+
+        Stops at the first chunk that fails while the store does not answer: a store that
+        is down gets one write, not one per chunk, and the rest waits for the next try.
+        """
         step = self.flush_max_rows
-        chunks = [rows[i : i + step] for i in range(0, len(rows), step)]
-        failed = []
         written = 0
-        for chunk in chunks:
+        rejected: list[dict[str, Any]] = []
+        for start in range(0, len(rows), step):
+            chunk = rows[start : start + step]
             if self._try_write(chunk):
                 written += len(chunk)
-            else:
-                failed.append(chunk)
-        rejected: list[dict[str, Any]] = []
-        rest: list[dict[str, Any]] = []
-        for chunk in failed:
-            if rest or not self._store_answers():
-                rest.extend(chunk)
                 continue
+            if not self._store_answers():
+                return written, rejected, rows[start:]
             w, r, left = self._bisect(chunk)
             written += w
             rejected += r
-            rest += left
-        return written, rejected, rest
+            if left:  # the store stopped answering while the chunk was searched
+                return written, rejected, left + rows[start + step :]
+        return written, rejected, []
 
     def _bisect(
         self, rows: list[dict[str, Any]]
@@ -350,15 +377,38 @@ def _write_jsonl(folder: Path, prefix: str, rows: list[dict[str, Any]]) -> Path:
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     path = folder / f"{prefix}-{stamp}-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl"
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        for r in rows:
-            if isinstance(r.get("at"), float):
-                r = {**r, "at": datetime.fromtimestamp(r["at"], UTC).isoformat()}
-            f.write(orjson.dumps(r, default=str) + b"\n")
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.rename(path)
+    try:
+        with open(tmp, "wb") as f:
+            for r in rows:
+                if isinstance(r.get("at"), float):
+                    r = {**r, "at": datetime.fromtimestamp(r["at"], UTC).isoformat()}
+                f.write(orjson.dumps(r, default=str) + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.rename(path)
+    except OSError:
+        with contextlib.suppress(OSError):  # a disk that filled up keeps no half-written file
+            tmp.unlink()
+        raise
     return path
+
+
+def _notify(hook: Callable[[int], None] | None, n: int) -> None:
+    """Tell a counter about ``n`` rows; a failing hook costs no row."""
+    if hook is None:
+        return
+    try:
+        hook(n)
+    except Exception:
+        log.exception("prediction log: a counter hook failed")
+
+
+def _guarded(work: Callable[[], Any]) -> None:
+    """Run ``work`` on the writer thread; an error is logged, never raised."""
+    try:
+        work()
+    except Exception:
+        log.exception("prediction log: the writer failed")
 
 
 def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

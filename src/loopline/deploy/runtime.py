@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from loopline.bundle import Bundle, PreprocessSpec, decode_image, to_input
-from loopline.errors import InvalidInput, LooplineError
+from loopline.errors import InvalidInput, LooplineError, UndecodableImage
 from loopline.images import image_stats
 
 log = logging.getLogger("loopline.deploy")
@@ -254,6 +254,10 @@ class Batcher:
         else:
             assert tensor is not None
             n, nbytes = len(tensor), tensor.nbytes
+        # Everything that can fail comes before the bytes are counted: none may leak.
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[JobResult] = loop.create_future()
+        job = Job(images, tensor, n, metadata, source, time.time(), loop, fut, nbytes)
         with self._bytes_lock:
             # A job alone in the queue is always taken, however large: no request is
             # refused forever.
@@ -262,9 +266,6 @@ class Batcher:
                     f"more than {self.max_queue_bytes} bytes of requests are waiting; retry later"
                 )
             self._queued_bytes += nbytes
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[JobResult] = loop.create_future()
-        job = Job(images, tensor, n, metadata, source, time.time(), loop, fut, nbytes)
         self._queue.put(job)
         return fut
 
@@ -318,9 +319,9 @@ class Batcher:
                 ready.append(job)
             except InvalidInput as err:
                 answers.append((job, None, err))
-            except Exception as err:  # a decoder's own failure still fails this job only
+            except Exception as err:  # a fault of ours: it still fails this job only
                 log.exception("cannot prepare a job")
-                answers.append((job, None, LooplineError(f"cannot decode the input: {err}")))
+                answers.append((job, None, LooplineError(f"cannot prepare the input: {err}")))
         if ready:
             answers.extend(self._run_batch(ready))
         _deliver(answers)
@@ -392,6 +393,14 @@ def _decode(index: int, data: bytes, spec: PreprocessSpec, max_pixels: int | Non
         return decode_image(data, spec, max_pixels=max_pixels)
     except InvalidInput as err:  # the same class (and status), naming the image
         raise type(err)(f"image {index + 1}: {err}") from None
+    except Exception as err:
+        # Only the client's bytes went in, so it is their request that fails (400); the
+        # traceback is kept, as the decoder may have a bug worth reporting.
+        log.exception("the image decoder failed on image %d", index + 1)
+        raise UndecodableImage(
+            f"image {index + 1}: cannot decode image ({type(err).__name__}: {err}); "
+            "send a valid JPEG or PNG"
+        ) from None
 
 
 def _stats_dict(row: list[float], size: int | None) -> dict[str, Any]:

@@ -70,11 +70,13 @@ def load_model(source: ModelSource, settings: ServeSettings) -> tuple[ServedMode
     Returns the served model and the store (or None). Raises LooplineError with a clear
     message when the model is unknown or its bundle does not verify.
     """
-    from loopline.config import load_config
+    from loopline.config import load_config, require_project
     from loopline.drivers.metadata.store import MetadataStore
 
     if (source.ref is None) == (source.bundle is None):
         raise ConfigError("give either a model reference (NAME[:VERSION|@ALIAS]) or --bundle")
+    if source.ref is not None:  # a registry to read: never create an empty one here
+        require_project(source.config, metadata_url=settings.metadata_url)
     cfg = load_config(source.config)
     url = settings.metadata_url or cfg.metadata_url()
     store = None
@@ -316,7 +318,13 @@ def serve(source: ModelSource, settings: ServeSettings, *, log_level: str = "inf
     """Verify and load the model, then run uvicorn until SIGTERM/SIGINT (graceful)."""
     import uvicorn
 
-    logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    # Loopline's own messages at the chosen level; other libraries' (Alembic's INFO lines
+    # while it migrates the store, say) only from WARNING. uvicorn configures its own.
+    level = logging.getLevelName(log_level.upper())
+    logging.basicConfig(
+        level=max(level, logging.WARNING), format="%(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("loopline").setLevel(level)
     # Fail fast, with a clear message, before binding the port (and before forking workers).
     served, store = load_model(source, settings)
     options: dict[str, Any] = {

@@ -2,26 +2,35 @@
 
 A step's code is the module that defines it plus every module it imports, transitively,
 from the packages it follows (Loopline's own and the step's package; a user's architecture
-package for the steps that build the user's model). Imports are found by reading source with
+package for the steps that build the user's model) and from any module that is not
+installed code, i.e. whose file lies outside the standard library and every
+``site-packages``: a user's project module next to their architecture (``from layers import
+Block``) is hashed, torch and numpy are not. Imports are found by reading source with
 ``ast``, function-local ones included, and modules are located without importing them, so
 hashing the train step does not import torch. The installed Loopline version is hashed too.
 
-Parsed files are cached per process by (path, mtime, size): a run hashes each file once, and
-an edited file is read again.
+Every file is read and hashed each time (cheap); only the parse of its imports is cached
+per process, by the content's hash, so any edit is seen whatever its size or timestamp.
 """
 
 from __future__ import annotations
 
 import ast
-import hashlib
 import importlib.util
+import os
 import sys
+import sysconfig
 from collections.abc import Iterable, Iterator
+from functools import cache
 from importlib.machinery import ModuleSpec, PathFinder
 from pathlib import Path
 
-# (path, mtime_ns, size) -> (sha256 of the source, names the source imports)
-_PARSED: dict[tuple[str, int, int], tuple[str, tuple[tuple[str, tuple[str, ...]], ...]]] = {}
+from loopline.digest import sha256_bytes
+
+Imports = tuple[tuple[str, tuple[str, ...]], ...]
+
+# (sha256 of the source, module name, is a package) -> the names the source imports
+_PARSED: dict[tuple[str, str, bool], Imports] = {}
 
 
 def module_spec(name: str) -> ModuleSpec | None:
@@ -99,31 +108,59 @@ def _imports(
     return tuple(sorted(set(found)))
 
 
-def _parse(path: Path, module: str) -> tuple[str, tuple[tuple[str, tuple[str, ...]], ...]]:
-    st = path.stat()
-    key = (str(path), st.st_mtime_ns, st.st_size)
-    cached = _PARSED.get(key)
-    if cached is None:
-        source = path.read_bytes()
+def _parse(path: Path, module: str) -> tuple[str, Imports]:
+    """(sha256 of the file's bytes, what it imports)."""
+    source = path.read_bytes()
+    digest = sha256_bytes(source)
+    key = (digest, module, path.name == "__init__.py")
+    imports = _PARSED.get(key)
+    if imports is None:
         try:
-            tree = ast.parse(source, filename=str(path))
-            imports = _imports(tree, module, path.name == "__init__.py")
+            imports = _imports(ast.parse(source, filename=str(path)), module, key[2])
         except SyntaxError:
             imports = ()  # the step fails when it runs; its hash still follows the bytes
-        cached = (hashlib.sha256(source).hexdigest(), imports)
-        _PARSED[key] = cached
-    return cached
+        _PARSED[key] = imports
+    return digest, imports
+
+
+@cache
+def _stdlib_dirs() -> tuple[str, ...]:
+    paths = sysconfig.get_paths()
+    return tuple({os.path.realpath(paths[key]) for key in ("stdlib", "platstdlib") if key in paths})
+
+
+def is_installed_file(path: str | Path) -> bool:
+    """Whether ``path`` is installed code: in the standard library or a ``site-packages``
+    (``dist-packages`` on Debian) folder, as opposed to a project's own source."""
+    real = os.path.realpath(path)
+    if any(real == d or real.startswith(d + os.sep) for d in _stdlib_dirs()):
+        return True
+    return any(part in ("site-packages", "dist-packages") for part in Path(real).parts)
+
+
+def _is_local(top: str) -> bool:
+    """Whether top-level module ``top`` is found outside installed code (see above)."""
+    spec = module_spec(top)
+    if spec is None:
+        return False
+    if spec.origin and spec.has_location:
+        where: str | None = spec.origin
+    else:  # a namespace package has folders, not a file; a built-in module has neither
+        where = next(iter(spec.submodule_search_locations or ()), None)
+    return where is not None and not is_installed_file(where)
 
 
 def closure(seeds: Iterable[str], follow: Iterable[str]) -> dict[str, str]:
     """Module name -> sha256 of its source for ``seeds`` and what they import, transitively,
-    from the top-level packages in ``follow``. A seed without a source file maps to ''.
+    from the top-level packages in ``follow`` and from any module that is not installed code
+    (``is_installed_file``). A seed without a source file maps to ''.
 
     ``from pkg import name`` counts ``pkg.name`` when that is a module, else ``pkg`` itself.
     A parent package's ``__init__`` is not counted for importing a submodule: it runs, but
     what it defines is only used through an import that names it.
     """
     roots = set(follow)
+    local: dict[str, bool] = {}  # top-level name -> followed though not in ``follow``
     out: dict[str, str] = {}
     todo = list(seeds)
     while todo:
@@ -137,8 +174,12 @@ def closure(seeds: Iterable[str], follow: Iterable[str]) -> dict[str, str]:
         digest, imports = _parse(path, name)
         out[name] = digest
         for base, names in imports:
-            if base.split(".")[0] not in roots:
-                continue
+            top = base.split(".")[0]
+            if top not in roots:
+                if top not in local:
+                    local[top] = _is_local(top)
+                if not local[top]:
+                    continue
             plain = not names
             for n in names:
                 sub = f"{base}.{n}"
@@ -153,9 +194,7 @@ def closure(seeds: Iterable[str], follow: Iterable[str]) -> dict[str, str]:
 
 def code_digest(seeds: Iterable[str], follow: Iterable[str], *parts: str) -> str:
     """One sha256 over the closure of ``seeds`` (see ``closure``) and ``parts``."""
-    h = hashlib.sha256()
-    for part in parts:
-        h.update(part.encode() + b"\0")
-    for name, digest in sorted(closure(seeds, follow).items()):
-        h.update(f"{name}={digest}\n".encode())
-    return h.hexdigest()
+    text = "".join(f"{part}\0" for part in parts) + "".join(
+        f"{name}={digest}\n" for name, digest in sorted(closure(seeds, follow).items())
+    )
+    return sha256_bytes(text.encode())

@@ -9,7 +9,6 @@ running. Steps only return values: a ``Recorder`` writes what they mean to the s
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 import traceback
@@ -21,6 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from loopline.digest import sha256_bytes
 from loopline.errors import LooplineError, PipelineError
 from loopline.pipeline import codecs
 from loopline.pipeline.step import (
@@ -31,8 +31,6 @@ from loopline.pipeline.step import (
     Step,
     StepContext,
 )
-
-RESUMABLE = ("failed", "interrupted")
 
 
 @dataclass
@@ -71,7 +69,7 @@ def cache_key(
         "inputs": inputs,
         "extra": extra,
     }
-    return hashlib.sha256(_canonical(payload).encode()).hexdigest()
+    return sha256_bytes(_canonical(payload).encode())
 
 
 class Runner:
@@ -143,7 +141,6 @@ class Runner:
                 trigger_ref=trigger_ref,
                 git_commit=git_commit,
             )
-        self._mark_alive(run_id)
 
         refs: dict[str, dict[str, Any]] = {}
         values: dict[str, Any] = {}
@@ -197,6 +194,7 @@ class Runner:
             record_trial=lambda number, **f: self.store.trials.record(run_id, number, **f),
         )
         extra = step.cache_extra(ctx, selected) if step.cache_extra is not None else ""
+        ctx.cache_extra = extra
         key = cache_key(step, code, params, input_digests, extra)
         common = {
             "cache_key": key,
@@ -267,12 +265,6 @@ class Runner:
 
     def _load(self, ref: dict[str, Any]) -> Any:
         return codecs.decode(ref["codec"], self.artifacts.get_bytes(ref["sha256"]))
-
-    def _mark_alive(self, run_id: str) -> None:
-        import os
-        import socket
-
-        self.store.runs.update(run_id, pid=os.getpid(), host=socket.gethostname())
 
 
 def _params_json(selected: Any) -> dict[str, Any]:

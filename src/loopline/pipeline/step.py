@@ -67,7 +67,12 @@ class SilentReporter:
 
 @dataclass
 class StepContext:
-    """What a running step may use besides its inputs: its run, a log, progress, resources."""
+    """What a running step may use besides its inputs: its run, a log, progress, resources.
+
+    ``cache_extra`` is what the step's ``cache_extra`` returned for this run, the very value
+    its cache key holds: a step that depends on something read at run time (the production
+    model) uses that instead of reading it again, which could give a different answer.
+    """
 
     run_id: str
     step: str
@@ -75,6 +80,7 @@ class StepContext:
     resources: Any = None
     record_trial: Callable[..., None] = lambda *a, **k: None
     lines: list[str] = field(default_factory=list)
+    cache_extra: str = ""
 
     def log(self, message: str) -> None:
         self.lines.append(message)
@@ -93,7 +99,8 @@ class Step:
     ``select_params``); ``params_type`` validates them into the model the function gets.
     ``code_modules`` names further modules the step runs given its params (a user's model
     class), hashed into its code version. ``cache_extra(ctx, params)`` adds what else the
-    output depends on, read at run time (the data source's content, the production model).
+    output depends on, read at run time (the data source's content, the production model);
+    the function finds the same value in ``ctx.cache_extra``.
     ``halt`` looks at the outputs (fresh or from cache) and returns a reason to stop the
     pipeline there, e.g. a gate that rejected the candidate.
     """

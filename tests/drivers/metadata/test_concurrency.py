@@ -8,10 +8,13 @@ caller without a traceback and leave one consistent state.
 from __future__ import annotations
 
 import os
+import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -142,20 +145,87 @@ def test_concurrent_registrations_of_different_bundles_give_distinct_versions(
 def test_archiving_races_alias_moves_without_an_archived_holder(
     db_url: str, store: MetadataStore
 ) -> None:
-    """An alias move onto a version and its archive never both win."""
-    for round_ in range(3):
-        name = f"m{round_}"
+    """An alias move onto a version and its archive never both win.
+
+    Rounds of 2 processes x 4 threads: in each, two threads of each process archive
+    ``name:2`` while the two others point aliases at it, all started together.
+    """
+    names = [f"m{r}" for r in range(8)]
+    for name in names:
         for v in (1, 2):
             store.models.register(name, bundle_uri="/b", bundle_sha256=f"{v:064x}", aliases=())
         store.models.set_alias(name, "production", 1)
-        archive = workers.archive_or_alias
-        got = [r for proc in workers.in_processes(
-            archive, [(db_url, name, "archive"), (db_url, name, "alias")]
-        ) for r in proc]  # fmt: skip
-        assert all(r in ("archived", "aliased") or r.startswith("refused: ") for r in got), got
+    got = workers.in_processes(workers.archive_or_alias, [(db_url, names, p, 4) for p in (0, 1)])
+    outcomes = Counter()
+    for r, name in enumerate(names):
+        results = [res for proc in got for res in proc[r]]
+        assert all(
+            res in ("archived", "aliased")
+            or res.startswith(
+                (f"refused: {name}:2 holds aliases", f"refused: {name}:2 is archived")
+            )
+            for res in results
+        ), results
+        outcomes.update(results)
         version = store.models.get(name, 2)
         holds = store.models.aliases(name).get((name, 2), [])
-        assert not (version.archived_at is not None and holds), (got, holds)
+        assert not (version.archived_at is not None and holds), (name, results, holds)
+        assert (version.archived_at is not None) == ("archived" in results), results
+        assert sorted(holds) == sorted(
+            f"a{p}{k}" for p in (0, 1) for k in (1, 3) if got[p][r][k] == "aliased"
+        )
+    assert sum(outcomes.values()) == 8 * len(names)
+
+
+def test_a_registration_waits_for_an_archive_of_the_equal_version(pg_schema_url: str) -> None:
+    """PostgreSQL: the name's advisory lock does not exclude an archive, which locks the
+    version's row; a registration equal to that version must wait for the archive and,
+    once it is archived, register a new version instead of naming an archived one."""
+    store = MetadataStore(pg_schema_url)
+    sha = "cd" * 32
+    store.models.register("vehicles", bundle_uri="/b", bundle_sha256=sha, aliases=())
+    engine = create_engine(pg_schema_url)
+    admin = create_engine(pg_schema_url, isolation_level="AUTOCOMMIT")
+    outcome: dict[str, Any] = {}
+
+    def register() -> None:
+        try:
+            outcome["reg"] = store.models.register(
+                "vehicles", bundle_uri="/b", bundle_sha256=sha, aliases=()
+            )
+        except BaseException as err:  # reported below
+            outcome["error"] = err
+
+    try:
+        with engine.connect() as conn:
+            # An archive of vehicles:1 in progress, as archive_version makes it: the row
+            # locked and updated, not committed yet.
+            tx = conn.begin()
+            where = "WHERE name = 'vehicles' AND version = 1"
+            conn.execute(text(f"SELECT 1 FROM model_versions {where} FOR UPDATE"))
+            conn.execute(text(f"UPDATE model_versions SET archived_at = now() {where}"))
+            archiver = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+            thread = threading.Thread(target=register)
+            thread.start()
+            blocked = text(
+                "SELECT count(*) FROM pg_stat_activity WHERE :pid = ANY(pg_blocking_pids(pid))"
+            )
+            # Until the registration either waits on the archive or has returned without.
+            for _ in range(2400):  # a hang guard only, never an assertion on time
+                with admin.connect() as watch:
+                    if not thread.is_alive() or watch.execute(blocked, {"pid": archiver}).scalar():
+                        break
+                time.sleep(0.05)
+            tx.commit()
+        thread.join(timeout=120)
+    finally:
+        engine.dispose()
+        admin.dispose()
+    assert "error" not in outcome, outcome
+    reg = outcome["reg"]
+    assert (reg.version.version, reg.created) == (2, True), "named an archived version"
+    assert store.models.get("vehicles", 1).archived_at is not None
+    store.close()
 
 
 def test_two_processes_opening_new_stores_at_once(new_url: Callable[[], str]) -> None:

@@ -173,18 +173,24 @@ def claim(barrier: Any, url: str, run_id: str, threads: int) -> list[Any]:
         store.close()
 
 
-def archive_or_alias(barrier: Any, url: str, name: str, action: str) -> list[Any]:
-    """Archive ``name:2``, or point ``production`` at it."""
+def archive_or_alias(
+    barrier: Any, url: str, names: list[str], process: int, threads: int
+) -> list[Any]:
+    """Per name (one round each, started together in every process): even threads archive
+    ``name:2``, odd ones point an alias of their own at it; the outcomes by round."""
     store = MetadataStore(url)
+    rounds = []
 
-    def call(_k: int) -> str:
-        if action == "archive":
-            store.models.archive_version(name, 2)
+    def call(name: str, k: int) -> str:
+        if k % 2 == 0:
+            store.models.archive_version(name, 2, actor=f"p{process}t{k}")
             return "archived"
-        store.models.set_alias(name, "production", 2)
+        store.models.set_alias(name, f"a{process}{k}", 2, actor=f"p{process}t{k}")
         return "aliased"
 
     try:
-        return _threads(1, call, barrier)
+        for name in names:
+            rounds.append(_threads(threads, lambda k, name=name: call(name, k), barrier))
+        return rounds
     finally:
         store.close()

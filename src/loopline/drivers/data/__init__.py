@@ -36,6 +36,11 @@ SOURCES: dict[str, str] = {
 }
 
 
+def source_module(kind: str) -> str:
+    """The module implementing the source ``kind`` (a key of ``SOURCES``)."""
+    return SOURCES[kind].partition(":")[0]
+
+
 def open_source(config: Config) -> DataSource:
     """Build the data source that ``config.data.source`` names."""
     src = config.data.source

@@ -18,6 +18,7 @@ import fsspec
 import pandas as pd
 
 from loopline.credentials import expand_url, mask_url, scrub, url_secrets
+from loopline.digest import sha256_bytes
 from loopline.errors import DataSourceError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -130,13 +131,11 @@ class Lake:
 
     def fingerprint(self) -> str:
         """A cheap digest of the lake's listing (path, size, mtime): changes when files do."""
-        import hashlib
-
-        h = hashlib.sha256()
+        lines = []
         for path, info in sorted(self.fs.find(self.root, detail=True).items()):
             mtime = info.get("mtime") or info.get("LastModified") or info.get("created") or ""
-            h.update(f"{path}\0{info.get('size')}\0{mtime}\n".encode())
-        return h.hexdigest()
+            lines.append(f"{path}\0{info.get('size')}\0{mtime}\n")
+        return sha256_bytes("".join(lines).encode())
 
     # -- bytes -----------------------------------------------------------------------------
     def read_bytes(self, path: str) -> bytes:

@@ -15,6 +15,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from loopline.credentials import expand_url, mask_url, scrub, url_secrets
+from loopline.digest import sha256_bytes
 from loopline.drivers.data.lake import Lake
 from loopline.errors import DataSourceError
 
@@ -64,10 +65,8 @@ class Warehouse:
 
     def fingerprint(self) -> str:
         """Digest of the query's rows and of the images' listing."""
-        import hashlib
-
         rows = self.list_records().to_csv(index=False).encode()
-        return hashlib.sha256(rows + self.images.fingerprint().encode()).hexdigest()
+        return sha256_bytes(rows + self.images.fingerprint().encode())
 
     def read_bytes(self, path: str) -> bytes:
         return self.images.read_bytes(path)

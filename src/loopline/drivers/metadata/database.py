@@ -20,6 +20,7 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from sqlalchemy.orm import Session, sessionmaker
 
+from loopline.credentials import mask_url
 from loopline.errors import StoreError
 
 BUSY_TIMEOUT_S = 30
@@ -27,11 +28,15 @@ _WRITE = "loopline_write"
 
 
 def safe_url(url: str) -> str:
-    """``url`` with its password masked, for messages."""
+    """``url`` with its password masked, for messages, even when it does not parse.
+
+    SQLAlchemy's rendering hides only what it parsed as the password (of ``u:p@ss@host``
+    just ``p``), so ``mask_url`` masks what is left, and alone masks a URL that does not parse.
+    """
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        return mask_url(make_url(url).render_as_string(hide_password=True))
     except ArgumentError:
-        return url
+        return mask_url(url)
 
 
 class Database:
@@ -43,8 +48,8 @@ class Database:
             sa_url = make_url(url)
         except ArgumentError:
             raise StoreError(
-                f"invalid metadata store URL {url!r}: use e.g. sqlite:///path/loopline.db "
-                "or postgresql+psycopg://user@host/db"
+                f"invalid metadata store URL {safe_url(url)!r}: use e.g. "
+                "sqlite:///path/loopline.db or postgresql+psycopg://user@host/db"
             ) from None
         if sa_url.drivername == "postgresql":
             sa_url = sa_url.set(drivername="postgresql+psycopg")

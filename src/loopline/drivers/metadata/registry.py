@@ -2,8 +2,8 @@
 
 Each change is one transaction that cannot interleave badly with another: registrations
 of one name are serialised (an advisory lock on PostgreSQL, the write lock on SQLite),
-alias moves are single upserts or compare-and-set statements, and an alias move and an
-archive of the same version lock that version's row first.
+alias moves are single upserts or compare-and-set statements, and an alias move, a
+registration found equal to a version, and an archive of that version lock its row first.
 """
 
 from __future__ import annotations
@@ -80,6 +80,10 @@ class ModelRegistry:
         """
         with self._db.write() as s:
             self._db.lock(s, f"loopline.model_versions:{name}")
+            # The name's lock does not exclude an archive, which locks the version's row:
+            # FOR SHARE waits for an archive in progress, and a row it archived no longer
+            # matches. No LIMIT: with one, PostgreSQL may drop a row that stopped matching
+            # without reading the next.
             same = s.scalars(
                 select(ModelVersion)
                 .where(
@@ -88,7 +92,7 @@ class ModelRegistry:
                     ModelVersion.archived_at.is_(None),
                 )
                 .order_by(ModelVersion.version.desc())
-                .limit(1)
+                .with_for_update(read=True)
             ).first()
             if same is not None:
                 return Registration(same, created=False)
