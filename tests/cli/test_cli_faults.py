@@ -123,6 +123,24 @@ def test_runs_never_cut_the_run_id_at_80_columns(tmp_path: Path) -> None:
         assert any(run_id in line for line in lines), (run_id, out)
 
 
+def test_models_never_cut_names_or_run_ids_at_80_columns(tmp_path: Path) -> None:
+    from loopline.drivers.metadata.store import MetadataStore
+
+    cfg, ids = _store_with_runs(tmp_path, ["", ""])
+    store = MetadataStore(f"sqlite:///{tmp_path / 'm.db'}")
+    names = ["vehicles", "vehicles-day-only-model"]
+    for i, (name, run_id) in enumerate(zip(names, ids, strict=True)):
+        store.models.register(
+            name, bundle_uri="file:///b", bundle_sha256=f"{i:064x}", run_id=run_id,
+            metrics={"accuracy": 0.9, "macro_f1": 0.9}, aliases=("candidate", "production"),
+        )  # fmt: skip
+    store.close()
+    lines = _run_cli(["models", "-c", str(cfg)], 80).splitlines()
+    assert all(len(line) <= 80 for line in lines), lines
+    for name, run_id in zip(names, ids, strict=True):
+        assert any(name in line and run_id in line for line in lines), (name, run_id, lines)
+
+
 # -- datagen over an existing lake ---------------------------------------------------------------
 def test_datagen_refuses_an_existing_lake_unless_forced(tmp_path: Path) -> None:
     lake = tmp_path / "lake"

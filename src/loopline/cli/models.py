@@ -33,6 +33,7 @@ def models_list(
     """List registered model versions with their aliases and headline metrics."""
     if ctx.invoked_subcommand is not None:
         return
+    from rich import box
     from rich.table import Table
 
     try:
@@ -44,8 +45,21 @@ def models_list(
     if json_out:
         print_json(rows)
         return
-    columns = ["model", "version", "aliases", "accuracy", "macro-F1", "dataset", "run"]
-    table = Table(*columns, *(["archived"] if all_ else []))
+    # Names and run ids are what other commands take: whole, on one line, at any width;
+    # the other columns wrap or shorten instead.
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column(
+        "model", no_wrap=True, min_width=max((len(m["name"]) for m in rows), default=5)
+    )
+    table.add_column("ver", justify="right", no_wrap=True)
+    table.add_column("aliases", overflow="fold")
+    table.add_column("acc", no_wrap=True)
+    table.add_column("F1", no_wrap=True)
+    table.add_column("dataset", overflow="ellipsis")
+    run_width = max((len(m["run_id"] or "") for m in rows), default=3)
+    table.add_column("run", no_wrap=True, min_width=run_width)
+    if all_:
+        table.add_column("archived")
     for m in rows:
         met = m["metrics"]
         archived = [_when(m.get("archived_at"))] if all_ else []
@@ -55,7 +69,7 @@ def models_list(
             cell(",".join(m["aliases"])),
             f"{met.get('accuracy', 0):.3f}",
             f"{met.get('macro_f1', 0):.3f}",
-            (m["dataset_version"] or "")[:12],
+            (m["dataset_version"] or "")[:8],
             cell(m["run_id"] or ""),
             *archived,
         )
