@@ -23,6 +23,7 @@ from pydantic import BaseModel
 from loopline.digest import sha256_bytes
 from loopline.errors import LooplineError, PipelineError
 from loopline.pipeline import codecs
+from loopline.pipeline.ports import BlobStore, RunStore
 from loopline.pipeline.step import (
     Pipeline,
     Recorder,
@@ -77,8 +78,8 @@ class Runner:
 
     def __init__(
         self,
-        store: Any,
-        artifacts: Any,
+        store: RunStore,
+        artifacts: BlobStore,
         reporter: Reporter | None = None,
         resources: Any = None,
         use_cache: bool = True,
@@ -196,7 +197,7 @@ class Runner:
         extra = step.cache_extra(ctx, selected) if step.cache_extra is not None else ""
         ctx.cache_extra = extra
         key = cache_key(step, code, params, input_digests, extra)
-        common = {
+        common: dict[str, Any] = {
             "cache_key": key,
             "code_version": code,
             "params": params,
