@@ -321,3 +321,35 @@ def image_python(tmp_path_factory: pytest.TempPathFactory) -> str:
                            check=True, env=env).stdout.split(maxsplit=1)  # fmt: skip
     assert found[0] == "None" and found[1] != "None", found
     return python
+
+
+def predict_with_image_command(
+    python: str, folder: Path, env: dict[str, str], home: Path, *extra: str
+) -> dict[str, Any]:
+    """Run the image's CMD with ``python`` on a free loopback port; predict one image; stop.
+
+    Returns the prediction's JSON body. ``env`` is the process environment (the
+    Dockerfile's ENV is added to it).
+    """
+    import subprocess
+
+    import httpx
+
+    cmd, image_env = image_command(folder)
+    assert cmd[0] == "python" and cmd[-4:] == ["--host", "0.0.0.0", "--port", "8080"], cmd
+    port = free_port()
+    proc = subprocess.Popen(
+        [python, *cmd[1:-4], "--host", "127.0.0.1", "--port", str(port), *extra],
+        env={**env, **image_env}, cwd=home,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url, timeout=120, alive=lambda: proc.poll() is None)
+        r = httpx.post(f"{url}/v1/models/vehicles/predict", content=image_bytes(5),
+                       headers={"Content-Type": "image/png"})  # fmt: skip
+        assert r.status_code == 200, r.text
+        return dict(r.json())
+    finally:
+        proc.terminate()
+        proc.wait(60)

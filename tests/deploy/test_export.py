@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import httpx
 import pytest
 from typer.testing import CliRunner
 
@@ -19,11 +18,9 @@ from loopline.deploy import prestart
 from loopline.errors import IntegrityError
 from tests.deploy.conftest import (
     Project,
-    free_port,
     image_build_checks,
-    image_bytes,
     image_command,
-    wait_ready,
+    predict_with_image_command,
 )
 
 
@@ -125,25 +122,9 @@ def test_the_image_command_checks_then_serves_the_bundle_s_own_source(
     for check in image_build_checks(out):  # the build's own check passes
         assert check[0] == "python", check
         subprocess.run([image_python, *check[1:]], check=True, env=_clean_env(), timeout=60)
-    cmd, env = image_command(out)
-    assert cmd[0] == "python" and cmd[-4:] == ["--host", "0.0.0.0", "--port", "8080"], cmd
     home = tmp_path / "home"
     home.mkdir()
-    port = free_port()
-    proc = subprocess.Popen(
-        [image_python, *cmd[1:-4], "--host", "127.0.0.1", "--port", str(port), "--no-log"],
-        env={**_clean_env(), **env}, cwd=home,
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_ready(url, timeout=120, alive=lambda: proc.poll() is None)
-        r = httpx.post(f"{url}/v1/models/vehicles/predict", content=image_bytes(5),
-                       headers={"Content-Type": "image/png"})  # fmt: skip
-        assert r.status_code == 200, r.text
-    finally:
-        proc.terminate()
-        proc.wait(60)
+    predict_with_image_command(image_python, out, _clean_env(), home, "--no-log")
     # The server ran from the bundle's copy of Loopline, as it does in the image.
     where = subprocess.run(
         [image_python, "-I", "-B", "-c",

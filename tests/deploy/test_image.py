@@ -15,7 +15,6 @@ from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
-import httpx
 import pytest
 
 from loopline.bundle import extract_bundle
@@ -24,10 +23,8 @@ from loopline.deploy.image import image_context_files
 from tests.deploy.conftest import (
     TOKEN,
     Project,
-    free_port,
-    image_bytes,
     image_command,
-    wait_ready,
+    predict_with_image_command,
 )
 
 
@@ -126,22 +123,8 @@ def test_serving_requirements_alone_serve_the_bundle(
     )  # fmt: skip
     where, torch_spec = probe.stdout.split()
     assert where == str(folder / "loopline" / "__init__.py") and torch_spec == "None"
-    port = free_port()
     home = tmp_path / "home"
     home.mkdir()
-    assert cmd[0] == "python" and cmd[-4:] == ["--host", "0.0.0.0", "--port", "8080"], cmd
-    proc = subprocess.Popen(
-        [python, *cmd[1:-4], "--host", "127.0.0.1", "--port", str(port)],
-        env=env, cwd=home, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_ready(url, timeout=120, alive=lambda: proc.poll() is None)
-        r = httpx.post(f"{url}/v1/models/vehicles/predict", content=image_bytes(5),
-                       headers={"Content-Type": "image/png"})  # fmt: skip
-        assert r.status_code == 200, r.text
-        assert r.json()["predictions"][0]["model_version"] == 0  # not registered: version 0
-    finally:
-        proc.terminate()
-        proc.wait(60)
+    answer = predict_with_image_command(python, folder, env, home)
+    assert answer["predictions"][0]["model_version"] == 0  # not registered: version 0
     assert (home / ".loopline" / "loopline.db").exists()  # the log went to the default store
