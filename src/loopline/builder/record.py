@@ -17,6 +17,7 @@ from typing import Any
 
 from loopline import __version__
 from loopline.digest import sha256_bytes
+from loopline.drivers.artifacts import ArtifactStore
 from loopline.drivers.metadata.store import MetadataStore
 from loopline.metrics import headline
 from loopline.pipeline.step import Reporter, SilentReporter
@@ -68,7 +69,7 @@ class BuildRecorder:
     """Records a build's dataset version and model version; see the module docstring."""
 
     store: MetadataStore
-    artifacts: Any
+    artifacts: ArtifactStore
     project: str
     model_name: str
     git_commit: str | None = None
@@ -87,9 +88,7 @@ class BuildRecorder:
 
     def register(self, run_id: str, values: Mapping[str, Any]) -> None:
         bundle: bytes = values["bundle"]
-        digest = sha256_bytes(bundle)
-        if not self.artifacts.exists(digest):  # pragma: no cover - the engine stored it
-            self.artifacts.put_bytes(bundle)
+        digest = sha256_bytes(bundle)  # the engine stored it under this digest already
         dataset, model = values["dataset"], values["model"]
         registration = self.store.models.register(
             self.model_name,
