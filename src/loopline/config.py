@@ -18,10 +18,12 @@ from pydantic import (
     Field,
     ValidationError,
     field_serializer,
+    field_validator,
     model_validator,
 )
 
 from loopline.credentials import expand_url, has_masked_secret, mask_url
+from loopline.environments import EnvironmentConfig, with_defaults
 from loopline.errors import ConfigError
 
 DEFAULT_CONFIG_FILE = "loopline.yaml"
@@ -160,11 +162,29 @@ class Config(Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     gate: GateConfig = GateConfig()
     package: PackageConfig = PackageConfig()
+    environments: dict[str, EnvironmentConfig] = Field(
+        default_factory=lambda: with_defaults(None)  # type: ignore[arg-type]
+    )
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     # Where the config file lives; relative paths resolve against it. Not part of the YAML.
     _root: Path = Path(".")
+
+    @field_validator("environments", mode="before")
+    @classmethod
+    def _environment_defaults(cls, value: Any) -> Any:
+        return with_defaults(value)
+
+    def environment(self, name: str) -> EnvironmentConfig:
+        """The environment called ``name`` (ConfigError naming the configured ones)."""
+        try:
+            return self.environments[name]
+        except KeyError:
+            raise ConfigError(
+                f"no environment {name!r} in the config; configured: "
+                + ", ".join(self.environments)
+            ) from None
 
     @property
     def root(self) -> Path:

@@ -173,7 +173,10 @@ class Prediction(Base):
     """
 
     __tablename__ = "predictions"
-    __table_args__ = (Index("ix_predictions_model_at", "model_name", "model_version", "at"),)
+    __table_args__ = (
+        Index("ix_predictions_model_at", "model_name", "model_version", "at"),
+        Index("ix_predictions_env_at", "environment", "at"),
+    )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
@@ -185,6 +188,10 @@ class Prediction(Base):
     probabilities: Mapped[list[float] | None] = mapped_column(JSON, nullable=True)
     request_metadata: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     input_stats: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    environment: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    deployment_generation: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    variant: Mapped[str | None] = mapped_column(String(16), nullable=True)  # stable, canary, shadow
+    camera_id: Mapped[str | None] = mapped_column(String(200), nullable=True, index=True)
 
 
 class Feedback(Base):
@@ -198,3 +205,138 @@ class Feedback(Base):
     label: Mapped[str] = mapped_column(String(200))
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Deployment(Base):
+    """The desired state of one environment: which versions serve, how traffic splits.
+
+    ``generation`` grows by one with every change (compare-and-set); each change also
+    writes a ``DeploymentEvent`` with the same generation.
+    """
+
+    __tablename__ = "deployments"
+
+    environment: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model_name: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    stable_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    previous_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    candidate_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    strategy: Mapped[str] = mapped_column(String(16), default="direct")
+    candidate_share: Mapped[float] = mapped_column(Float, default=0.0)
+    candidate_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    target: Mapped[str] = mapped_column(String(32), default="local")
+    endpoint: Mapped[str | None] = mapped_column(Text, nullable=True)
+    generation: Mapped[int] = mapped_column(Integer, default=0)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_by: Mapped[str] = mapped_column(String(200), default="loopline")
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class DeploymentEvent(Base):
+    """One change of a deployment: the state it led to, who made it and why."""
+
+    __tablename__ = "deployment_history"
+    __table_args__ = (
+        UniqueConstraint("environment", "generation", name="uq_deployment_history_gen"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    environment: Mapped[str] = mapped_column(String(64))
+    generation: Mapped[int] = mapped_column(Integer)
+    action: Mapped[str] = mapped_column(String(32))
+    model_name: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    stable_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    candidate_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    strategy: Mapped[str] = mapped_column(String(16))
+    candidate_share: Mapped[float] = mapped_column(Float)
+    actor: Mapped[str] = mapped_column(String(200))
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class DeploymentReplica(Base):
+    """What one serving process (or edge device) of an environment reports it serves."""
+
+    __tablename__ = "deployment_replicas"
+
+    environment: Mapped[str] = mapped_column(String(64), primary_key=True)
+    replica_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    generation: Mapped[int] = mapped_column(Integer)
+    versions: Mapped[list[int]] = mapped_column(JSON, default=list)
+    status: Mapped[str] = mapped_column(String(16))
+    endpoint: Mapped[str | None] = mapped_column(Text, nullable=True)
+    host: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    stats: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ReplicaTest(Base):
+    """The outcome of a candidate's replica test: passed or not, why, and the full report."""
+
+    __tablename__ = "replica_tests"
+    __table_args__ = (
+        Index("ix_replica_tests_model", "model_name", "model_version", "finished_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    model_name: Mapped[str] = mapped_column(String(200))
+    model_version: Mapped[int] = mapped_column(Integer)
+    environment: Mapped[str] = mapped_column(String(64))
+    passed: Mapped[bool] = mapped_column(Boolean)
+    reasons: Mapped[list[str]] = mapped_column(JSON, default=list)
+    report: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    actor: Mapped[str] = mapped_column(String(200), default="loopline")
+
+
+class Device(Base):
+    """An edge device of an environment: the version it runs and its latest telemetry."""
+
+    __tablename__ = "devices"
+
+    environment: Mapped[str] = mapped_column(String(64), primary_key=True)
+    device_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    model_name: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    model_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    status: Mapped[str] = mapped_column(String(16))
+    host: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    info: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    telemetry: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    via: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    first_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class TelemetrySample(Base):
+    """One telemetry report of a device or server (latency, CPU, memory, sensors)."""
+
+    __tablename__ = "telemetry"
+    __table_args__ = (Index("ix_telemetry_device_at", "environment", "device_id", "at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    environment: Mapped[str] = mapped_column(String(64))
+    device_id: Mapped[str] = mapped_column(String(200))
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    via: Mapped[str] = mapped_column(String(16))
+    model_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class Capture(Base):
+    """A request image kept for retraining (content-addressed), linked to its prediction."""
+
+    __tablename__ = "captures"
+
+    prediction_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    bytes: Mapped[int] = mapped_column(Integer)
+    media_type: Mapped[str] = mapped_column(String(64))
+    environment: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    dataset_version: Mapped[str | None] = mapped_column(String(64), nullable=True)

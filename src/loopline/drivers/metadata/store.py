@@ -15,9 +15,11 @@ from sqlalchemy.orm import Session
 from loopline.drivers.metadata.audit import AuditLog
 from loopline.drivers.metadata.database import Database
 from loopline.drivers.metadata.datasets import DatasetRepository
+from loopline.drivers.metadata.deployments import DeploymentRepository
 from loopline.drivers.metadata.migrate import MIGRATIONS, head_revision, migrate
 from loopline.drivers.metadata.predictions import PredictionRepository
 from loopline.drivers.metadata.registry import ModelRegistry, Registration, parse_model_ref
+from loopline.drivers.metadata.replica_tests import ReplicaTestRepository
 from loopline.drivers.metadata.runs import RunClaim, RunRepository
 from loopline.drivers.metadata.steps import StepRepository, TrialRepository
 
@@ -44,6 +46,8 @@ class MetadataStore:
         self.models = ModelRegistry(self._db)
         self.audit = AuditLog(self._db)
         self.predictions = PredictionRepository(self._db)
+        self.deployments = DeploymentRepository(self._db)
+        self.replica_tests = ReplicaTestRepository(self._db)
         if migrate:
             self.migrate()
 
