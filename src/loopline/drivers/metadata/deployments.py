@@ -175,14 +175,15 @@ class DeploymentRepository:
                 row = Deployment(environment=environment, generation=0, strategy="direct",
                                  candidate_share=0.0, status="pending", target="local")  # fmt: skip
                 s.add(row)
-            old_stable = row.stable_version
+            old_stable, old_name = row.stable_version, row.model_name
             for key, value in changes.items():
                 setattr(row, key, value)
             if row.status not in STATUSES:
                 raise ValueError(f"status {row.status!r}: allowed {', '.join(STATUSES)}")
             name = row.model_name
-            for version in {row.stable_version, row.candidate_version} - {None}:
-                _check_version(s, name, version)
+            for version in (row.stable_version, row.candidate_version):
+                if version is not None:
+                    _check_version(s, name, version)
             row.generation = current + 1
             row.updated_at = utcnow()
             row.updated_by = actor
@@ -196,7 +197,9 @@ class DeploymentRepository:
                     at=row.updated_at,
                 )
             )  # fmt: skip
-            if name is not None and row.stable_version != old_stable:
+            if old_name is not None and old_name != name:
+                _move_alias(self._db, s, old_name, environment, None)
+            if name is not None and (row.stable_version != old_stable or old_name != name):
                 _move_alias(self._db, s, name, environment, row.stable_version)
             s.add(
                 AuditEvent(

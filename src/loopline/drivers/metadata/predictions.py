@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import case, func, or_, select
 from sqlalchemy.exc import IntegrityError
 
 from loopline.drivers.metadata.database import Database
@@ -139,6 +139,35 @@ class PredictionRepository:
         )
         with self._db.read() as s:
             return int(s.scalar(q) or 0)
+
+    def labelled_accuracy(
+        self,
+        *,
+        environment: str,
+        model_name: str,
+        since: datetime,
+        versions: list[int] | None = None,
+    ) -> dict[int, tuple[int, int]]:
+        """Per answering version of an environment since ``since``: (labelled, correct).
+
+        Shadow answers are left out: they never reached a client.
+        """
+        correct = func.sum(case((Feedback.label == Prediction.label, 1), else_=0))
+        q = (
+            select(Prediction.model_version, func.count(), correct)
+            .join(Feedback, Feedback.prediction_id == Prediction.id)
+            .where(
+                Prediction.environment == environment,
+                Prediction.model_name == model_name,
+                Prediction.at >= since,
+                or_(Prediction.variant.is_(None), Prediction.variant != "shadow"),
+            )
+            .group_by(Prediction.model_version)
+        )
+        if versions is not None:
+            q = q.where(Prediction.model_version.in_(versions))
+        with self._db.read() as s:
+            return {int(v): (int(n), int(c or 0)) for v, n, c in s.execute(q)}
 
     def feedback(self, prediction_ids: list[str]) -> dict[str, str]:
         """The ground-truth label of each of ``prediction_ids`` that has one."""
