@@ -13,6 +13,9 @@ import typer
 
 from loopline import __version__
 from loopline.cli import build, evaluate, models, project, records, runs
+from loopline.cli import capture as capture_commands
+from loopline.cli import envs as env_commands
+from loopline.cli import release as release_commands
 from loopline.cli import serve as serve_command
 from loopline.cli.output import console, print_error
 from loopline.errors import LooplineError
@@ -26,6 +29,7 @@ app = typer.Typer(
 )
 app.add_typer(runs.app, name="runs")
 app.add_typer(models.app, name="models")
+app.add_typer(capture_commands.app, name="capture")
 app.command()(project.init)
 app.command()(project.datagen)
 app.command()(build.build)
@@ -33,6 +37,8 @@ app.command()(records.datasets)
 app.command()(records.audit)
 app.command("evaluate")(evaluate.evaluate_cmd)
 serve_command.register(app)
+release_commands.register(app)
+env_commands.register(app)
 
 
 def _version(value: bool) -> None:

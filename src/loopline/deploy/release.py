@@ -5,10 +5,10 @@ compare-and-set transition, with history, audit and the alias of the environment
 moved to the stable version) and returns the new state. The servers of the environment
 pick the change up within their reconcile interval; nothing here talks to a server.
 
-A function that reads the deployment and decides retries its read-decide-write a few
-times when another change lands in between (``DeploymentConflict``), so that concurrent
-callers each get a consistent outcome; pass ``expected_generation`` to act only on the
-exact state you read instead (the canary judge does).
+A function reads the deployment, decides and writes in one transaction holding the
+environment's lock, so concurrent callers queue and each decides on the state the one
+before it left; pass ``expected_generation`` to act only on the exact state you read
+(``DeploymentConflict`` otherwise), as the canary judge does.
 """
 
 from __future__ import annotations
@@ -29,8 +29,6 @@ if TYPE_CHECKING:
     from loopline.config import Config
     from loopline.drivers.metadata.store import MetadataStore
     from loopline.environments import EnvironmentConfig
-
-RETRIES = 20
 
 
 class PromotionRefused(Conflict):
@@ -61,34 +59,18 @@ def _retry(
     reason: str | None,
     expected_generation: int | None = None,
 ) -> DeploymentState:
-    """Read the deployment, ``decide`` the change (None: nothing to do) and write it with
-    compare-and-set; on a conflict read again and decide again."""
-    for _ in range(RETRIES if expected_generation is None else 1):
-        current = store.deployments.get(environment) or DeploymentState(environment=environment)
+    """``decide`` the change from the current state and write it, in one locked
+    transaction; with ``expected_generation``, only if the state is still that one."""
+
+    def guarded(current: DeploymentState) -> tuple[str, dict[str, Any]] | None:
         if expected_generation is not None and current.generation != expected_generation:
             raise DeploymentConflict(
                 f"deployment {environment} is at generation {current.generation}, not "
                 f"{expected_generation}; read it again and retry"
             )
-        decision = decide(current)
-        if decision is None:
-            return current
-        action, changes = decision
-        try:
-            return store.deployments.change(
-                environment,
-                expected_generation=current.generation,
-                action=action,
-                actor=actor,
-                reason=reason,
-                **changes,
-            )
-        except DeploymentConflict:
-            if expected_generation is not None:
-                raise
-    raise DeploymentConflict(
-        f"deployment {environment} kept changing while {actor} tried to change it; retry"
-    )
+        return decide(current)
+
+    return store.deployments.update(environment, guarded, actor=actor, reason=reason)
 
 
 def check_replica_test(store: MetadataStore, name: str, version: int) -> None:

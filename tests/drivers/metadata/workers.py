@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from loopline.drivers.metadata.store import MetadataStore
-from loopline.errors import AliasConflict, Conflict
+from loopline.errors import AliasConflict, Conflict, NotFound
 
 TIMEOUT_S = 240
 
@@ -194,3 +194,32 @@ def archive_or_alias(
         return rounds
     finally:
         store.close()
+
+
+def release_calls(barrier: Any, url: str, plans: list[list[tuple[str, int]]]) -> list[str]:
+    """Each plan on its own thread: ("promote", V), ("canary", V) or ("rollback", 0) calls
+    of the release library; per call "ok:<generation>" or the refusal's text."""
+    from loopline.deploy import release
+
+    store = MetadataStore(url, migrate=False)
+
+    def run(k: int) -> list[str]:
+        out = []
+        for op, version in plans[k]:
+            try:
+                if op == "rollback":
+                    dep = release.rollback(store, "vehicles", actor=f"t{k}")
+                else:
+                    strategy = "direct" if op == "promote" else op
+                    dep = release.promote(
+                        store, f"vehicles:{version}", strategy=strategy, share=0.2,
+                        actor=f"t{k}", require_replica_test=False,
+                    )  # fmt: skip
+                out.append(f"ok:{dep.generation}")
+            except (Conflict, NotFound) as err:
+                out.append(f"refused: {err}")
+        return out
+
+    got = _threads(len(plans), run, barrier)
+    store.close()
+    return [r for thread in got for r in (thread if isinstance(thread, list) else [thread])]

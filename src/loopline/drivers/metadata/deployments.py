@@ -13,6 +13,7 @@ that never changes the desired state or its generation.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -155,22 +156,45 @@ class DeploymentRepository:
         DeploymentConflict when another change came first, NotFound for an unknown model
         version, Conflict for an archived one.
         """
-        unknown = set(changes) - set(_FIELDS)
-        if unknown:
-            raise ValueError(f"unknown deployment fields: {sorted(unknown)}")
+
+        def decide(current: DeploymentState) -> tuple[str, dict[str, Any]]:
+            if current.generation != expected_generation:
+                raise DeploymentConflict(
+                    f"deployment {environment} changed meanwhile (generation "
+                    f"{current.generation}, expected {expected_generation}); read it again "
+                    "(`loopline deployments`) and retry"
+                )
+            return action, changes
+
+        return self.update(environment, decide, actor=actor, reason=reason)
+
+    def update(
+        self,
+        environment: str,
+        decide: Callable[[DeploymentState], tuple[str, dict[str, Any]] | None],
+        *,
+        actor: str,
+        reason: str | None = None,
+    ) -> DeploymentState:
+        """Read the deployment, ``decide`` (action, changes) or None, and write, all in one
+        transaction holding the environment's lock: concurrent updates queue, never fork.
+
+        ``decide`` may raise to refuse; it must not touch the store.
+        """
         with self._db.write() as s:
             # The lock also covers the first change, when there is no row to lock yet.
             self._db.lock(s, f"loopline.deployments:{environment}")
             row = s.scalars(
                 select(Deployment).where(Deployment.environment == environment).with_for_update()
             ).first()
-            current = row.generation if row is not None else 0
-            if current != expected_generation:
-                raise DeploymentConflict(
-                    f"deployment {environment} changed meanwhile (generation {current}, "
-                    f"expected {expected_generation}); read it again (`loopline deployments`) "
-                    "and retry"
-                )
+            current = _state(row) if row is not None else DeploymentState(environment=environment)
+            decision = decide(current)
+            if decision is None:
+                return current
+            action, changes = decision
+            unknown = set(changes) - set(_FIELDS)
+            if unknown:
+                raise ValueError(f"unknown deployment fields: {sorted(unknown)}")
             if row is None:
                 row = Deployment(environment=environment, generation=0, strategy="direct",
                                  candidate_share=0.0, status="pending", target="local")  # fmt: skip
@@ -184,7 +208,7 @@ class DeploymentRepository:
             for version in (row.stable_version, row.candidate_version):
                 if version is not None:
                     _check_version(s, name, version)
-            row.generation = current + 1
+            row.generation = current.generation + 1
             row.updated_at = utcnow()
             row.updated_by = actor
             row.reason = reason

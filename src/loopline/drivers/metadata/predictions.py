@@ -15,8 +15,12 @@ from loopline.drivers.metadata.models import Feedback, Prediction, utcnow
 COLUMNS = (
     "id", "at", "model_name", "model_version", "source", "label", "confidence",
     "probabilities", "request_metadata", "input_stats",
+    "environment", "deployment_generation", "variant", "camera_id",
 )  # fmt: skip
+# Columns a row may leave out (rows spilled by an older server lack them): stored as NULL.
+OPTIONAL_COLUMNS = ("environment", "deployment_generation", "variant", "camera_id")
 _CHUNK = 500  # ids per IN (...) list, well under every backend's parameter limit
+_NULLS: dict[str, Any] = dict.fromkeys(OPTIONAL_COLUMNS)
 
 
 class PredictionRepository:
@@ -36,6 +40,9 @@ class PredictionRepository:
         if self._db.dialect == "sqlite":
             return self._log_sqlite(rows)
         stmt = self._db.insert(Prediction).on_conflict_do_nothing(index_elements=["id"])
+        # An executemany takes its columns from the first row: every row needs them all.
+        if any(len(r) != len(rows[0]) or OPTIONAL_COLUMNS[0] not in r for r in rows):
+            rows = [{**_NULLS, **r} for r in rows]
         with self._db.write_connection() as conn:
             conn.execute(stmt, rows)
         return len(rows)
@@ -70,6 +77,10 @@ class PredictionRepository:
                 js(r.get("probabilities")),
                 js(r.get("request_metadata")),
                 js(r.get("input_stats")),
+                r.get("environment"),
+                r.get("deployment_generation"),
+                r.get("variant"),
+                r.get("camera_id"),
             )
 
         with self._db.write_connection() as conn:
