@@ -188,8 +188,6 @@ def status(
 ) -> None:
     """What runs where: per environment, the versions serving, their traffic shares, and
     each replica's health as it last reported."""
-    from rich.table import Table
-
     from loopline.deploy import release
 
     try:
@@ -200,24 +198,19 @@ def status(
     if json_out:
         print_json([s.to_dict() for s in statuses])
         return
-    table = Table("environment", "target", "endpoint", "traffic", "health", "replicas")
     for s in statuses:
         traffic = ", ".join(f"{ref} {share:.0%}" for ref, share in s.traffic.items()) or "-"
-        replicas = ", ".join(
-            f"{r['replica_id']} {r['status']} v{','.join(map(str, r['versions']))}"
-            + (f" ({r['error']})" if r.get("error") else "")
-            + f" seen {when(_ts(r['last_seen']))}"
-            for r in s.replicas
+        console.print(
+            escape(f"{s.environment} ({s.target}, {s.endpoint}): {s.health}"), style="bold"
         )
-        table.add_row(
-            cell(s.environment),
-            cell(s.target),
-            cell(s.endpoint),
-            cell(traffic),
-            cell(s.health),
-            cell(replicas or "-"),
-        )
-    console.print(table)
+        console.print(escape(f"  traffic   {traffic}"))
+        for r in s.replicas:
+            versions = ",".join(map(str, r["versions"])) or "-"
+            line = f"  replica   {r['replica_id']} {r['status']} versions {versions}"
+            line += f" generation {r['generation']} seen {when(_ts(r['last_seen']))}"
+            if r.get("error"):
+                line += f" ({r['error']})"
+            console.print(escape(line))
 
 
 def _ts(value: str | None) -> Any:
