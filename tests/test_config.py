@@ -215,3 +215,57 @@ data: {source: {uri: ../lake, images_root: images}}
 def test_other_metadata_urls_are_left_alone(tmp_path: Path, url: str) -> None:
     cfg = load_config(_write(tmp_path, f"store: {{metadata_url: '{url}'}}\n"))
     assert cfg.metadata_url() == url
+
+
+# -- environments ------------------------------------------------------------------------
+def test_staging_and_production_always_exist_and_more_may_be_added(tmp_path: Path) -> None:
+    from loopline.config import parse_config
+
+    cfg = parse_config({}, tmp_path)
+    assert list(cfg.environments) == ["staging", "production"]
+    assert cfg.environment("staging").replica_of == "production"
+    assert (cfg.environment("staging").port, cfg.environment("production").port) == (8081, 8080)
+    cfg = parse_config(
+        {"environments": {"production": {"port": 9000}, "edge-a1": {"target": "edge"}}}, tmp_path
+    )
+    assert list(cfg.environments) == ["staging", "production", "edge-a1"]
+    assert cfg.environment("production").port == 9000
+    assert cfg.environment("production").canary.share == 0.1  # defaults kept
+    assert cfg.environment("edge-a1").target == "edge"
+    with pytest.raises(ConfigError, match="no environment 'prod'.*staging, production, edge-a1"):
+        cfg.environment("prod")
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"target": "mainframe"}, "environments.production.target"),
+        ({"serve": {"bogus": 1}}, "unknown serve setting.*bogus; allowed:.*max_batch_size"),
+        ({"serve": {"port": 1}}, "set port on the environment itself"),
+        ({"token": "hunter2"}, "environment reference, e.g. \\$\\{LOOPLINE_PROD_TOKEN\\}"),
+        ({"canary": {"share": 1.5}}, "environments.production.canary.share"),
+    ],
+)
+def test_bad_environment_settings_are_one_line_errors(
+    tmp_path: Path, env: dict[str, object], message: str
+) -> None:
+    from loopline.config import parse_config
+
+    with pytest.raises(ConfigError, match=message) as info:
+        parse_config({"environments": {"production": env}}, tmp_path)
+    assert "\n" not in str(info.value)
+
+
+def test_an_environment_token_is_read_from_the_environment_only_when_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from loopline.config import parse_config
+
+    cfg = parse_config({"environments": {"production": {"token": "${PROD_TOKEN}"}}}, tmp_path)
+    assert "PROD_TOKEN}" in str(cfg.to_dict()["environments"]["production"]["token"])
+    monkeypatch.delenv("PROD_TOKEN", raising=False)
+    with pytest.raises(ConfigError, match="PROD_TOKEN.*not set"):
+        cfg.environment("production").serve_overrides()
+    monkeypatch.setenv("PROD_TOKEN", "t0ken")
+    assert cfg.environment("production").serve_overrides()["token"] == "t0ken"
+    assert "t0ken" not in str(cfg.to_dict())

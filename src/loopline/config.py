@@ -163,7 +163,9 @@ class Config(Section):
     gate: GateConfig = GateConfig()
     package: PackageConfig = PackageConfig()
     environments: dict[str, EnvironmentConfig] = Field(
-        default_factory=lambda: with_defaults(None)  # type: ignore[arg-type]
+        default_factory=lambda: {
+            name: EnvironmentConfig.model_validate(env) for name, env in with_defaults(None).items()
+        }
     )
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)

@@ -122,7 +122,7 @@ def upgrade() -> None:
         sa.Column("dataset_version", sa.String(64)),
     )
     op.create_index("ix_captures_sha256", "captures", ["sha256"])
-    op.create_index("ix_captures_expires", "captures", ["expires_at"])
+    op.create_index("ix_captures_expires_at", "captures", ["expires_at"])
     with op.batch_alter_table("predictions") as batch:
         batch.add_column(sa.Column("environment", sa.String(64)))
         batch.add_column(sa.Column("deployment_generation", sa.Integer))
