@@ -1,22 +1,39 @@
-"""Serving benchmark: Loopline's server against two baselines, same client, same run.
+"""Serving benchmark: Loopline's server against a bare FastAPI + ONNX Runtime baseline, one run.
 
-For single-image PNG requests at each concurrency, prints throughput and p50/p99 latency of
+For single-image PNG requests at each concurrency it measures throughput, p50/p99 latency
+and the server's CPU time per request (all its threads and processes, from /proc) of
 
-* ``loopline``: ``python -m loopline.deploy.server`` with the prediction log and metrics on;
-* ``bare-onnx``: a bare FastAPI server running the same ONNX model per request, no logging
+* ``loopline``: ``python -m loopline.deploy.server`` at its defaults (2 worker processes,
+  prediction log and metrics on), with a bearer token required on predict (``--no-auth``:
+  not), in these scenarios (``--scenarios``):
+
+  - ``v1``: the PNG as the raw body of ``POST /v1/models/vehicles/predict``;
+  - ``oip-json``: the same PNG as an Open Inference Protocol v2 BYTES tensor, base64 in JSON;
+  - ``oip-binary``: the same, raw, in the binary tensor extension (4-byte length prefix);
+  - ``oip-fp32``: the decoded pixels as an FP32 [1, 3, 64, 64] binary tensor (opt-in);
+
+* ``bare-onnx-2w``, **the baseline**: a bare FastAPI server running the same ONNX model per
+  request, no logging, run with two uvicorn workers: as many processes as Loopline uses
   (``baselines/bare_onnx_server.py``);
-* ``naive-torch``: a naive FastAPI server running the torch model per request
-  (``baselines/naive_torch_server.py``);
+* ``bare-onnx``: the same bare server with one worker;
+* ``naive-torch`` (opt-in): a naive FastAPI server running the torch model per request;
+* ``loopline[NAME]``, one per ``--variant NAME=SPEC``: Loopline again with SPEC's extra
+  environment (``VAR=VALUE`` words) and flags (the other words), measured on ``v1`` and
+  compared with ``loopline`` (canary routing, capture: each is a variant).
+  ``--loopline-args`` adds flags to every Loopline server.
 
 and the in-process limit (PNG decode + ONNX Runtime at batch 1, no HTTP, one thread).
 Every server is loaded by ``wrk`` (one client thread, so the cores are left to the server).
-Alongside throughput it reports each server's CPU time per request (all its threads and
-processes), which moves much less than throughput when other jobs share the machine; with
-``--rounds N`` the servers are measured in turn N times and the median round is reported.
-The model is the production default size: 64x64 input, 3 conv layers of width 32; the
-image is a 96x72 PNG. Afterwards it checks that Loopline logged every prediction it made.
+With ``--rounds N`` the servers are measured in turn N times; a ratio is the median of the
+N ratios measured within one round (so minute-to-minute load on a shared machine cancels
+out) and the table shows each row's median round. The model is the production default
+size: 64x64 input, 3 conv layers of width 32; the image is a 96x72 PNG. The mean batch
+size of Loopline's rows comes from its ``/metrics``. Afterwards it checks that Loopline
+logged every prediction it made.
 
-    python benchmarks/serve_bench.py [--duration 10] [--concurrency 1,8,32]
+    python benchmarks/serve_bench.py [--duration 10] [--concurrency 1,8,32] [--rounds 3]
+        [--servers loopline,bare-onnx-2w,bare-onnx] [--scenarios v1,oip-json,oip-binary]
+        [--variant 'capture=LOOPLINE_SERVE_X=1 --some-flag'] [--loopline-args '...']
 
 Needs torch (to export the model) and wrk: ``apt-get install wrk`` on Debian/Ubuntu.
 """
@@ -24,6 +41,7 @@ Needs torch (to export the model) and wrk: ``apt-get install wrk`` on Debian/Ubu
 from __future__ import annotations
 
 import argparse
+import base64
 import io
 import json
 import os
@@ -31,11 +49,13 @@ import re
 import shutil
 import signal
 import socket
+import statistics
+import struct
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -43,12 +63,18 @@ import numpy as np
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE / "baselines"))
 
+BASELINE = "bare-onnx-2w"
+TOKEN = "bench-token"
+LABELS_JSON = json.dumps(["car", "van", "truck", "bus", "motorcycle"])
 LUA = """\
 wrk.method = "POST"
-wrk.headers["Content-Type"] = "image/png"
 local f = assert(io.open(os.getenv("BENCH_BODY"), "rb"))
 wrk.body = f:read("*all")
 f:close()
+for line in string.gmatch(os.getenv("BENCH_HEADERS") or "", "[^\\n]+") do
+  local k, v = line:match("^([^:]+):%s*(.*)$")
+  wrk.headers[k] = v
+end
 """
 
 
@@ -62,6 +88,30 @@ class Result:
     p99_ms: float
     errors: int
     cpu_ms: float = 0.0  # server CPU time (all threads, all processes) per request
+    batch: float | None = None  # mean images per model run (Loopline only)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One kind of request: where it goes, its body and its headers."""
+
+    name: str
+    path: str
+    body: Path
+    headers: dict[str, str]
+
+
+@dataclass
+class Server:
+    """One server to measure: how to start it and the scenarios to send it."""
+
+    label: str
+    cmd: list[str]
+    env: dict[str, str]
+    scenarios: list[Scenario]
+    loopline: bool = False
+    variant_of: str | None = None  # a variant's ratios are against this server's v1 rows
+    rows: list[str] = field(default_factory=list)
 
 
 def free_port() -> int:
@@ -114,6 +164,43 @@ def make_project(root: Path) -> tuple[Path, Path, Path]:
     )  # fmt: skip
     store.close()
     return config, onnx_path, weights
+
+
+def make_scenarios(root: Path, png: bytes, auth: bool) -> dict[str, Scenario]:
+    """Every Loopline scenario: the same PNG through /v1 and through the v2 protocol."""
+    from loopline.bundle import PreprocessSpec, decode_image, to_input
+
+    bearer = {"Authorization": f"Bearer {TOKEN}"} if auth else {}
+    infer = "/v2/models/vehicles/infer"
+    as_json = {"inputs": [{"name": "input", "shape": [1], "datatype": "BYTES",
+                           "data": [base64.b64encode(png).decode()]}]}  # fmt: skip
+    element = struct.pack("<I", len(png)) + png
+    head = json.dumps({"inputs": [{"name": "input", "shape": [1], "datatype": "BYTES",
+                                   "parameters": {"binary_data_size": len(element)}}]}).encode()  # fmt: skip
+    x = to_input(decode_image(png, PreprocessSpec(height=64, width=64))[None]).astype("<f4")
+    head32 = json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                                     "parameters": {"binary_data_size": x.nbytes}}]}).encode()  # fmt: skip
+    bodies = {
+        "v1": png,
+        "oip-json": json.dumps(as_json).encode(),
+        "oip-binary": head + element,
+        "oip-fp32": head32 + x.tobytes(),
+    }
+    for name, body in bodies.items():
+        (root / f"body-{name}").write_bytes(body)
+    octets = {"Content-Type": "application/octet-stream"}
+    return {
+        "v1": Scenario("v1", "/v1/models/vehicles/predict", root / "body-v1",
+                       {"Content-Type": "image/png", **bearer}),
+        "oip-json": Scenario("oip-json", infer, root / "body-oip-json",
+                             {"Content-Type": "application/json", **bearer}),
+        "oip-binary": Scenario("oip-binary", infer, root / "body-oip-binary",
+                               {**octets, "Inference-Header-Content-Length": str(len(head)),
+                                **bearer}),
+        "oip-fp32": Scenario("oip-fp32", infer, root / "body-oip-fp32",
+                             {**octets, "Inference-Header-Content-Length": str(len(head32)),
+                              **bearer}),
+    }  # fmt: skip
 
 
 def in_process_limit(onnx_path: Path, png: bytes, seconds: float) -> Result:
@@ -176,7 +263,7 @@ def _ms(text: str) -> float:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process and its children (uvicorn workers), from /proc."""
+    """User + system CPU time of a process and its children (worker processes), from /proc."""
     tick = os.sysconf("SC_CLK_TCK")
     total = 0.0
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -188,6 +275,16 @@ def cpu_seconds(pid: int) -> float:
         if this == pid or ppid == pid:
             total += (int(fields[11]) + int(fields[12])) / tick
     return total
+
+
+def batch_totals(base_url: str) -> tuple[float, float]:
+    """(images, model runs) so far, from Loopline's ``loopline_batch_size`` histogram."""
+    import httpx
+
+    text = httpx.get(f"{base_url}/metrics", timeout=10).text
+    total = sum(float(v) for v in re.findall(r"^loopline_batch_size_sum\{[^}]*\} (\S+)", text, re.M))
+    runs = sum(float(v) for v in re.findall(r"^loopline_batch_size_count\{[^}]*\} (\S+)", text, re.M))
+    return total, runs
 
 
 def run_wrk(url: str, c: int, seconds: float, lua: Path, env: dict[str, str]) -> Result:
@@ -207,35 +304,91 @@ def run_wrk(url: str, c: int, seconds: float, lua: Path, env: dict[str, str]) ->
     return Result("", c, requests, rps, p50, p99, errors)
 
 
-def server_command(
-    name: str, args: argparse.Namespace, port: int, config: Path, onnx_path: Path, weights: Path
-) -> tuple[list[str], str]:
-    """The command that starts server ``name``, and the path to POST images to."""
+def parse_variant(text: str) -> tuple[str, dict[str, str], list[str]]:
+    """``NAME=SPEC``: SPEC's ``VAR=VALUE`` words are environment, the other words flags."""
+    name, sep, spec = text.partition("=")
+    if not sep or not re.fullmatch(r"[\w.-]+", name):
+        raise SystemExit(f"--variant {text!r}: expected NAME=SPEC, e.g. 'capture=--capture'")
+    env: dict[str, str] = {}
+    flags: list[str] = []
+    for word in spec.split():
+        if not word.startswith("-") and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", word):
+            key, _, value = word.partition("=")
+            env[key] = value
+        else:
+            flags.append(word)
+    return name, env, flags
+
+
+def make_servers(
+    args: argparse.Namespace, config: Path, onnx_path: Path, weights: Path,
+    scenarios: dict[str, Scenario], env: dict[str, str],
+) -> list[Server]:  # fmt: skip
     py = sys.executable
-    labels = json.dumps(["car", "van", "truck", "bus", "motorcycle"])
-    if name == "loopline":
-        return [py, "-m", "loopline.deploy.server", "vehicles:1", "--config",
-                str(config), "--port", str(port), "--log-level", "warning",
-                "--workers", str(args.workers), *args.loopline_args.split()], \
-            "/v1/models/vehicles/predict"  # fmt: skip
-    if name == "bare-onnx":
-        return [py, str(HERE / "baselines/bare_onnx_server.py"), "--model", str(onnx_path),
-                "--labels", labels, "--port", str(port)], "/predict"  # fmt: skip
-    if name == "naive-torch":
-        return [py, str(HERE / "baselines/naive_torch_server.py"), "--weights", str(weights),
-                "--labels", labels, "--port", str(port)], "/predict"  # fmt: skip
-    raise SystemExit(f"unknown server {name!r}: use loopline, bare-onnx or naive-torch")
+    chosen = [s for s in args.scenarios.split(",") if s]
+    unknown = [s for s in chosen if s not in scenarios]
+    if unknown:
+        raise SystemExit(f"unknown scenario {unknown[0]!r}: use {', '.join(scenarios)}")
+    auth = ["--require-token-for-predict"] if args.auth else []
+    loop_env = {**env, "LOOPLINE_SERVE_TOKEN": TOKEN}
+
+    def loopline(label: str, extra_env: dict[str, str], flags: list[str], names: list[str],
+                 variant_of: str | None = None) -> Server:  # fmt: skip
+        cmd = [py, "-m", "loopline.deploy.server", "vehicles:1", "--config", str(config),
+               "--log-level", "warning", "--workers", str(args.workers), *auth,
+               *args.loopline_args.split(), *flags]  # fmt: skip
+        return Server(label, cmd, {**loop_env, **extra_env}, [scenarios[n] for n in names],
+                      loopline=True, variant_of=variant_of)  # fmt: skip
+
+    bare = [py, str(HERE / "baselines/bare_onnx_server.py"), "--model", str(onnx_path),
+            "--labels", LABELS_JSON]  # fmt: skip
+    predict = Scenario("predict", "/predict", scenarios["v1"].body, {"Content-Type": "image/png"})
+    torch_env = dict(env)
+    if args.torch_threads:
+        torch_env["OMP_NUM_THREADS"] = str(args.torch_threads)
+    known: dict[str, Server] = {
+        "loopline": loopline("loopline", {}, [], chosen),
+        "bare-onnx-2w": Server("bare-onnx-2w", [*bare, "--workers", "2"], env, [predict]),
+        "bare-onnx": Server("bare-onnx", bare, env, [predict]),
+        "naive-torch": Server(
+            "naive-torch",
+            [py, str(HERE / "baselines/naive_torch_server.py"), "--weights", str(weights),
+             "--labels", LABELS_JSON],
+            torch_env, [predict],
+        ),  # fmt: skip
+    }
+    servers = []
+    for name in args.servers.split(","):
+        if name not in known:
+            raise SystemExit(f"unknown server {name!r}: use {', '.join(known)}")
+        servers.append(known[name])
+    for text in args.variant:
+        name, extra_env, flags = parse_variant(text)
+        servers.append(loopline(f"loopline[{name}]", extra_env, flags, ["v1"], "loopline"))
+    return servers
+
+
+def row_label(server: Server, scenario: Scenario) -> str:
+    if not server.loopline or scenario.name == "v1":
+        return server.label
+    return f"{server.label} {scenario.name}"
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
     ap.add_argument("--concurrency", default="1,8,32")
-    ap.add_argument("--servers", default="loopline,bare-onnx,naive-torch")
-    ap.add_argument(
-        "--workers", type=int, default=2, help="Loopline server processes (the default)"
-    )
-    ap.add_argument("--loopline-args", default="", help="extra flags for Loopline's server")
+    ap.add_argument("--servers", default="loopline,bare-onnx-2w,bare-onnx",
+                    help="of loopline, bare-onnx-2w, bare-onnx, naive-torch")  # fmt: skip
+    ap.add_argument("--scenarios", default="v1,oip-json,oip-binary",
+                    help="Loopline's: v1, oip-json, oip-binary, oip-fp32")  # fmt: skip
+    ap.add_argument("--workers", type=int, default=2, help="Loopline server processes (the default)")
+    ap.add_argument("--loopline-args", default="", help="extra flags for every Loopline server")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=SPEC",
+                    help="another Loopline server, e.g. 'capture=LOOPLINE_SERVE_CAPTURE=1' "
+                    "or 'canary=--some-flag 5'; compared with loopline on v1")  # fmt: skip
+    ap.add_argument("--auth", action=argparse.BooleanOptionalAction, default=True,
+                    help="Loopline requires a bearer token on predict and infer")  # fmt: skip
     ap.add_argument(
         "--torch-threads",
         type=int,
@@ -243,56 +396,33 @@ def main() -> int:
         "torch's own choice, which collapses when other processes load the cores)",
     )
     ap.add_argument("--rounds", type=int, default=1, help="rounds (servers interleaved); "
-                    "the median round is reported")  # fmt: skip
+                    "ratios are the median of the rounds' ratios")  # fmt: skip
     args = ap.parse_args()
     if shutil.which("wrk") is None:
         print("wrk is not installed: apt-get install wrk (Debian/Ubuntu) or brew install wrk")
         return 2
     levels = [int(c) for c in args.concurrency.split(",")]
-    servers = args.servers.split(",")
     root = Path(tempfile.mkdtemp(prefix="loopline-bench-"))
     try:
         config, onnx_path, weights = make_project(root)
         png = make_png(root / "image.png")
         lua = root / "post.lua"
         lua.write_text(LUA)
-        env = {**os.environ, "BENCH_BODY": str(root / "image.png")}
-        results = [in_process_limit(onnx_path, png, min(args.duration, 5.0))]
+        scenarios = make_scenarios(root, png, args.auth)
+        servers = make_servers(args, config, onnx_path, weights, scenarios, dict(os.environ))
+        limit = in_process_limit(onnx_path, png, min(args.duration, 5.0))
         runs: dict[tuple[str, int], list[Result]] = {}
         sent = 0
         for _ in range(args.rounds):
-            for name in servers:
-                port = free_port()
-                cmd, path = server_command(name, args, port, config, onnx_path, weights)
-                url = f"http://127.0.0.1:{port}{path}"
-                server_env = dict(env)
-                if name == "naive-torch" and args.torch_threads:
-                    server_env["OMP_NUM_THREADS"] = str(args.torch_threads)
-                proc = start(cmd, port, server_env)
-                try:
-                    warm = run_wrk(url, 8, 1.0, lua, env).requests
-                    sent += warm if name == "loopline" else 0
-                    for c in levels:
-                        cpu0 = cpu_seconds(proc.pid)
-                        r = run_wrk(url, c, args.duration, lua, env)
-                        r.cpu_ms = (cpu_seconds(proc.pid) - cpu0) * 1000 / max(r.requests, 1)
-                        r.server = name
-                        sent += r.requests if name == "loopline" else 0
-                        runs.setdefault((name, c), []).append(r)
-                        print(f"  {name:12} c={c:<3} {r.rps:8.0f} req/s  p50 {r.p50_ms:6.2f} ms  "
-                              f"p99 {r.p99_ms:6.2f} ms  cpu {r.cpu_ms:.3f} ms/req  "
-                              f"errors {r.errors}", flush=True)  # fmt: skip
-                finally:
-                    stop(proc)
-        for rs in runs.values():
-            results.append(sorted(rs, key=lambda r: r.rps)[len(rs) // 2])  # the median round
-        report(results, levels)
-        if "loopline" in servers:
+            for server in servers:
+                sent += measure(server, levels, args.duration, lua, runs)
+        report(limit, servers, runs, levels)
+        if any(s.loopline for s in servers):
             from loopline.config import load_config
             from loopline.drivers.metadata.store import MetadataStore
 
             store = MetadataStore(load_config(config).metadata_url())
-            logged = store.predictions.count("vehicles", 1)
+            logged = store.predictions.count("vehicles")
             store.close()
             print(f"\nprediction log: {logged} rows for {sent} requests wrk completed "
                   "(rows >= requests: wrk does not count requests cut off at its end)")  # fmt: skip
@@ -301,18 +431,114 @@ def main() -> int:
     return 0
 
 
-def report(results: list[Result], levels: list[int]) -> None:
-    by = {(r.server, r.concurrency): r for r in results}
-    print(f"\n{'server':14}{'conc':>5}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
-          f"{'vs bare':>9}{'vs torch':>9}{'cpu ms/req':>11}")  # fmt: skip
-    for r in results:
-        bare = by.get(("bare-onnx", r.concurrency))
-        torch_ = by.get(("naive-torch", r.concurrency))
-        vb = f"{r.rps / bare.rps:.2f}x" if bare and r.server != "in-process" else ""
-        vt = f"{r.rps / torch_.rps:.2f}x" if torch_ and r.server != "in-process" else ""
-        print(f"{r.server:14}{r.concurrency:>5}{r.rps:>9.0f}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}"
-              f"{r.errors:>8}{vb:>9}{vt:>9}{r.cpu_ms:>11.3f}")  # fmt: skip
-    print("(in-process: PNG decode + ONNX Runtime, batch 1, one thread, no HTTP)")
+def measure(
+    server: Server, levels: list[int], seconds: float, lua: Path,
+    runs: dict[tuple[str, int], list[Result]],
+) -> int:  # fmt: skip
+    """Start ``server``, run each of its scenarios at each level; return Loopline's requests."""
+    port = free_port()
+    cmd = [*server.cmd, "--port", str(port)]
+    base = f"http://127.0.0.1:{port}"
+    proc = start(cmd, port, server.env)
+    sent = 0
+    try:
+        for scenario in server.scenarios:
+            env = {**os.environ, "BENCH_BODY": str(scenario.body),
+                   "BENCH_HEADERS": "\n".join(f"{k}: {v}" for k, v in scenario.headers.items())}  # fmt: skip
+            url = base + scenario.path
+            label = row_label(server, scenario)
+            if label not in server.rows:
+                server.rows.append(label)
+            warm = run_wrk(url, 8, 1.0, lua, env)  # warm-up
+            sent += warm.requests - warm.errors
+            for c in levels:
+                cpu0 = cpu_seconds(proc.pid)
+                b0 = batch_totals(base) if server.loopline else (0.0, 0.0)
+                r = run_wrk(url, c, seconds, lua, env)
+                r.cpu_ms = (cpu_seconds(proc.pid) - cpu0) * 1000 / max(r.requests, 1)
+                if server.loopline:
+                    b1 = batch_totals(base)
+                    r.batch = (b1[0] - b0[0]) / max(b1[1] - b0[1], 1.0)
+                r.server = label
+                sent += r.requests - r.errors
+                runs.setdefault((label, c), []).append(r)
+                batch = f"  batch {r.batch:4.1f}" if r.batch is not None else ""
+                print(f"  {label:24} c={c:<3} {r.rps:8.0f} req/s  p50 {r.p50_ms:6.2f} ms  "
+                      f"p99 {r.p99_ms:6.2f} ms  cpu {r.cpu_ms:.3f} ms/req{batch}  "
+                      f"errors {r.errors}", flush=True)  # fmt: skip
+    finally:
+        stop(proc)
+    return sent if server.loopline else 0
+
+
+def median_ratio(
+    runs: dict[tuple[str, int], list[Result]], a: str, b: str, c: int, what: str
+) -> float | None:
+    """The median over rounds of ``a``'s ``what`` divided by ``b``'s, in the same round."""
+    ra, rb = runs.get((a, c)), runs.get((b, c))
+    if not ra or not rb:
+        return None
+    ratios = [getattr(x, what) / getattr(y, what) for x, y in zip(ra, rb) if getattr(y, what)]
+    return statistics.median(ratios) if ratios else None
+
+
+def _x(value: float | None) -> str:
+    return f"{value:.2f}x" if value is not None else "-"
+
+
+def report(
+    limit: Result, servers: list[Server], runs: dict[tuple[str, int], list[Result]],
+    levels: list[int],
+) -> None:  # fmt: skip
+    labels = [label for s in servers for label in s.rows]
+    median = {k: sorted(rs, key=lambda r: r.rps)[len(rs) // 2] for k, rs in runs.items()}
+    print(f"\n{'server':26}{'conc':>5}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
+          f"{'cpu ms/req':>11}{'batch':>7}{'vs base':>9}")  # fmt: skip
+    r = limit
+    print(f"{r.server:26}{1:>5}{r.rps:>9.0f}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}{0:>8}"
+          f"{r.cpu_ms:>11.3f}")  # fmt: skip
+    for label in labels:
+        for c in levels:
+            r = median[(label, c)]
+            batch = f"{r.batch:.1f}" if r.batch is not None else ""
+            vs = _x(median_ratio(runs, label, BASELINE, c, "rps"))
+            print(f"{label:26}{c:>5}{r.rps:>9.0f}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}{r.errors:>8}"
+                  f"{r.cpu_ms:>11.3f}{batch:>7}{vs:>9}")  # fmt: skip
+    print("(in-process: PNG decode + ONNX Runtime, batch 1, one thread, no HTTP; "
+          f"vs base: throughput against {BASELINE}, the median of the rounds' ratios)")  # fmt: skip
+    if "loopline" in labels and BASELINE in labels:
+        print(f"\nLoopline /v1 against {BASELINE} (bare FastAPI + ONNX Runtime, 2 uvicorn "
+              "workers), Loopline / baseline:")  # fmt: skip
+        print(f"{'conc':>5}{'throughput':>12}{'p50':>8}{'p99':>8}{'cpu/req':>9}  target")
+        for c in levels:
+            t = median_ratio(runs, "loopline", BASELINE, c, "rps")
+            p99 = median_ratio(runs, "loopline", BASELINE, c, "p99_ms")
+            goal = ""
+            if c == 1 and t is not None:
+                goal = f"throughput >= 1.00x: {'met' if t >= 1.0 else 'NOT met'}"
+            elif c >= 32 and t is not None and p99 is not None:
+                ok = t >= 1.1 and p99 <= 1.0
+                goal = f"throughput >= 1.10x, p99 <= 1.00x: {'met' if ok else 'NOT met'}"
+            print(f"{c:>5}{_x(t):>12}{_x(median_ratio(runs, 'loopline', BASELINE, c, 'p50_ms')):>8}"
+                  f"{_x(p99):>8}{_x(median_ratio(runs, 'loopline', BASELINE, c, 'cpu_ms')):>9}"
+                  f"  {goal}")  # fmt: skip
+    oip = [label for label in labels if label.startswith("loopline oip-")]
+    if oip and "loopline" in labels:
+        print("\nOpen Inference Protocol v2 against /v1 (throughput, target >= 0.90x; mean batch):")
+        for label in oip:
+            cells = []
+            for c in levels:
+                t = median_ratio(runs, label, "loopline", c, "rps")
+                b, b1 = median[(label, c)].batch, median[("loopline", c)].batch
+                cells.append(f"c={c} {_x(t)} (batch {b or 0:.1f} vs {b1 or 0:.1f})")
+            print(f"  {label.removeprefix('loopline '):12} " + "   ".join(cells))
+    variants = [(label, s.variant_of) for s in servers if s.variant_of for label in s.rows]
+    if variants:
+        print("\nVariants against plain Loopline (/v1 throughput):")
+        for label, of in variants:
+            cells = [f"c={c} {_x(median_ratio(runs, label, of or 'loopline', c, 'rps'))}"
+                     for c in levels]  # fmt: skip
+            print(f"  {label:24} " + "   ".join(cells))
 
 
 if __name__ == "__main__":

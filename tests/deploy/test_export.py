@@ -124,7 +124,11 @@ def test_the_image_command_checks_then_serves_the_bundle_s_own_source(
         subprocess.run([image_python, *check[1:]], check=True, env=_clean_env(), timeout=60)
     home = tmp_path / "home"
     home.mkdir()
-    predict_with_image_command(image_python, out, _clean_env(), home, "--no-log")
+    # A bare bundle is told its registry identity (`loopline models export` prints how).
+    answer = predict_with_image_command(
+        image_python, out, _clean_env(), home, "--no-log", "--model-version", "1"
+    )
+    assert answer["model_version"] == 1
     # The server ran from the bundle's copy of Loopline, as it does in the image.
     where = subprocess.run(
         [image_python, "-I", "-B", "-c",

@@ -113,6 +113,7 @@ def test_serving_requirements_alone_serve_the_bundle(
         "PATH": f"{venv / 'bin'}:/usr/bin:/bin",
         "HOME": str(tmp_path),
         "LOOPLINE_SERVE_TOKEN": TOKEN,
+        "LOOPLINE_MODEL_VERSION": "1",  # its registry identity, as `models export` prints
         **image_env,
     }
     probe = subprocess.run(
@@ -126,5 +127,5 @@ def test_serving_requirements_alone_serve_the_bundle(
     home = tmp_path / "home"
     home.mkdir()
     answer = predict_with_image_command(python, folder, env, home)
-    assert answer["predictions"][0]["model_version"] == 0  # not registered: version 0
+    assert answer["predictions"][0]["model_version"] == 1  # never version 0
     assert (home / ".loopline" / "loopline.db").exists()  # the log went to the default store

@@ -31,7 +31,9 @@ def serve_cli(*args: str) -> subprocess.CompletedProcess[str]:
 def test_tampered_model_in_an_extracted_bundle_is_refused(fresh_project: Project) -> None:
     folder = extract_bundle(fresh_project.bundle_tar, fresh_project.root / "extracted")
     settings = ServeSettings(log_predictions=False)
-    load_model(ModelSource(bundle=folder), settings)  # intact: loads
+    # Intact: loads, as the version the project's registry holds with its sha256.
+    served, _ = load_model(ModelSource(bundle=folder, config=fresh_project.config), settings)
+    assert (served.name, served.version) == ("vehicles", 1)
     flip_byte(folder / "model.onnx", 200)
     with pytest.raises(IntegrityError, match="model.onnx does not match its sha256"):
         load_model(ModelSource(bundle=folder), settings)

@@ -14,8 +14,12 @@ import typer
 from loopline import __version__
 from loopline.cli import build, evaluate, models, project, records, runs
 from loopline.cli import capture as capture_commands
+from loopline.cli import deploy as deploy_command
 from loopline.cli import envs as env_commands
+from loopline.cli import hub as hub_command
+from loopline.cli import predict as predict_command
 from loopline.cli import release as release_commands
+from loopline.cli import render as render_command
 from loopline.cli import serve as serve_command
 from loopline.cli.output import console, print_error
 from loopline.errors import LooplineError
@@ -33,12 +37,16 @@ app.add_typer(capture_commands.app, name="capture")
 app.command()(project.init)
 app.command()(project.datagen)
 app.command()(build.build)
+app.command()(predict_command.predict)
 app.command()(records.datasets)
 app.command()(records.audit)
 app.command("evaluate")(evaluate.evaluate_cmd)
+app.command("render")(render_command.render)
 serve_command.register(app)
 release_commands.register(app)
+deploy_command.register(app)
 env_commands.register(app)
+hub_command.register(app)
 
 
 def _version(value: bool) -> None:

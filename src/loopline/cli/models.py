@@ -107,6 +107,15 @@ def models_show(
         f"[bold]{escape(data['name'])}:{data['version']}[/bold] "
         f"aliases: {escape(', '.join(data['aliases'])) or '-'}{archived}"
     )
+    if data["lineage"].get("imported"):
+        origin = data["lineage"]
+        console.print(
+            escape(
+                f"imported from {origin.get('source_file')} (sha256 {origin.get('sha256')}); "
+                "no metrics: it was not built here"
+            ),
+            highlight=False,
+        )
     console.print(
         f"accuracy {_num(met, 'accuracy')}  macro P/R/F1 {_num(met, 'macro_precision')} / "
         f"{_num(met, 'macro_recall')} / {_num(met, 'macro_f1')}"
@@ -298,3 +307,48 @@ def models_export(
             f"-e LOOPLINE_SERVE_TOKEN=... {tag}"
         )
     )
+
+
+@app.command("import")
+def models_import(
+    file: Annotated[Path, typer.Argument(help="The ONNX model: float32 [N,3,H,W] to [N,C].")],
+    name: Annotated[str, typer.Option("--name", help="Model name to register it as.")],
+    labels: Annotated[
+        str, typer.Option("--labels", help="Class names in output order, e.g. car,van,truck.")
+    ],
+    input_size: Annotated[
+        str | None,
+        typer.Option("--input-size", help="H,W; needed when the model does not fix it."),
+    ] = None,
+    config: ConfigOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Register a model trained elsewhere as a verified bundle (lineage: imported).
+
+    ONNX Runtime checks it first: one float32 input [N,3,H,W] of RGB pixels 0..255
+    (normalisation inside the graph) and one output [N,C], C the number of labels. The
+    new version gets the alias candidate and can be served, deployed and monitored; it
+    has no metrics until evaluated. The same file imported again registers nothing.
+    """
+    from loopline.deploy.importing import import_onnx, parse_input_size, parse_labels
+    from loopline.drivers.artifacts import ArtifactStore
+
+    try:
+        size = parse_input_size(input_size) if input_size is not None else None
+        classes = parse_labels(labels)
+        cfg = load_config(config, project=True)
+        store = open_store(config)
+        result = import_onnx(
+            store, ArtifactStore(cfg.artifacts_url()), file, name, classes, size, actor=_actor()
+        )
+    except LooplineError as err:
+        fail(err)
+    if json_out:
+        print_json(result.to_dict())
+        return
+    tag = f"{result.name}:{result.version}"
+    if result.created:
+        console.print(escape(f"imported {file.name} as {tag} (alias candidate)"))
+    else:
+        console.print(escape(f"{file.name} equals {tag}; nothing registered"))
+    console.print(escape(f"bundle sha256 {result.bundle_sha256}"), highlight=False)

@@ -13,6 +13,7 @@ otherwise be counted again), and the supervisor drops a dead worker's live gauge
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import tempfile
@@ -169,6 +170,18 @@ class ServerMetrics:
         self._process_predictions = self.process_predictions.labels(*self._mv)
         self._pending = self.log_pending.labels(*self._mv)
         self._request_children: dict[tuple[str, int], tuple[Any, Any, Any]] = {}
+
+    def for_version(self, model: str, version: int | str, labels: list[str]) -> ServerMetrics:
+        """These metrics with batch observations labelled by another served version (an
+        environment serves several); request and log counters stay this object's."""
+        view = copy.copy(self)
+        mv = view._mv = (model, str(version))
+        view._batch = self.batch_size.labels(*mv)
+        view._inference = self.inference.labels(*mv)
+        view._confidence = self.confidence.labels(*mv)
+        view._per_class = [self.predictions.labels(*mv, label) for label in labels]
+        view._process_predictions = self.process_predictions.labels(*mv)
+        return view
 
     # -- observations -----------------------------------------------------------------------
     def observe_request(self, endpoint: str, code: int, seconds: float) -> None:

@@ -26,6 +26,7 @@ from loopline.deploy.fastroute import add_fast_post
 from loopline.deploy.limits import RequestRejected, json_body, media_type, unsupported_type
 
 if TYPE_CHECKING:
+    from loopline.deploy.runtime import ServedModel
     from loopline.deploy.state import ServerState
 
 DATATYPES: dict[str, Any] = {"FP32": np.dtype("<f4"), "UINT8": np.dtype("u1")}
@@ -267,33 +268,37 @@ def _classify(values: np.ndarray, k: int, labels: list[str]) -> list[bytes]:
 
 # -- endpoints ---------------------------------------------------------------------------------
 def add_routes(app: FastAPI, state: ServerState) -> None:
-    served = state.served
-    runtime = served.runtime
-    model_meta = {
-        "name": served.name,
-        "versions": [str(served.version)],
-        "platform": "onnxruntime_onnx",
-        "inputs": [
-            {"name": runtime.input_name, "datatype": "FP32", "shape": [-1, *runtime.input_shape]}
-        ],
-        "outputs": [
-            {"name": runtime.output_name, "datatype": "FP32", "shape": [-1, len(served.labels)]}
-        ],
-    }
-    model_config = {
-        "name": served.name,
-        "platform": "onnxruntime_onnx",
-        "backend": "onnxruntime",
-        "max_batch_size": state.settings.max_images_per_request,
-        "input": [{"name": runtime.input_name, "data_type": "TYPE_FP32", "format": "FORMAT_NCHW",
-                   "dims": runtime.input_shape}],
-        "output": [{"name": runtime.output_name, "data_type": "TYPE_FP32",
-                    "dims": [len(served.labels)], "label_filename": "labels.json"}],
-        "dynamic_batching": {
-            "max_queue_delay_microseconds": int(state.settings.max_delay_ms * 1000),
-            "preferred_batch_size": [state.settings.max_batch_size],
-        },
-    }  # fmt: skip
+    # The versions served may change while the server runs (``--env``): each answer is
+    # built from the version it is about.
+    def model_meta(served: ServedModel) -> dict[str, Any]:
+        runtime = served.runtime
+        return {
+            "name": served.name,
+            "versions": [str(v) for v in state.router.table.versions],
+            "platform": "onnxruntime_onnx",
+            "inputs": [{"name": runtime.input_name, "datatype": "FP32",
+                        "shape": [-1, *runtime.input_shape]}],
+            "outputs": [{"name": runtime.output_name, "datatype": "FP32",
+                         "shape": [-1, len(served.labels)]}],
+        }  # fmt: skip
+
+    def model_config(served: ServedModel) -> dict[str, Any]:
+        runtime = served.runtime
+        return {
+            "name": served.name,
+            "platform": "onnxruntime_onnx",
+            "backend": "onnxruntime",
+            "max_batch_size": state.settings.max_images_per_request,
+            "input": [{"name": runtime.input_name, "data_type": "TYPE_FP32",
+                       "format": "FORMAT_NCHW", "dims": runtime.input_shape}],
+            "output": [{"name": runtime.output_name, "data_type": "TYPE_FP32",
+                        "dims": [len(served.labels)], "label_filename": "labels.json"}],
+            "dynamic_batching": {
+                "max_queue_delay_microseconds": int(state.settings.max_delay_ms * 1000),
+                "preferred_batch_size": [state.settings.max_batch_size],
+            },
+        }  # fmt: skip
+
     server_meta = orjson.dumps(
         {
             "name": "loopline",
@@ -317,25 +322,27 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
     @app.get("/v2/health/ready", tags=["v2"], summary="The model is loaded and serving")
     async def ready() -> Response:
         if not state.ready:
-            return json_response({"error": "not ready: the server is starting or stopping"}, 503)
+            return json_response({"error": state.not_ready_reason()}, 503)
         return json_response({"ready": True})
 
     async def model_metadata(request: Request) -> Response:
         state.check_model(request.path_params)
-        return json_response(model_meta)
+        return json_response(model_meta(state.served_for(request.path_params)))
 
     async def model_ready(request: Request) -> Response:
         state.check_model(request.path_params)
         if not state.ready:
-            return json_response({"error": "not ready: the server is starting or stopping"}, 503)
-        return json_response({"name": served.name, "ready": True})
+            return json_response({"error": state.not_ready_reason()}, 503)
+        return json_response({"name": state.served.name, "ready": True})
 
     async def config(request: Request) -> Response:
         state.check_model(request.path_params)
-        return json_response(model_config)
+        return json_response(model_config(state.served_for(request.path_params)))
 
     async def infer(request: Request) -> Response:
         state.check_model(request.path_params)
+        served = state.served_for(request.path_params)  # whose input the request must fit
+        runtime = served.runtime
         if state.settings.require_token_for_predict:
             state.auth.require(request.headers, "inference")
         headers = request.headers
@@ -359,14 +366,20 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
             max_items=state.settings.max_images_per_request,
         )
         metadata = state.check_metadata(req.parameters)
-        result = await state.batcher.submit(tensor=req.tensor, metadata=metadata, source="v2")
+        routed = await state.router.submit(
+            tensor=req.tensor,
+            metadata=metadata,
+            source="v2",
+            version=request.path_params.get("version"),
+        )
+        result, answered = routed.result, routed.served  # the version that answered
         content, extra, media = render_infer_response(
-            model_name=served.name,
-            model_version=str(served.version),
+            model_name=answered.name,
+            model_version=str(answered.version),
             request_id=req.id,
             outputs=req.outputs,
             values={runtime.output_name: result.logits},
-            labels=served.labels,
+            labels=answered.labels,
             prediction_ids=result.ids,
         )
         return Response(content, headers=extra, media_type=media)

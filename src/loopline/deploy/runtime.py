@@ -3,8 +3,10 @@
 Request handlers put jobs (encoded images, or tensors from the v2 protocol) on a queue and
 await a future. A batcher thread takes every job that is waiting, decodes the images, runs
 the model once on the stacked batch and answers all the jobs with one wake-up of the event
-loop. Decoding and inference therefore never block the event loop, and Pillow and ONNX
-Runtime release the GIL while they work, so HTTP keeps being served in parallel.
+loop (``wakeup.py``: with the GIL released while it wakes the loop). Decoding and inference
+therefore never block the event loop, and Pillow and ONNX Runtime release the GIL while
+they work, so HTTP keeps being served in parallel. Input statistics for the prediction log
+are computed once per batch, not once per job.
 
 Several batcher threads may share the queue and the session (ONNX Runtime sessions are safe
 to run concurrently). With one ONNX Runtime thread each, different batches are decoded and
@@ -23,12 +25,11 @@ bounded by jobs and by bytes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import os
 import queue
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from loopline.bundle import Bundle, PreprocessSpec, decode_image, to_input
+from loopline.deploy.wakeup import Answer, WakerSet
 from loopline.errors import InvalidInput, LooplineError, UndecodableImage
 from loopline.images import image_stats
 
@@ -155,6 +157,7 @@ class Job:
     # filled by the batcher thread
     x: np.ndarray | None = None
     stats: list[dict[str, Any]] = field(default_factory=list)
+    sizes: list[int | None] | None = None  # encoded bytes per image (None: a tensor row)
 
 
 _STOP = object()
@@ -199,6 +202,7 @@ class Batcher:
         self._concurrent = False
         self._bytes_lock = threading.Lock()
         self._queued_bytes = 0
+        self._wakers = WakerSet()
 
     # -- lifecycle (event loop side) ----------------------------------------------------
     def start(self) -> None:
@@ -256,6 +260,7 @@ class Batcher:
             n, nbytes = len(tensor), tensor.nbytes
         # Everything that can fail comes before the bytes are counted: none may leak.
         loop = asyncio.get_running_loop()
+        self._wakers.for_loop(loop)
         fut: asyncio.Future[JobResult] = loop.create_future()
         job = Job(images, tensor, n, metadata, source, time.time(), loop, fut, nbytes)
         with self._bytes_lock:
@@ -324,20 +329,29 @@ class Batcher:
                 answers.append((job, None, LooplineError(f"cannot prepare the input: {err}")))
         if ready:
             answers.extend(self._run_batch(ready))
-        _deliver(answers)
+        self._deliver(answers)
+
+    def _deliver(self, answers: list[tuple[Job, JobResult | None, BaseException | None]]) -> None:
+        """Hand results to their event loops: one wake-up per loop per batch."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[Answer]] = {}
+        for job, pred, err in answers:
+            by_loop.setdefault(job.loop, []).append((job.future, pred, err))
+        for loop, items in by_loop.items():
+            self._wakers.deliver(loop, items)
 
     def _run_batch(self, jobs: list[Job]) -> list[tuple[Job, JobResult | None, Any]]:
         """Run the model on the jobs; if the batch fails, each job alone, so that one
         job's failure is its own."""
         try:
             t0 = time.perf_counter()
-            preds = self._infer(jobs)
+            preds, x = self._infer(jobs)
             seconds = time.perf_counter() - t0
         except Exception as err:
             if len(jobs) > 1:
                 return [answer for job in jobs for answer in self._run_batch([job])]
             log.exception("inference failed")
             return [(jobs[0], None, LooplineError(f"inference failed: {err}"))]
+        _describe(jobs, x)
         if self.on_batch is not None:
             try:
                 self.on_batch(jobs, preds, seconds)
@@ -346,22 +360,18 @@ class Batcher:
         return [(job, pred, None) for job, pred in zip(jobs, preds, strict=True)]
 
     def _prepare(self, job: Job) -> None:
-        """Decode the job's images (one bad image fails the job) and compute its stats."""
+        """Decode the job's images (one bad image fails the job)."""
         if job.images is not None:
             spec, limit = self.runtime.spec, self.max_pixels
-            pixels = np.stack([_decode(i, data, spec, limit) for i, data in enumerate(job.images)])
-            job.x = to_input(pixels)
-            sizes: list[int | None] = [len(b) for b in job.images]
+            pixels = [_decode(i, data, spec, limit) for i, data in enumerate(job.images)]
+            job.x = to_input(pixels[0][None] if len(pixels) == 1 else np.stack(pixels))
+            job.sizes = [len(b) for b in job.images]
         else:
             assert job.tensor is not None
             job.x = job.tensor
-            sizes = [None] * job.n
-        stats = image_stats(job.x, channels_last=False)
-        job.stats = [
-            _stats_dict(row, size) for row, size in zip(stats.tolist(), sizes, strict=True)
-        ]
 
-    def _infer(self, jobs: list[Job]) -> list[JobResult]:
+    def _infer(self, jobs: list[Job]) -> tuple[list[JobResult], np.ndarray]:
+        """Run the model on the jobs' stacked inputs; the results and those inputs."""
         xs = [j.x for j in jobs if j.x is not None]
         x = xs[0] if len(xs) == 1 else np.concatenate(xs)
         step = self.max_batch_size
@@ -374,16 +384,17 @@ class Batcher:
         probs = softmax(logits)
         top = probs.argmax(axis=1)
         conf = probs[np.arange(len(probs)), top]
+        hexed = os.urandom(16 * len(x)).hex()  # 128 random bits per prediction id
         out = []
         start = 0
         for job in jobs:
             end = start + job.n
-            ids = [uuid.uuid4().hex for _ in range(job.n)]
+            ids = [hexed[32 * i : 32 * i + 32] for i in range(start, end)]
             out.append(
                 JobResult(ids, top[start:end], conf[start:end], probs[start:end], logits[start:end])
             )
             start = end
-        return out
+        return out, x
 
 
 def _decode(index: int, data: bytes, spec: PreprocessSpec, max_pixels: int | None) -> np.ndarray:
@@ -403,33 +414,28 @@ def _decode(index: int, data: bytes, spec: PreprocessSpec, max_pixels: int | Non
         ) from None
 
 
-def _stats_dict(row: list[float], size: int | None) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "brightness": round(row[0], 3),
-        "contrast": round(row[1], 3),
-        "mean_rgb": [round(v, 2) for v in row[2:5]],
-    }
+def _describe(jobs: list[Job], x: np.ndarray) -> None:
+    """Each job's input statistics (``job.stats``), from one computation over the batch."""
+    try:
+        stats = image_stats(x, channels_last=False).astype(np.float64)  # short decimals
+        brightness = np.round(stats[:, :2], 3).tolist()
+        rgb = np.round(stats[:, 2:5], 2).tolist()
+    except Exception:  # statistics must never cost an answer
+        log.exception("cannot compute input statistics")
+        for job in jobs:
+            job.stats = [{} for _ in range(job.n)]
+        return
+    start = 0
+    for job in jobs:
+        sizes = job.sizes or [None] * job.n
+        job.stats = [
+            _stats_dict(brightness[start + i], rgb[start + i], size) for i, size in enumerate(sizes)
+        ]
+        start += job.n
+
+
+def _stats_dict(bc: list[float], rgb: list[float], size: int | None) -> dict[str, Any]:
+    out: dict[str, Any] = {"brightness": bc[0], "contrast": bc[1], "mean_rgb": rgb}
     if size is not None:
         out["bytes"] = size
     return out
-
-
-def _deliver(answers: list[tuple[Job, JobResult | None, BaseException | None]]) -> None:
-    """Hand results to their event loops: one thread-safe wake-up per loop per batch."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
-    for job, pred, err in answers:
-        by_loop.setdefault(job.loop, []).append((job.future, pred, err))
-    for loop, items in by_loop.items():
-        # A closed loop raises RuntimeError: nobody is waiting for these any more.
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(_set_results, items)
-
-
-def _set_results(items: list[Any]) -> None:
-    for fut, pred, err in items:
-        if fut.done():
-            continue
-        if err is None:
-            fut.set_result(pred)
-        else:
-            fut.set_exception(err)

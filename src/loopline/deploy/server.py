@@ -19,11 +19,12 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import orjson
@@ -35,6 +36,8 @@ from loopline import __version__
 from loopline.bundle import Bundle, extract_bundle, fetch_bundle, load_bundle
 from loopline.deploy import oip, openapi, v1
 from loopline.deploy.auth import BearerAuth, Unauthorized
+from loopline.deploy.capture import CaptureWriter, capture_writer
+from loopline.deploy.capture_routes import add_routes as add_capture_routes
 from loopline.deploy.limits import BodyLimitMiddleware
 from loopline.deploy.metrics import (
     MetricsMiddleware,
@@ -43,11 +46,16 @@ from loopline.deploy.metrics import (
     prepare_multiprocess_dir,
 )
 from loopline.deploy.predlog import PredictionLog
+from loopline.deploy.router import Lane, Router, Tagged, empty_table, static_table
 from loopline.deploy.runtime import Batcher, Job, JobResult, ModelRuntime, ServedModel
 from loopline.deploy.settings import ServeSettings, build_parser, load_settings, setting_options
 from loopline.deploy.state import ServerState
 from loopline.digest import sha256_file
 from loopline.errors import ConfigError, IntegrityError, InvalidInput, LooplineError, NotFound
+
+if TYPE_CHECKING:
+    from loopline.drivers.metadata.store import MetadataStore
+    from loopline.environments import EnvironmentConfig
 
 log = logging.getLogger("loopline.deploy")
 
@@ -62,6 +70,7 @@ class ModelSource:
     config: Path | None = None
     name: str | None = None  # overrides for a bundle outside the registry
     version: int | None = None
+    env: str | None = None  # an environment of the config: its deployment, followed
 
 
 def load_model(source: ModelSource, settings: ServeSettings) -> tuple[ServedModel, Any]:
@@ -79,6 +88,8 @@ def load_model(source: ModelSource, settings: ServeSettings) -> tuple[ServedMode
         require_project(source.config, metadata_url=settings.metadata_url)
     cfg = load_config(source.config)
     url = settings.metadata_url or cfg.metadata_url()
+    if settings.capture and settings.artifacts_url is None:  # captured images go there
+        settings.artifacts_url = cfg.artifacts_url()
     store = None
     # A private folder per start, removed once the model is in memory: a registered bundle
     # is verified from its tar every time, never trusted from an earlier extraction.
@@ -97,13 +108,16 @@ def load_model(source: ModelSource, settings: ServeSettings) -> tuple[ServedMode
             assert source.bundle is not None
             bundle, digest = _open_bundle(Path(source.bundle), Path(tmp))
             meta = bundle.metadata
-            name = source.name or meta.get("model_name") or meta.get("name") or "model"
-            given = source.version
-            if given is None:
-                given = int(os.environ.get("LOOPLINE_MODEL_VERSION") or meta.get("version") or 0)
-            version = given
-            if settings.log_predictions:
+            name = (
+                source.name
+                or os.environ.get("LOOPLINE_MODEL_NAME")
+                or meta.get("model_name")
+                or meta.get("name")
+                or "model"
+            )
+            if settings.log_predictions or settings.capture:
                 store = MetadataStore(url)
+            name, version = _bundle_identity(source, settings, bundle, digest, str(name), store)
         runtime = ModelRuntime(
             bundle.model_path,
             bundle.labels,
@@ -126,6 +140,41 @@ def _open_bundle(path: Path, tmp: Path) -> tuple[Bundle, str]:
         raise IntegrityError(f"refusing to serve bundle {path}: {err}") from None
 
 
+def _bundle_identity(
+    source: ModelSource,
+    settings: ServeSettings,
+    bundle: Bundle,
+    digest: str,
+    name: str,
+    store: Any | None,
+) -> tuple[str, int]:
+    """A bare bundle's registry identity (``deploy/identity.py``), looked up by sha256 in
+    the project's store when there is one."""
+    from loopline.config import load_config, require_project
+    from loopline.deploy.identity import bundle_identity
+    from loopline.drivers.metadata.store import MetadataStore
+
+    assert source.bundle is not None
+    env_version = os.environ.get("LOOPLINE_MODEL_VERSION")
+    lookup, opened = store, None
+    if lookup is None and source.version is None and not env_version:
+        try:  # a project at hand: never create an empty store just to look in it
+            require_project(source.config, metadata_url=settings.metadata_url)
+        except ConfigError:
+            pass
+        else:
+            url = settings.metadata_url or load_config(source.config).metadata_url()
+            lookup = opened = MetadataStore(url)
+    try:
+        return bundle_identity(
+            bundle, Path(source.bundle), digest, name=name, version=source.version,
+            env_version=env_version, store=lookup,
+        )  # fmt: skip
+    finally:
+        if opened is not None:
+            opened.close()
+
+
 # -- the app ---------------------------------------------------------------------------------------
 def create_app(
     served: ServedModel,
@@ -136,23 +185,113 @@ def create_app(
 ) -> FastAPI:
     """The FastAPI app serving ``served``; predictions are logged to ``store`` if given."""
     settings = settings or ServeSettings()
-    if settings.require_token_for_predict and not settings.tokens():
-        raise ConfigError("require_token_for_predict is set but no token is configured")
     metrics = ServerMetrics(served.name, served.version, served.labels)
-    predlog = None
-    if settings.log_predictions and store is not None:
-        predlog = PredictionLog(
-            store.predictions.log,
-            flush_interval_s=settings.flush_interval_s,
-            flush_max_rows=settings.flush_max_rows,
-            max_pending_rows=settings.max_pending_rows,
-            write_attempts=settings.log_write_attempts,
-            spill_dir=spill_dir or settings.spill_dir or Path.cwd(),
-            on_written=metrics.log_rows_written,
-            on_dropped=metrics.log_rows_dropped,
-            on_spilled=metrics.log_rows_spilled,
-        )
-    batcher = Batcher(
+    predlog = _prediction_log(settings, store, metrics, spill_dir)
+    capture = capture_writer(served, settings, store, metrics)  # production capture
+    lane = Lane(served, make_batcher(served, settings, metrics, predlog))
+    state = ServerState(
+        settings=settings,
+        router=Router(static_table(lane)),
+        metrics=metrics,
+        auth=BearerAuth(settings.tokens()),
+        predlog=predlog,
+        capture=capture,
+        store=store if predlog is not None else None,
+    )
+
+    def stop() -> None:
+        lane.retired = True
+        lane.batcher.stop()
+
+    banner = f"serving {served.name}:{served.version} ({served.bundle_sha256[:12]})"
+    return _assemble(
+        state, lane.batcher.start, stop, f"Serving {served.name}:{served.version}", banner
+    )
+
+
+def create_env_app(
+    environment: str,
+    env: EnvironmentConfig,
+    settings: ServeSettings,
+    store: MetadataStore,
+    artifacts_url: str,
+    *,
+    spill_dir: Path | None = None,
+) -> FastAPI:
+    """The app serving ``environment``: whatever its deployment in ``store`` says, followed
+    by a reconciler thread (``deploy/reconcile.py``), with in-process routing between the
+    versions it holds. Alive but not ready until a stable version is loaded."""
+    from loopline.deploy.reconcile import Reconciler, load_version, replica_endpoint
+
+    try:
+        deployed = store.deployments.get(environment)
+    except Exception:  # the store is down at start: the reconciler keeps trying
+        deployed = None
+    model = deployed.model_name if deployed is not None and deployed.model_name else ""
+    metrics = ServerMetrics(model, "", [])  # request counters; batches per version below
+    predlog = _prediction_log(settings, store, metrics, spill_dir)
+    # Capture counters are labelled by the model alone: the versions change under them.
+    identity = cast(ServedModel, SimpleNamespace(name=model, version=""))
+    capture = capture_writer(identity, settings, store, metrics)
+    if isinstance(capture, CaptureWriter):
+        capture.environment = environment
+    router = Router(empty_table(environment, f"environment {environment} is loading"))
+
+    def load(name: str, version: int) -> Lane:
+        served = load_version(store, artifacts_url, name, version, settings)
+        view = metrics.for_version(name, version, served.labels)
+        lane = Lane(served, make_batcher(served, settings, view, predlog, environment))
+        lane.batcher.start()
+        return lane
+
+    reconciler = Reconciler(
+        router, store, environment, env, load, endpoint=replica_endpoint(settings)
+    )
+    state = ServerState(
+        settings=settings,
+        router=router,
+        metrics=metrics,
+        auth=BearerAuth(settings.tokens()),
+        predlog=predlog,
+        capture=capture,
+        store=store if predlog is not None else None,
+        environment=environment,
+    )
+    banner = f"serving environment {environment} as replica {reconciler.replica_id}"
+    app = _assemble(
+        state, reconciler.start, reconciler.stop, f"Serving environment {environment}", banner
+    )
+    app.state.reconciler = reconciler
+    return app
+
+
+def _prediction_log(
+    settings: ServeSettings, store: Any | None, metrics: ServerMetrics, spill_dir: Path | None
+) -> PredictionLog | None:
+    if not settings.log_predictions or store is None:
+        return None
+    return PredictionLog(
+        store.predictions.log,
+        flush_interval_s=settings.flush_interval_s,
+        flush_max_rows=settings.flush_max_rows,
+        max_pending_rows=settings.max_pending_rows,
+        write_attempts=settings.log_write_attempts,
+        spill_dir=spill_dir or settings.spill_dir or Path.cwd(),
+        on_written=metrics.log_rows_written,
+        on_dropped=metrics.log_rows_dropped,
+        on_spilled=metrics.log_rows_spilled,
+    )
+
+
+def make_batcher(
+    served: ServedModel,
+    settings: ServeSettings,
+    metrics: ServerMetrics,
+    predlog: PredictionLog | None,
+    environment: str | None = None,
+) -> Batcher:
+    """The batcher of one served version (each version has its own)."""
+    return Batcher(
         served.runtime,
         max_batch_size=settings.max_batch_size,
         max_delay_ms=settings.max_delay_ms,
@@ -160,45 +299,54 @@ def create_app(
         max_queue_bytes=settings.max_queue_bytes,
         max_pixels=settings.max_image_pixels,
         threads=settings.inference_threads,
-        on_batch=_batch_hook(served, settings, metrics, predlog),
+        on_batch=_batch_hook(served, settings, metrics, predlog, environment),
     )
-    state = ServerState(
-        served=served,
-        settings=settings,
-        batcher=batcher,
-        metrics=metrics,
-        auth=BearerAuth(settings.tokens()),
-        predlog=predlog,
-        store=store if predlog is not None else None,
-    )
+
+
+def _assemble(
+    state: ServerState,
+    start: Callable[[], None],
+    stop: Callable[[], None],
+    summary: str,
+    banner: str,
+) -> FastAPI:
+    """The app around ``state``: lifespan, routes, error handlers, metrics and limits.
+
+    ``start`` and ``stop`` bring the model side up and down (its batchers, the reconciler).
+    """
+    settings, metrics, predlog = state.settings, state.metrics, state.predlog
+    capture = state.capture
+    if settings.require_token_for_predict and not settings.tokens():
+        raise ConfigError("require_token_for_predict is set but no token is configured")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if predlog is not None:
             predlog.start()
-        batcher.start()
-        state.ready = True
-        log.info("serving %s:%s (%s)", served.name, served.version, served.bundle_sha256[:12])
+        capture.start()
+        start()
+        state.accepting = True
+        log.info("%s", banner)
         try:
             yield
         finally:
             # uvicorn has answered every in-flight request by now; drain and write the log.
-            state.ready = False
-            await asyncio.to_thread(batcher.stop)
+            state.accepting = False
+            await asyncio.to_thread(stop)
+            await asyncio.to_thread(capture.stop)
             if predlog is not None:
                 await asyncio.to_thread(predlog.close)
 
     app = FastAPI(
-        title="Loopline prediction server",
-        version=__version__,
-        summary=f"Serving {served.name}:{served.version}",
+        title="Loopline prediction server", version=__version__, summary=summary,
         lifespan=lifespan,
-    )
+    )  # fmt: skip
     app.state.loopline = state
     openapi.install(app)
     _add_error_handlers(app)
     v1.add_routes(app, state)  # the hot routes first: routing tries them in order
     oip.add_routes(app, state)
+    add_capture_routes(app, state)
 
     @app.get("/metrics", tags=["ops"], summary="Prometheus metrics")
     async def prometheus() -> Response:
@@ -216,8 +364,13 @@ def _batch_hook(
     settings: ServeSettings,
     metrics: ServerMetrics,
     predlog: PredictionLog | None,
+    environment: str | None = None,
 ) -> Any:
-    """Metrics and prediction-log rows for each batch, on the batcher thread."""
+    """Metrics and prediction-log rows for each batch, on the batcher thread.
+
+    Behind a router, each job's metadata is ``Tagged`` with the variant that answered
+    (stable, canary or shadow) and the deployment generation; the rows keep both.
+    """
     name, version, labels = served.name, served.version, served.labels
     keep_probs = settings.log_probabilities
 
@@ -230,6 +383,14 @@ def _batch_hook(
         rows = []
         for job, res in zip(jobs, results, strict=True):
             probs = np.round(res.probabilities, 6).tolist() if keep_probs else [None] * job.n
+            meta = job.metadata
+            variant = generation = camera = None
+            if isinstance(meta, Tagged):  # routed: empty when the request had no metadata
+                variant, generation = meta.variant, meta.generation
+                meta = dict(meta) or None
+            if meta:
+                camera = meta.get("camera_id")
+                camera = None if camera is None else str(camera)[:200]
             for pid, t, c, p, stats in zip(
                 res.ids, res.top.tolist(), res.confidence.tolist(), probs, job.stats, strict=True
             ):
@@ -243,8 +404,12 @@ def _batch_hook(
                         "label": labels[t],
                         "confidence": c,
                         "probabilities": p,
-                        "request_metadata": job.metadata,
+                        "request_metadata": meta,
                         "input_stats": stats,
+                        "environment": environment,
+                        "deployment_generation": generation,
+                        "variant": variant,
+                        "camera_id": camera,
                     }
                 )
         predlog.add(rows)
@@ -305,6 +470,9 @@ DESCRIPTION = (
     "SIGTERM; a graceful stop loses no prediction.\n\n"
     "MODEL is NAME, NAME:VERSION or NAME@ALIAS (e.g. vehicles@production). The bundle is "
     "verified against its registered sha256 and its manifest before the model is loaded.\n\n"
+    "--env ENV serves an environment of loopline.yaml instead: whatever its deployment in "
+    "the metadata store says (loopline promote, loopline rollback), followed within its "
+    "reconcile interval, with canary and shadow routing inside the server.\n\n"
     "Endpoints: Open Inference Protocol v2 under /v2 (KServe and Triton clients work as they "
     "are); JPEG/PNG images at POST /v1/models/NAME/predict; ground truth at POST /v1/feedback "
     "(needs a bearer token: set LOOPLINE_SERVE_TOKEN); Prometheus metrics at /metrics; the "
@@ -326,7 +494,10 @@ def serve(source: ModelSource, settings: ServeSettings, *, log_level: str = "inf
     )
     logging.getLogger("loopline").setLevel(level)
     # Fail fast, with a clear message, before binding the port (and before forking workers).
-    served, store = load_model(source, settings)
+    if source.env is not None:
+        env, store, artifacts_url = open_environment(source, settings)
+    else:
+        served, store = load_model(source, settings)
     options: dict[str, Any] = {
         "host": settings.host,
         "port": settings.port,
@@ -340,7 +511,11 @@ def serve(source: ModelSource, settings: ServeSettings, *, log_level: str = "inf
     if settings.workers == 1:
         if multiprocess_dir() is not None:  # set by the user: an earlier run's values go
             prepare_multiprocess_dir()
-        uvicorn.run(create_app(served, settings, store), **options)
+        if source.env is not None:
+            app = create_env_app(source.env, env, settings, store, artifacts_url)
+        else:
+            app = create_app(served, settings, store)
+        uvicorn.run(app, **options)
         return
     # Several processes share the port; each loads (and verifies) the model itself.
     if store is not None:
@@ -367,34 +542,78 @@ def worker_app() -> FastAPI:
             raw[key] = Path(raw[key])
     source = ModelSource(**raw)
     settings = load_settings()
+    if source.env is not None:  # each worker follows the environment on its own
+        env, store, artifacts_url = open_environment(source, settings)
+        return create_env_app(source.env, env, settings, store, artifacts_url)
     served, store = load_model(source, settings)
     return create_app(served, settings, store)
 
 
-def make_settings(options: dict[str, Any], token_file: Path | None = None) -> ServeSettings:
-    """Settings from the environment, with flags (``options``, None = unset) on top."""
+def open_environment(
+    source: ModelSource, settings: ServeSettings
+) -> tuple[EnvironmentConfig, MetadataStore, str]:
+    """The environment's config, its metadata store (opened) and its artifact store URL."""
+    from loopline.config import load_config, require_project
+    from loopline.credentials import expand_url
+    from loopline.drivers.metadata.store import MetadataStore
+
+    assert source.env is not None
+    require_project(source.config, metadata_url=settings.metadata_url)
+    cfg = load_config(source.config)
+    env = cfg.environment(source.env)
+    url = settings.metadata_url or (
+        expand_url(env.metadata_url, f"environments.{source.env}.metadata_url")
+        if env.metadata_url
+        else cfg.metadata_url()
+    )
+    if settings.capture and settings.artifacts_url is None:  # captured images go there
+        settings.artifacts_url = cfg.artifacts_url()
+    return env, MetadataStore(url), cfg.artifacts_url()
+
+
+def make_settings(
+    options: dict[str, Any],
+    token_file: Path | None = None,
+    base: dict[str, Any] | None = None,
+) -> ServeSettings:
+    """Settings from ``base`` (an environment's), then the process environment, with flags
+    (``options``, None = unset) on top."""
     overrides = dict(options)
     if token_file is not None:
         try:
             overrides["token"] = token_file.read_text().strip()
         except OSError as err:
             raise ConfigError(f"cannot read --token-file {token_file}: {err}") from None
-    return load_settings(overrides)
+    return load_settings(overrides, base=base)
+
+
+def environment_settings(config: Path | None, environment: str) -> dict[str, Any]:
+    """What an environment of the config sets in ServeSettings (host, port, token, ...)."""
+    from loopline.config import load_config, require_project
+    from loopline.deploy.reconcile import environment_base
+
+    require_project(config)
+    return environment_base(load_config(config).environment(environment))
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m loopline.deploy.server") -> int:
     """The command line of ``python -m loopline.deploy.server`` and ``loopline serve``."""
     args = build_parser(prog, DESCRIPTION).parse_args(argv)
     try:
-        if (args.model is None) == (args.bundle is None):
-            raise ConfigError("give either MODEL (NAME[:VERSION|@ALIAS]) or --bundle PATH")
-        settings = make_settings(setting_options(args), args.token_file)
+        given = [args.model is not None, args.bundle is not None, args.env is not None]
+        if sum(given) != 1:
+            raise ConfigError(
+                "give exactly one of MODEL (NAME[:VERSION|@ALIAS]), --bundle PATH or --env ENV"
+            )
+        base = environment_settings(args.config, args.env) if args.env is not None else None
+        settings = make_settings(setting_options(args), args.token_file, base)
         source = ModelSource(
             ref=args.model,
             bundle=args.bundle,
             config=args.config,
             name=args.model_name,
             version=args.model_version,
+            env=args.env,
         )
         serve(source, settings, log_level=args.log_level)
     except LooplineError as err:

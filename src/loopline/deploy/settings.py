@@ -105,6 +105,23 @@ class ServeSettings(BaseModel):
     )
     metadata_url: str | None = Field(None, description="where the log goes; default: the project's")
 
+    # Production capture (deploy/capture.py): request images kept, off the request path.
+    capture: bool = Field(False, description="keep sampled request images for retraining")
+    capture_sample_rate: float = Field(1.0, ge=0.0, le=1.0, description="share of images kept")
+    capture_max_image_bytes: int = Field(MiB, ge=1, description="larger images are not kept")
+    capture_retention_days: float = Field(
+        30.0, gt=0.0, description="days a capture is kept unless a dataset version uses it"
+    )
+    capture_queue: int = Field(
+        1024, ge=1, description="images waiting to be stored at most (then dropped, counted)"
+    )
+    capture_queue_bytes: int = Field(
+        64 * MiB, ge=1024, description="bytes of images waiting to be stored at most"
+    )
+    artifacts_url: str | None = Field(
+        None, description="where captured images go; default: the project's artifact store"
+    )
+
     @model_validator(mode="after")
     def _auto_threads(self) -> ServeSettings:
         if self.inference_threads == 0:
@@ -130,11 +147,14 @@ class ServeSettings(BaseModel):
 
 
 def load_settings(
-    overrides: dict[str, Any] | None = None, env: dict[str, str] | None = None
+    overrides: dict[str, Any] | None = None,
+    env: dict[str, str] | None = None,
+    base: dict[str, Any] | None = None,
 ) -> ServeSettings:
-    """Settings from ``LOOPLINE_SERVE_*`` variables, then ``overrides`` (flags) on top."""
+    """Settings from ``base`` (an environment's, in ``loopline.yaml``), then
+    ``LOOPLINE_SERVE_*`` variables, then ``overrides`` (flags) on top."""
     env = dict(os.environ) if env is None else env
-    data: dict[str, Any] = {}
+    data: dict[str, Any] = dict(base or {})
     for name in ServeSettings.model_fields:
         key = ENV_PREFIX + name.upper()
         if key in env and env[key] != "":
@@ -181,6 +201,8 @@ _METAVARS: dict[type, str] = {int: "INT", float: "FLOAT", Path: "PATH"}
 SOURCE_FLAGS = (
     Flag("bundle", ("--bundle",), Path, "an extracted bundle folder or a bundle tar, "
          "instead of MODEL", setting=False),
+    Flag("env", ("--env",), str, "serve an environment of loopline.yaml instead of MODEL: "
+         "whatever its deployment in the store says, followed as it changes", setting=False),
     Flag("config", ("--config", "-c"), Path, "config file (default ./loopline.yaml)",
          setting=False),
     Flag("model_name", ("--model-name",), str, "name of a --bundle model (default: its "

@@ -32,15 +32,15 @@ from loopline.deploy.limits import (
 from loopline.errors import NotFound
 
 if TYPE_CHECKING:
-    from loopline.deploy.runtime import JobResult
+    from loopline.deploy.runtime import JobResult, ServedModel
     from loopline.deploy.state import ServerState
 
 MAX_FEEDBACK_ITEMS = 10_000
 IMAGE_HELP = "image/jpeg, image/png, application/octet-stream, or multipart/form-data"
 
 
-def render_predictions(state: ServerState, result: JobResult) -> bytes:
-    served = state.served
+def render_predictions(served: ServedModel, result: JobResult) -> bytes:
+    """The answer of ``served`` (the version that gave it) as the v1 JSON body."""
     labels = served.labels
     version = served.version
     predictions = [
@@ -134,8 +134,6 @@ def parse_feedback(body: bytes) -> list[Any]:
 
 
 def add_routes(app: FastAPI, state: ServerState) -> None:
-    served = state.served
-
     async def predict(request: Request) -> Response:
         state.check_model(request.path_params)
         if state.settings.require_token_for_predict:
@@ -144,8 +142,12 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
         if len(images) > state.settings.max_images_per_request:
             raise too_many_images(state.settings.max_images_per_request, len(images))
         meta = state.check_metadata(metadata)
-        result = await state.batcher.submit(images=images, metadata=meta, source="v1")
-        return Response(render_predictions(state, result), media_type="application/json")
+        routed = await state.router.submit(
+            images=images, metadata=meta, source="v1", version=request.path_params.get("version")
+        )
+        result = routed.result
+        state.capture.offer(result.ids, images)  # never blocks or fails (deploy/capture.py)
+        return Response(render_predictions(routed.served, result), media_type="application/json")
 
     for path in ("/v1/models/{name}/predict", "/v1/models/{name}/versions/{version}/predict"):
         add_fast_post(
@@ -157,7 +159,9 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
     @app.get("/v1/models/{name}", tags=["v1"], summary="The served model")
     async def model_info(request: Request) -> Response:
         state.check_model(request.path_params)
+        served = state.served
         spec = served.runtime.spec
+        table = state.router.table
         return Response(
             orjson.dumps(
                 {
@@ -167,6 +171,8 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
                     "input": {"height": spec.height, "width": spec.width, "color": spec.color},
                     "bundle_sha256": served.bundle_sha256,
                     "metrics": served.bundle.metadata.get("metrics", {}),
+                    "versions": table.versions,
+                    "deployment": table.deployment,  # None unless it serves an environment
                 }
             ),
             media_type="application/json",
@@ -206,13 +212,14 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
         # Predictions answered a moment ago may still wait in the log's buffer.
         await run_in_threadpool(state.predlog.flush, 10.0)
         record = state.store.predictions.record_feedback
-        stored = await run_in_threadpool(record, pairs, served.labels)
+        labels = state.labels()
+        stored = await run_in_threadpool(record, pairs, labels)
         if state.settings.workers > 1:
             # Another worker process may still hold some ids: wait one flush interval.
             missing = [i for i, r in enumerate(stored) if r.get("code") == "unknown_prediction"]
             if missing:
                 await asyncio.sleep(min(state.settings.flush_interval_s * 1.5 + 0.1, 10.0))
-                again = await run_in_threadpool(record, [pairs[i] for i in missing], served.labels)
+                again = await run_in_threadpool(record, [pairs[i] for i in missing], labels)
                 for i, r in zip(missing, again, strict=True):
                     stored[i] = r
         answers = iter(stored)

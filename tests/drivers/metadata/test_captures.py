@@ -143,7 +143,7 @@ def test_concurrent_purges_delete_each_row_once(db_url: str, store: MetadataStor
         try:
             barrier.wait(30)
             results[i] = own.captures.purge(NOW, max_total_bytes=900)
-        except BaseException as err:  # noqa: BLE001 - reported below
+        except BaseException as err:  # reported below
             errors.append(err)
         finally:
             own.close()

@@ -8,6 +8,7 @@ mismatch. The backend itself is plain fsspec (a local folder, ``s3://``, ``memor
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import uuid
@@ -71,12 +72,45 @@ class ArtifactStore:
     def exists(self, digest: str) -> bool:
         return bool(self.fs.exists(self._path(digest)))
 
+    def delete(self, digest: str) -> bool:
+        """Remove an artifact (False: it was not there). The store keeps no references:
+        the caller decides that nothing needs it any more."""
+        try:
+            self.fs.rm(self._path(digest))
+        except FileNotFoundError:
+            return False
+        return True
+
     # -- writing -------------------------------------------------------------------------
-    def put_bytes(self, data: bytes) -> ArtifactRef:
+    def put_bytes(self, data: bytes, *, durable: bool = True) -> ArtifactRef:
+        """Store ``data``; ``durable=False`` (many small blobs: captured request images)
+        skips the fsync, and on a local folder writes with plain system calls: a crash may
+        lose such a blob, never make a wrong one readable (every read verifies)."""
         digest = sha256_bytes(data)
-        if not self.exists(digest):
+        if not durable and self._local:
+            self._put_local(digest, data)
+        elif not self.exists(digest):
             self._commit(digest, lambda f: f.write(data))
         return ArtifactRef(digest, len(data), self.uri(digest))
+
+    def _put_local(self, digest: str, data: bytes) -> None:
+        final = self._path(digest)
+        if os.path.exists(final):
+            return
+        # The bytes were hashed in memory and cannot change: no read-back is needed.
+        tmp = f"{self.root}/tmp/{digest}.{uuid.uuid4().hex}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            try:
+                os.replace(tmp, final)
+            except FileNotFoundError:  # the first blob of its folder
+                os.makedirs(os.path.dirname(final), exist_ok=True)
+                os.replace(tmp, final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
     def put_json(self, obj: Any) -> ArtifactRef:
         return self.put_bytes(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode())

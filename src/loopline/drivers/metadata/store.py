@@ -13,9 +13,11 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from loopline.drivers.metadata.audit import AuditLog
+from loopline.drivers.metadata.captures import CaptureRepository
 from loopline.drivers.metadata.database import Database
 from loopline.drivers.metadata.datasets import DatasetRepository
 from loopline.drivers.metadata.deployments import DeploymentRepository
+from loopline.drivers.metadata.devices import DeviceRepository
 from loopline.drivers.metadata.migrate import MIGRATIONS, head_revision, migrate
 from loopline.drivers.metadata.predictions import PredictionRepository
 from loopline.drivers.metadata.registry import ModelRegistry, Registration, parse_model_ref
@@ -48,6 +50,8 @@ class MetadataStore:
         self.predictions = PredictionRepository(self._db)
         self.deployments = DeploymentRepository(self._db)
         self.replica_tests = ReplicaTestRepository(self._db)
+        self.captures = CaptureRepository(self._db)
+        self.devices = DeviceRepository(self._db)
         if migrate:
             self.migrate()
 

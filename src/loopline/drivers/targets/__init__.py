@@ -90,3 +90,20 @@ def get_target(name: str) -> Target:
     module, _, cls = path.partition(":")
     target: Target = getattr(importlib.import_module(module), cls)()
     return target
+
+
+def render(
+    config: Config,
+    environment: str,
+    ref: str,
+    target: str,
+    out: Path,
+    extra: dict[str, Any] | None = None,
+) -> list[Path]:
+    """Write what ``target`` would apply for ``environment`` serving ``ref`` into ``out``.
+
+    See ``loopline.drivers.targets.context.render``; nothing is applied.
+    """
+    from loopline.drivers.targets.context import render as render_into
+
+    return render_into(config, environment, ref, target, out, extra)
