@@ -338,6 +338,8 @@ def environment_status(
     for name in names:
         env = config.environments.get(name)
         window = stale_after_s or max(10.0, 5 * (env.reconcile_interval_s if env else 1.0))
+        if env is not None and env.target == "edge" and stale_after_s is None:
+            window = max(window, 3 * env.edge.heartbeat_s)  # devices report less often
         replicas = [r.to_dict() for r in store.deployments.replicas(name, seen_within_s=window)]
         out.append(
             EnvironmentStatus(
