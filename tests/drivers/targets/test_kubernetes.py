@@ -151,7 +151,8 @@ def test_the_pod_command_serves_the_model_as_trucks_3_on_port(
     command = [a.replace("/bundle", str(bundle)) for a in container["command"]]
     assert command[:2] == ["sh", "-c"] and command[4] == "python"
     command[4] = image_python
-    command[command.index("0.0.0.0")] = "127.0.0.1"
+    assert command[2] == 'exec "$@" --host 0.0.0.0 --port "${PORT:-8080}"'
+    command[2] = command[2].replace("0.0.0.0", "127.0.0.1")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LOOPLINE_", "PYTHON"))}
     env.update({e["name"]: e["value"] for e in container["env"] if "value" in e})

@@ -280,6 +280,33 @@ def test_a_stale_pid_file_is_replaced(env_project: Project, stopper: Any) -> Non
     assert_all_gone(supervisor, [])
 
 
+def running(pid: int) -> bool:
+    """Whether ``pid`` still runs (a zombie does not: nothing reaps orphans on some hosts)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def test_a_sigkilled_supervisor_takes_its_server_along_and_up_replaces_it(
+    env_project: Project, stopper: Any
+) -> None:
+    target, ctx = CommandTarget(health_server(), policy=FAST), context(env_project, wait_s=60)
+    stopper(target, ctx)
+    first = target.up(ctx)
+    assert first.ok, first
+    supervisor, server = first.details["supervisor_pid"], first.details["server_pid"]
+    os.kill(supervisor, signal.SIGKILL)
+    os.waitpid(supervisor, 0)  # it is this process's child: reap it
+    wait_for("the server to stop with its supervisor", lambda: not running(server), 30)
+    assert target.status(ctx)["stale_pid_file"] is True
+    again = target.up(ctx)
+    assert again.ok, again
+    assert f"replaced a stale pid file (supervisor {supervisor} is gone)" in again.message
+    assert again.details["supervisor_pid"] != supervisor
+    assert target.down(ctx).ok
+
+
 def test_a_pid_file_naming_a_live_process_is_stale_when_the_lock_is_free(
     env_project: Project,
 ) -> None:

@@ -208,7 +208,7 @@ def copy_bundle(ctx: TargetContext, dest: Path) -> list[Path]:
 
 
 def image_command(bundle_dir: Path) -> list[str]:
-    """The serving image's command (its Dockerfile's exec-form CMD), without ``--port``."""
+    """The serving image's command (its Dockerfile's CMD), without --host and --port."""
     path = bundle_dir / "Dockerfile"
     if not path.is_file():
         raise ConfigError(f"the bundle has no Dockerfile; re-package it with Loopline {_ver()}")
@@ -220,9 +220,10 @@ def image_command(bundle_dir: Path) -> list[str]:
             raise ValueError("not a list of strings")
     except (IndexError, ValueError) as err:
         raise ConfigError(f"the bundle's Dockerfile has no exec-form CMD ({err})") from None
-    if "--port" in cmd:
-        i = cmd.index("--port")
-        cmd = cmd[:i] + cmd[i + 2 :]
+    for flag in ("--host", "--port"):  # each target listens where it should
+        if flag in cmd:
+            i = cmd.index(flag)
+            cmd = cmd[:i] + cmd[i + 2 :]
     return list(cmd)
 
 

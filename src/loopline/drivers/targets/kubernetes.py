@@ -196,7 +196,7 @@ def _container(ctx: TargetContext, name: str, *, read_only: bool) -> dict[str, A
     env.append(_from_secret("LOOPLINE_SERVE_TOKEN", secret, "token", token_variable(ctx.env)))
     env.append(_from_secret("LOOPLINE_DB_URL", secret, "db-url", store_url(ctx)))
     # The image's own command, listening on $PORT (KServe/Knative set it; default 8080).
-    command = ["sh", "-c", f'exec "$@" --port "${{PORT:-{IMAGE_PORT}}}"', "sh",
+    command = ["sh", "-c", f'exec "$@" --host 0.0.0.0 --port "${{PORT:-{IMAGE_PORT}}}"', "sh",
                *image_command(bundle)]  # fmt: skip
     resources = {"cpu": k8s.cpu, "memory": k8s.memory}
 

@@ -116,6 +116,12 @@ class LocalTarget:
             pid = running_supervisor(folder)
             if pid is not None:
                 notes.append(f"already running (supervisor pid {pid})")
+                running = (read_json(folder / STATE_FILE) or {}).get("command")
+                if running and running != self.server_command(ctx):
+                    notes.append(
+                        f"it runs an earlier command line; `loopline down --env "
+                        f"{ctx.environment}` and `up` again to apply the current one"
+                    )
             else:
                 stale = _read_pid(folder)
                 if stale is not None:
