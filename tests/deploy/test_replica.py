@@ -28,7 +28,7 @@ from loopline.deploy.preprod import ReplicaStartFailed, deploy, temporary_server
 from loopline.deploy.replica import run_replica_test
 from loopline.deploy.replica_inputs import load_test_split, replay_sample
 from loopline.deploy.replica_procs import alive, process_tree
-from loopline.errors import ConfigError
+from loopline.errors import ConfigError, Conflict
 from tests.deploy.conftest import LABELS
 from tests.deploy.replica_models import (
     RULE,
@@ -353,7 +353,9 @@ def test_a_replica_that_cannot_start_shows_its_log_and_records_nothing(
     assert store.replica_tests.latest("tiny", version) is None
 
 
-def test_mistakes_are_refused_before_anything_changes(rp: ReplicaProject, store: Any) -> None:
+def test_mistakes_are_refused_before_anything_changes(
+    rp: ReplicaProject, models: Any, store: Any
+) -> None:
     before = store.deployments.get("staging")
     with pytest.raises(ConfigError, match="production is a live environment"):
         deploy(rp.config, store, "tiny:1", env="production", config_path=rp.config_path)
@@ -364,6 +366,28 @@ def test_mistakes_are_refused_before_anything_changes(rp: ReplicaProject, store:
     cfg.environments["staging"].replica_test.rules = ["accuracy is high"]
     with pytest.raises(ConfigError, match="is not 'METRIC OP NUMBER'"):
         deploy(cfg, store, "tiny:1", config_path=rp.config_path)
+    assert store.deployments.get("staging") == before
+
+
+def test_one_replica_test_at_a_time_per_environment(
+    rp: ReplicaProject, models: Any, store: Any
+) -> None:
+    before = store.deployments.get("staging")
+    (rp.config.state_dir / "envs" / "staging").mkdir(parents=True, exist_ok=True)
+    held = subprocess.Popen(  # another `loopline deploy` holding the staging test
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
+         "fcntl.flock(f, fcntl.LOCK_EX); f.write('pid 4242'); f.flush(); print('held', "
+         "flush=True); time.sleep(60)", str(rp.config.state_dir / "envs" / "staging" /
+                                            "replica-test.lock")],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert held.stdout is not None and held.stdout.readline().strip() == "held"
+        with pytest.raises(Conflict, match="a replica test is already running in staging"):
+            deploy(rp.config, store, "tiny:1", config_path=rp.config_path)
+    finally:
+        held.kill()
+        held.wait()
     assert store.deployments.get("staging") == before
 
 

@@ -318,6 +318,59 @@ def deploy(
             f"them (`loopline up --env {env}`), or set its target to local for a temporary "
             "replica on this machine"
         )
+    with _one_test_at_a_time(config, env):
+        return _stage_and_test(config, store, env, envc, policy, rules, split, sample, running,
+                               path, name, version, actor, reason, reporter)  # fmt: skip
+
+
+@contextlib.contextmanager
+def _one_test_at_a_time(config: Config, env: str) -> Iterator[None]:
+    """An exclusive lock on the environment's replica test: an environment has one desired
+    state, so two tests at once would test each other's candidate."""
+    import fcntl
+
+    folder = config.state_dir / "envs" / env
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "replica-test.lock", "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise Conflict(
+                f"a replica test is already running in {env} ({holder}); wait for it to finish"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fh.seek(0)
+            fh.truncate()
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _stage_and_test(
+    config: Config,
+    store: MetadataStore,
+    env: str,
+    envc: Any,
+    policy: Any,
+    rules: list[str],
+    split: Any,
+    sample: Any,
+    running: bool,
+    path: Path,
+    name: str,
+    version: int,
+    actor: str,
+    reason: str | None,
+    reporter: Reporter | None,
+) -> DeployResult:
+    from loopline.deploy import release
+
     state = release.stage(store, f"{name}:{version}", env=env, env_config=envc, actor=actor,
                           reason=reason or "replica test")  # fmt: skip
     settings = replica_settings(config, env)
