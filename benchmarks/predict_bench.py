@@ -203,9 +203,8 @@ def report(med: dict[str, float], args: Any, cores: int, tried: list[int]) -> No
         ("decode+infer, 1 thread", med["decode_infer_1_thread"]),
         (f"decode+infer ideal x{cores}", med["decode_infer_ideal"]),
     ):
-        print(
-            f"  predict_source / {name:<32} end to end {e2e / base:5.2f}x   steady {steady / base:5.2f}x"
-        )
+        ratios = f"end to end {e2e / base:5.2f}x   steady {steady / base:5.2f}x"
+        print(f"  predict_source / {name:<32} {ratios}")
 
 
 if __name__ == "__main__":

@@ -149,7 +149,9 @@ def test_a_bundle_and_a_config_source_with_its_filter(
     module_project: Project, lake: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cfg = tmp_path / "source.yaml"
-    cfg.write_text(f"data:\n  source: {{kind: lake, uri: {lake}}}\n  filter: {{condition: [fog]}}\n")
+    cfg.write_text(
+        f"data:\n  source: {{kind: lake, uri: {lake}}}\n  filter: {{condition: [fog]}}\n"
+    )
     out = tmp_path / "fog.parquet"
     monkeypatch.chdir(tmp_path)  # no project here: the bundle is named by its metadata
     summary = predict_source(module_project.bundle_tar, cfg, out, batch_size=7)

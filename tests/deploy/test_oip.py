@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import re
+import struct
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import numpy as np
+import orjson
 import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
 from tests.deploy.conftest import LABELS, SIZE, Running, image_bytes, reference_labels
+from tests.test_images import encoded, png_declaring
 
 
 @pytest.fixture(scope="module")
@@ -182,3 +186,159 @@ def test_nan_input_is_refused(server: Running) -> None:
         headers={"Inference-Header-Content-Length": str(len(head))},
     )
     assert r.status_code == 400 and "NaN" in r.json()["error"]
+
+
+# -- BYTES tensors: encoded images, as KServe and Triton image clients send them ----------------
+def b64(data: bytes) -> str:
+    import base64
+
+    return base64.b64encode(data).decode()
+
+
+def bytes_head(n: int, size: int, shape: list[int] | None = None) -> bytes:
+    return orjson.dumps({"inputs": [{"name": "input", "shape": shape or [n], "datatype": "BYTES",
+                                     "parameters": {"binary_data_size": size}}]})  # fmt: skip
+
+
+def framed(*images: bytes) -> bytes:
+    """A binary BYTES tensor: each element after its 4-byte little-endian length."""
+    return b"".join(struct.pack("<I", len(b)) + b for b in images)
+
+
+def infer_raw(server: Running, body: bytes, head_length: int | None = None) -> httpx.Response:
+    headers = {} if head_length is None else {"Inference-Header-Content-Length": str(head_length)}
+    return httpx.post(f"{server.url}/v2/models/vehicles/infer", content=body, headers=headers)
+
+
+@pytest.mark.parametrize("shape", ["n", "n,1"])
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "base64"])
+def test_bytes_images_match_v1_and_are_logged(
+    client: triton.InferenceServerClient, server: Running, model_bytes: bytes,
+    binary: bool, shape: str,
+) -> None:  # fmt: skip
+    images = [image_bytes(80), image_bytes(81, "JPEG"), image_bytes(82)]
+    dims = [3] if shape == "n" else [3, 1]
+    elements = images if binary else [b64(b) for b in images]
+    inp = triton.InferInput("input", dims, "BYTES")
+    inp.set_data_from_numpy(np.array(elements, dtype=np.object_).reshape(dims), binary_data=binary)
+    result = client.infer("vehicles", [inp], parameters={"camera_id": "cam-9"})
+    logits = result.as_numpy("logits")
+    assert [LABELS[i] for i in logits.argmax(axis=1)] == reference_labels(model_bytes, images)
+    ids = result.get_response()["parameters"]["prediction_ids"].split(",")
+    assert len(ids) == 3
+    # The same pixels as /v1: the same logits as the same images sent there.
+    v1 = httpx.post(f"{server.url}/v1/models/vehicles/predict",
+                    files=[("f", (f"{i}", b, "image/png")) for i, b in enumerate(images)])  # fmt: skip
+    probs = [[p["probabilities"][label] for label in LABELS] for p in v1.json()["predictions"]]
+    z = logits - logits.max(axis=1, keepdims=True)
+    np.testing.assert_allclose(np.exp(z) / np.exp(z).sum(axis=1, keepdims=True), probs, atol=1e-5)
+    assert server.state.predlog.flush(10)
+    store = server.project.store()
+    try:
+        rows = {row.id: row for row in store.predictions.find("vehicles", 1)}
+    finally:
+        store.close()
+    for pid, data in zip(ids, images, strict=True):
+        row = rows[pid]
+        assert row.source == "v2" and row.request_metadata == {"camera_id": "cam-9"}
+        assert row.input_stats["bytes"] == len(data)
+
+
+def test_bytes_classification_and_kserve_json(server: Running, model_bytes: bytes) -> None:
+    image = image_bytes(83)
+    body = orjson.dumps({
+        "id": "k-1",
+        "inputs": [{"name": "input", "shape": [1], "datatype": "BYTES", "data": [b64(image)]}],
+        "outputs": [{"name": "logits", "parameters": {"classification": 2}}],
+    })  # fmt: skip
+    r = infer_raw(server, body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["id"] == "k-1"
+    (logits,) = out["outputs"]
+    assert logits["datatype"] == "BYTES" and logits["shape"] == [1, 2]
+    assert logits["data"][0].split(":")[2] == reference_labels(model_bytes, [image])[0]
+
+
+@pytest.mark.parametrize(
+    ("images", "status", "words"),
+    [
+        ([png_declaring(14000, 14000)], 413, ["image 1", "too many pixels"]),
+        (["good", png_declaring(13000, 13000)], 413, ["image 2", "too many pixels"]),
+        ([encoded("BMP")], 415, ["image 1", "not a JPEG or PNG"]),
+        (["good", "truncated"], 400, ["image 2", "cannot decode image"]),
+        ([b""], 400, ["image 1", "empty"]),
+    ],
+)
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "base64"])
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_bad_bytes_images_fail_as_on_v1(
+    server: Running, images: list[Any], status: int, words: list[str], binary: bool
+) -> None:
+    named = {"good": image_bytes(84), "truncated": image_bytes(85)[:200]}
+    data = [named.get(b, b) if isinstance(b, str) else b for b in images]
+    if binary:
+        raw = framed(*data)
+        head = bytes_head(len(data), len(raw))
+        r = infer_raw(server, head + raw, len(head))
+    else:
+        r = infer_raw(server, orjson.dumps({"inputs": [{"name": "input", "shape": [len(data)],
+                                            "datatype": "BYTES", "data": [b64(b) for b in data]}]}))  # fmt: skip
+    assert r.status_code == status, r.text
+    message = r.json()["error"]
+    assert all(w.lower() in message.lower() for w in words), message
+
+
+def test_too_many_bytes_images_is_a_413(server: Running) -> None:
+    limit = server.state.settings.max_images_per_request
+    body = orjson.dumps({"inputs": [{"name": "input", "shape": [limit + 1], "datatype": "BYTES",
+                                     "data": [b64(b"x")] * (limit + 1)}]})  # fmt: skip
+    r = infer_raw(server, body)
+    assert r.status_code == 413 and f"at most {limit}" in r.json()["error"], r.text
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda img: (bytes_head(1, 3), b"\1\0\0"), "truncated length prefix"),
+        (lambda img: (bytes_head(1, 4 + 10), struct.pack("<I", 99) + img[:10]), "declares 99"),
+        (lambda img: (bytes_head(1, 2 * (4 + len(img))), framed(img, img)), "more than the 1"),
+        (lambda img: (bytes_head(2, 4 + len(img)), framed(img)), "holds 1 elements"),
+        (lambda img: (bytes_head(1, 10**6), framed(img)), "fewer than"),
+        (lambda img: (bytes_head(1, 4 + len(img), [1, 3]), framed(img)), "expected \\[N\\] or"),
+        (lambda img: (bytes_head(1, 4 + len(img), [0]), b""), "expected \\[N\\] or"),
+        (lambda img: (bytes_head(1, 4 + len(img)), framed(img) + b"\0"), "belong to no input"),
+    ],
+)
+def test_malformed_binary_bytes_tensors(server: Running, make: Any, match: str) -> None:
+    head, raw = make(image_bytes(86))
+    r = infer_raw(server, head + raw, len(head))
+    assert r.status_code == 400, r.text
+    assert re.search(match, r.json()["error"]), r.json()
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        (["not base64!"], "element 1 is not base64"),
+        ([1], "list of base64 strings"),
+        ("abc", "list of base64 strings"),
+        ([b64(b"a"), b64(b"b")], "has 2 elements but its shape needs 1"),
+    ],
+)
+def test_malformed_json_bytes_tensors(server: Running, data: Any, match: str) -> None:
+    body = orjson.dumps(
+        {"inputs": [{"name": "input", "shape": [1], "datatype": "BYTES", "data": data}]}
+    )
+    r = infer_raw(server, body)
+    assert r.status_code == 400, r.text
+    assert re.search(match, r.json()["error"]), r.json()
+
+
+def test_openapi_declares_bytes_inputs(server: Running) -> None:
+    paths = httpx.get(f"{server.url}/openapi.json").json()["paths"]
+    body = paths["/v2/models/{name}/infer"]["post"]["requestBody"]["content"]
+    tensor = body["application/json"]["schema"]["properties"]["inputs"]["items"]
+    assert tensor["properties"]["datatype"]["enum"] == ["FP32", "UINT8", "BYTES"]
+    assert "binary_data_size" in tensor["properties"]["parameters"]["properties"]
+    assert "application/octet-stream" in body

@@ -49,8 +49,9 @@ def render(
         fail(LooplineError(f"cannot write {out}: {err}"))
     rel = sorted(p.relative_to(out).as_posix() for p in files)
     if json_out:
-        print_json({"target": target, "environment": env, "ref": ref, "out": str(out),
-                    "files": rel})  # fmt: skip
+        print_json(
+            {"target": target, "environment": env, "ref": ref, "out": str(out), "files": rel}
+        )
         return
     top = sorted({name.split("/", 1)[0] + ("/" if "/" in name else "") for name in rel})
     console.print(

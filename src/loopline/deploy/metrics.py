@@ -207,8 +207,7 @@ class ServerMetrics:
         for index, count in enumerate(np.bincount(top, minlength=len(self._per_class)).tolist()):
             if count:
                 self._per_class[index].inc(count)
-        for c in conf.tolist():
-            self._confidence.observe(c)
+        observe_many(self._confidence, conf)
 
     def log_rows_written(self, n: int) -> None:
         self._written.inc(n)
@@ -230,6 +229,24 @@ class ServerMetrics:
             multiprocess.MultiProcessCollector(registry)
             return generate_latest(registry)
         return generate_latest(self.registry)
+
+
+def observe_many(histogram: Any, values: np.ndarray) -> None:
+    """``histogram.observe(v)`` for every value, in one write per bucket hit and one to the
+    sum (each write takes a lock, and in multiprocess mode goes to a memory-mapped file)."""
+    bounds = getattr(histogram, "_upper_bounds", None)
+    if bounds is None or len(values) < 2:  # not the prometheus_client this was written for
+        for v in values.tolist():
+            histogram.observe(v)
+        return
+    values = np.asarray(values, dtype=np.float64)
+    # The first bucket whose bound is >= the value, as Histogram.observe picks it; a NaN
+    # falls in no bucket (its comparisons are false) but is added to the sum, as there.
+    index = np.searchsorted(np.asarray(bounds, dtype=np.float64), values, side="left")
+    histogram._sum.inc(float(values.sum()))
+    for i, count in enumerate(np.bincount(index, minlength=len(bounds) + 1).tolist()[:-1]):
+        if count:
+            histogram._buckets[i].inc(count)
 
 
 class MetricsMiddleware:

@@ -3,7 +3,12 @@
 Implements the health, server and model metadata, model readiness and inference endpoints,
 the binary tensor data extension (``Inference-Header-Content-Length``), the classification
 extension (``"classification": k`` on an output) and Triton's ``/config``. Inputs may be
-FP32 or UINT8, as JSON (flat or nested) or binary. Errors are ``{"error": "..."}``.
+FP32 or UINT8 tensors [N, 3, H, W], as JSON (flat or nested) or binary, or BYTES tensors of
+encoded JPEG/PNG images, shape [N] or [N, 1], as KServe's and Triton's image clients send
+them: base64 strings in JSON ``data``, or raw in the binary extension, each element after
+its 4-byte little-endian length. Images are decoded on the batcher threads exactly as the
+images of ``/v1`` predict (the same limits and errors), and batched with them. Errors are
+``{"error": "..."}``.
 
 Custom request ``parameters`` (anything not reserved by the protocol) are kept with the
 predictions as request metadata, like the query parameters of ``/v1`` predict.
@@ -11,6 +16,7 @@ predictions as request metadata, like the query parameters of ``/v1`` predict.
 
 from __future__ import annotations
 
+import binascii
 import math
 import struct
 from dataclasses import dataclass
@@ -24,12 +30,14 @@ from loopline import __version__
 from loopline.deploy import openapi
 from loopline.deploy.fastroute import add_fast_post
 from loopline.deploy.limits import RequestRejected, json_body, media_type, unsupported_type
+from loopline.deploy.v1 import too_many_images
 
 if TYPE_CHECKING:
     from loopline.deploy.runtime import ServedModel
     from loopline.deploy.state import ServerState
 
 DATATYPES: dict[str, Any] = {"FP32": np.dtype("<f4"), "UINT8": np.dtype("u1")}
+BYTES = "BYTES"  # encoded images, one per element
 RESERVED_PARAMETERS = frozenset(
     {"binary_data_output", "sequence_id", "sequence_start", "sequence_end", "priority", "timeout"}
 )
@@ -49,12 +57,14 @@ class RequestedOutput:
 
 @dataclass
 class InferRequest:
-    """A parsed inference request: the input as float32 [N, 3, H, W] and what to return."""
+    """A parsed inference request: the input, as float32 [N, 3, H, W] (``tensor``) or as
+    encoded images (``images``, from a BYTES tensor), and what to return."""
 
     id: str | None
-    tensor: np.ndarray
+    tensor: np.ndarray | None
     outputs: list[RequestedOutput]
     parameters: dict[str, Any]
+    images: list[bytes] | None = None
 
 
 def parse_infer_request(
@@ -87,6 +97,7 @@ def parse_infer_request(
     if not isinstance(inputs, list) or not inputs:
         raise bad("'inputs' must be a non-empty list of tensors")
     tensor: np.ndarray | None = None
+    images: list[bytes] | None = None
     offset = 0
     for item in inputs:
         if not isinstance(item, dict):
@@ -94,13 +105,15 @@ def parse_infer_request(
         name = item.get("name")
         if name != input_name:
             raise bad(f"unknown input {name!r}: the model takes one input, {input_name!r}")
-        if tensor is not None:
+        if tensor is not None or images is not None:
             raise bad(f"input {name!r} is given twice")
-        tensor, used = _read_input(item, binary[offset:], item_shape, max_items)
+        if item.get("datatype") == BYTES:
+            images, used = _read_images(item, binary[offset:], max_items)
+        else:
+            tensor, used = _read_input(item, binary[offset:], item_shape, max_items)
         offset += used
     if offset != len(binary):
         raise bad(f"{len(binary) - offset} bytes of binary data belong to no input")
-    assert tensor is not None
     req_params = req.get("parameters") or {}
     if not isinstance(req_params, dict):
         raise bad("'parameters' must be an object")
@@ -114,7 +127,81 @@ def parse_infer_request(
         for k, v in req_params.items()
         if k not in RESERVED_PARAMETERS and not k.startswith("triton_")
     }
-    return InferRequest(request_id, tensor, outputs, custom)
+    return InferRequest(request_id, tensor, outputs, custom, images)
+
+
+def _read_images(item: dict[str, Any], binary: memoryview, max_items: int) -> tuple[list[bytes], int]:
+    """The encoded images of a BYTES input [N] or [N, 1]: base64 in ``data``, or raw binary
+    elements, each after its 4-byte little-endian length. The images themselves are
+    checked when they are decoded, as those of ``/v1``."""
+    name = item["name"]
+    shape = item.get("shape")
+    if (
+        not isinstance(shape, list)
+        or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape)
+        or len(shape) not in (1, 2)
+        or shape[1:] not in ([], [1])
+        or shape[0] < 1
+    ):
+        raise bad(
+            f"input {name!r}: shape {shape} is not accepted for BYTES; expected [N] or [N, 1], "
+            "one encoded JPEG or PNG image per element"
+        )
+    n = shape[0]
+    if n > max_items:
+        raise too_many_images(max_items, n)
+    params = item.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise bad(f"input {name!r}: 'parameters' must be an object")
+    size = params.get("binary_data_size")
+    if size is not None:
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise bad(f"input {name!r}: binary_data_size must be a non-negative integer")
+        if size > len(binary):
+            raise bad(f"input {name!r}: the body holds fewer than its {size} binary bytes")
+        return _split_elements(name, binary[:size], n), size
+    if "data" not in item:
+        raise bad(f"input {name!r} has neither 'data' nor a binary_data_size parameter")
+    data = item["data"]
+    if isinstance(data, list) and len(shape) == 2:  # [[s1], [s2], ...] for [N, 1]
+        data = [d[0] if isinstance(d, list) and len(d) == 1 else d for d in data]
+    if not isinstance(data, list) or not all(isinstance(d, str) for d in data):
+        raise bad(f"input {name!r}: BYTES 'data' must be a list of base64 strings")
+    if len(data) != n:
+        raise bad(f"input {name!r}: 'data' has {len(data)} elements but its shape needs {n}")
+    images = []
+    for i, text in enumerate(data):
+        try:
+            images.append(binascii.a2b_base64(text, strict_mode=True))
+        except (binascii.Error, ValueError):
+            raise bad(
+                f"input {name!r}: element {i + 1} is not base64; send each image "
+                "base64-encoded in JSON, or raw in the binary tensor extension"
+            ) from None
+    return images, 0
+
+
+def _split_elements(name: str, raw: memoryview, n: int) -> list[bytes]:
+    """The elements of a binary BYTES tensor: each a 4-byte little-endian length, then bytes."""
+    out = []
+    pos, end = 0, len(raw)
+    while pos < end:
+        if len(out) == n:
+            raise bad(f"input {name!r}: binary data holds more than the {n} elements of its shape")
+        if end - pos < 4:
+            raise bad(f"input {name!r}: element {len(out) + 1} has a truncated length prefix")
+        (length,) = struct.unpack_from("<I", raw, pos)
+        pos += 4
+        if length > end - pos:
+            raise bad(
+                f"input {name!r}: element {len(out) + 1} declares {length} bytes, "
+                f"{end - pos} are left"
+            )
+        out.append(bytes(raw[pos : pos + length]))
+        pos += length
+    if len(out) != n:
+        raise bad(f"input {name!r}: binary data holds {len(out)} elements but its shape needs {n}")
+    return out
 
 
 def _read_input(
@@ -123,7 +210,10 @@ def _read_input(
     name = item["name"]
     datatype = item.get("datatype")
     if datatype not in DATATYPES:
-        raise bad(f"input {name!r}: datatype {datatype!r} is not supported; use FP32 or UINT8")
+        raise bad(
+            f"input {name!r}: datatype {datatype!r} is not supported; use FP32 or UINT8 "
+            "(pixels), or BYTES (encoded JPEG/PNG images)"
+        )
     shape = item.get("shape")
     if (
         not isinstance(shape, list)
@@ -367,12 +457,15 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
         )
         metadata = state.check_metadata(req.parameters)
         routed = await state.router.submit(
+            images=req.images,
             tensor=req.tensor,
             metadata=metadata,
             source="v2",
             version=request.path_params.get("version"),
         )
         result, answered = routed.result, routed.served  # the version that answered
+        if req.images is not None:
+            state.capture.offer(result.ids, req.images)  # never blocks or fails
         content, extra, media = render_infer_response(
             model_name=answered.name,
             model_version=str(answered.version),

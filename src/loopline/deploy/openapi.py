@@ -96,18 +96,37 @@ PREDICTIONS_RESPONSE: dict[str, Any] = {
 _TENSOR = {
     "type": "object",
     "required": ["name", "shape", "datatype"],
+    "description": "the model's input: pixels as FP32 or UINT8 [N, 3, H, W], or encoded JPEG "
+    "or PNG images as BYTES [N] or [N, 1] (decoded as /v1 predict decodes them)",
     "properties": {
         "name": {"type": "string"},
         "shape": {"type": "array", "items": {"type": "integer"}},
-        "datatype": {"type": "string", "enum": ["FP32", "UINT8"]},
-        "parameters": {"type": "object"},
-        "data": {"type": "array"},
+        "datatype": {"type": "string", "enum": ["FP32", "UINT8", "BYTES"]},
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "binary_data_size": {
+                    "type": "integer",
+                    "minimum": 0,
+                    "description": "bytes of this tensor in the binary part of the body; "
+                    "a BYTES tensor there is each element's 4-byte little-endian length, "
+                    "then its bytes",
+                }
+            },
+        },
+        "data": {
+            "type": "array",
+            "description": "numbers (flat or nested) for FP32 and UINT8; base64 strings, "
+            "one image each, for BYTES",
+            "items": {},
+        },
     },
 }
 INFER_BODY: dict[str, Any] = {
     "required": True,
     "description": "an Open Inference Protocol v2 inference request; with the binary tensor "
-    "extension the JSON header is followed by the tensors' bytes",
+    "extension (header Inference-Header-Content-Length) the JSON header is followed by the "
+    "tensors' bytes",
     "content": {
         "application/json": {
             "schema": {

@@ -23,8 +23,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any
 
 import numpy as np
 import orjson
@@ -36,7 +35,7 @@ from loopline import __version__
 from loopline.bundle import Bundle, extract_bundle, fetch_bundle, load_bundle
 from loopline.deploy import oip, openapi, v1
 from loopline.deploy.auth import BearerAuth, Unauthorized
-from loopline.deploy.capture import CaptureWriter, capture_writer
+from loopline.deploy.capture import capture_writer
 from loopline.deploy.capture_routes import add_routes as add_capture_routes
 from loopline.deploy.limits import BodyLimitMiddleware
 from loopline.deploy.metrics import (
@@ -46,16 +45,12 @@ from loopline.deploy.metrics import (
     prepare_multiprocess_dir,
 )
 from loopline.deploy.predlog import PredictionLog
-from loopline.deploy.router import Lane, Router, Tagged, empty_table, static_table
+from loopline.deploy.router import Lane, Router, Tagged, static_table
 from loopline.deploy.runtime import Batcher, Job, JobResult, ModelRuntime, ServedModel
 from loopline.deploy.settings import ServeSettings, build_parser, load_settings, setting_options
 from loopline.deploy.state import ServerState
 from loopline.digest import sha256_file
 from loopline.errors import ConfigError, IntegrityError, InvalidInput, LooplineError, NotFound
-
-if TYPE_CHECKING:
-    from loopline.drivers.metadata.store import MetadataStore
-    from loopline.environments import EnvironmentConfig
 
 log = logging.getLogger("loopline.deploy")
 
@@ -207,62 +202,6 @@ def create_app(
     return _assemble(
         state, lane.batcher.start, stop, f"Serving {served.name}:{served.version}", banner
     )
-
-
-def create_env_app(
-    environment: str,
-    env: EnvironmentConfig,
-    settings: ServeSettings,
-    store: MetadataStore,
-    artifacts_url: str,
-    *,
-    spill_dir: Path | None = None,
-) -> FastAPI:
-    """The app serving ``environment``: whatever its deployment in ``store`` says, followed
-    by a reconciler thread (``deploy/reconcile.py``), with in-process routing between the
-    versions it holds. Alive but not ready until a stable version is loaded."""
-    from loopline.deploy.reconcile import Reconciler, load_version, replica_endpoint
-
-    try:
-        deployed = store.deployments.get(environment)
-    except Exception:  # the store is down at start: the reconciler keeps trying
-        deployed = None
-    model = deployed.model_name if deployed is not None and deployed.model_name else ""
-    metrics = ServerMetrics(model, "", [])  # request counters; batches per version below
-    predlog = _prediction_log(settings, store, metrics, spill_dir)
-    # Capture counters are labelled by the model alone: the versions change under them.
-    identity = cast(ServedModel, SimpleNamespace(name=model, version=""))
-    capture = capture_writer(identity, settings, store, metrics)
-    if isinstance(capture, CaptureWriter):
-        capture.environment = environment
-    router = Router(empty_table(environment, f"environment {environment} is loading"))
-
-    def load(name: str, version: int) -> Lane:
-        served = load_version(store, artifacts_url, name, version, settings)
-        view = metrics.for_version(name, version, served.labels)
-        lane = Lane(served, make_batcher(served, settings, view, predlog, environment))
-        lane.batcher.start()
-        return lane
-
-    reconciler = Reconciler(
-        router, store, environment, env, load, endpoint=replica_endpoint(settings)
-    )
-    state = ServerState(
-        settings=settings,
-        router=router,
-        metrics=metrics,
-        auth=BearerAuth(settings.tokens()),
-        predlog=predlog,
-        capture=capture,
-        store=store if predlog is not None else None,
-        environment=environment,
-    )
-    banner = f"serving environment {environment} as replica {reconciler.replica_id}"
-    app = _assemble(
-        state, reconciler.start, reconciler.stop, f"Serving environment {environment}", banner
-    )
-    app.state.reconciler = reconciler
-    return app
 
 
 def _prediction_log(
@@ -495,6 +434,8 @@ def serve(source: ModelSource, settings: ServeSettings, *, log_level: str = "inf
     logging.getLogger("loopline").setLevel(level)
     # Fail fast, with a clear message, before binding the port (and before forking workers).
     if source.env is not None:
+        from loopline.deploy.environment_app import create_env_app, open_environment
+
         env, store, artifacts_url = open_environment(source, settings)
     else:
         served, store = load_model(source, settings)
@@ -543,32 +484,12 @@ def worker_app() -> FastAPI:
     source = ModelSource(**raw)
     settings = load_settings()
     if source.env is not None:  # each worker follows the environment on its own
+        from loopline.deploy.environment_app import create_env_app, open_environment
+
         env, store, artifacts_url = open_environment(source, settings)
         return create_env_app(source.env, env, settings, store, artifacts_url)
     served, store = load_model(source, settings)
     return create_app(served, settings, store)
-
-
-def open_environment(
-    source: ModelSource, settings: ServeSettings
-) -> tuple[EnvironmentConfig, MetadataStore, str]:
-    """The environment's config, its metadata store (opened) and its artifact store URL."""
-    from loopline.config import load_config, require_project
-    from loopline.credentials import expand_url
-    from loopline.drivers.metadata.store import MetadataStore
-
-    assert source.env is not None
-    require_project(source.config, metadata_url=settings.metadata_url)
-    cfg = load_config(source.config)
-    env = cfg.environment(source.env)
-    url = settings.metadata_url or (
-        expand_url(env.metadata_url, f"environments.{source.env}.metadata_url")
-        if env.metadata_url
-        else cfg.metadata_url()
-    )
-    if settings.capture and settings.artifacts_url is None:  # captured images go there
-        settings.artifacts_url = cfg.artifacts_url()
-    return env, MetadataStore(url), cfg.artifacts_url()
 
 
 def make_settings(
@@ -587,15 +508,6 @@ def make_settings(
     return load_settings(overrides, base=base)
 
 
-def environment_settings(config: Path | None, environment: str) -> dict[str, Any]:
-    """What an environment of the config sets in ServeSettings (host, port, token, ...)."""
-    from loopline.config import load_config, require_project
-    from loopline.deploy.reconcile import environment_base
-
-    require_project(config)
-    return environment_base(load_config(config).environment(environment))
-
-
 def main(argv: list[str] | None = None, prog: str = "python -m loopline.deploy.server") -> int:
     """The command line of ``python -m loopline.deploy.server`` and ``loopline serve``."""
     args = build_parser(prog, DESCRIPTION).parse_args(argv)
@@ -605,7 +517,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m loopline.deploy.s
             raise ConfigError(
                 "give exactly one of MODEL (NAME[:VERSION|@ALIAS]), --bundle PATH or --env ENV"
             )
-        base = environment_settings(args.config, args.env) if args.env is not None else None
+        base = None
+        if args.env is not None:
+            from loopline.deploy.environment_app import environment_settings
+
+            base = environment_settings(args.config, args.env)
         settings = make_settings(setting_options(args), args.token_file, base)
         source = ModelSource(
             ref=args.model,

@@ -127,9 +127,10 @@ def test_manifests_carry_the_identity_resources_and_security(
     assert {e["name"]: e["value"] for e in kserve["env"] if "value" in e}["PROTOCOL"] == "v2"
     for path in out.iterdir():
         assert SECRET not in path.read_text(), path.name
-    assert "kubectl -n vision create secret generic loopline-production" in (
-        out / "kustomization.yaml"
-    ).read_text()
+    assert (
+        "kubectl -n vision create secret generic loopline-production"
+        in (out / "kustomization.yaml").read_text()
+    )
 
 
 def test_a_bad_canary_share_is_refused(configured: Registered, tmp_path: Path) -> None:

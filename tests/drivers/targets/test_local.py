@@ -49,14 +49,14 @@ http.server.HTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()
 class ModelTarget(LocalTarget):
     """The local target running a registered model (the server's ``MODEL`` form)."""
 
-    def __init__(self, ref: str = "vehicles:1", **kwargs: Any) -> None:
+    def __init__(self, ref: str = "vehicles:1", workers: int = 1, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.ref = ref
+        self.ref, self.workers = ref, workers
 
     def server_command(self, ctx: TargetContext) -> list[str]:
         return [sys.executable, "-m", "loopline.deploy.server", self.ref,
                 "--config", str(config_path(ctx)), "--host", ctx.env.host,
-                "--port", str(ctx.env.port), "--workers", "1",
+                "--port", str(ctx.env.port), "--workers", str(self.workers),
                 "--log-level", "warning"]  # fmt: skip
 
 
@@ -112,6 +112,18 @@ def session_members(sid: int) -> list[int]:
     return found
 
 
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid``."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
 def wait_for(what: str, check: Callable[[], Any], timeout: float = 90.0) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -162,7 +174,8 @@ def predict(url: str) -> dict[str, Any]:
 def test_up_serves_sigkill_restarts_and_down_leaves_nothing(
     env_project: Project, stopper: Any
 ) -> None:
-    target, ctx = ModelTarget(policy=FAST), context(env_project, wait_s=120)
+    # Two workers: a killed server's workers are orphans, which the supervisor must stop.
+    target, ctx = ModelTarget(workers=2, policy=FAST), context(env_project, wait_s=120)
     stopper(target, ctx)
     outcome = target.up(ctx)
     assert outcome.ok, (outcome.message, outcome.details)
@@ -173,12 +186,17 @@ def test_up_serves_sigkill_restarts_and_down_leaves_nothing(
     assert status["running"] and status["healthy"] and status["restarts"] == 0
     first, supervisor = status["server_pid"], status["supervisor_pid"]
     assert alive(first) and first != supervisor
+    workers = wait_for("two workers", lambda: len(w := children(first)) >= 2 and w)
 
     os.kill(first, signal.SIGKILL)
     state = wait_for("a restarted, healthy server", lambda: (s := state_of(ctx)).get("healthy")
                      and s.get("restarts", 0) >= 1 and s, timeout=120)  # fmt: skip
     assert state["server_pid"] != first and state["last_exit_code"] == -signal.SIGKILL
     assert state["pid"] == supervisor and not alive(first)
+    wait_for("the old workers to be gone", lambda: not any(alive(w) for w in workers), 60)
+    log = target.folder(ctx) / "supervisor.log"  # the supervisor reaped them itself
+    wait_for("the supervisor to reap the orphans", lambda: all(
+        f"reaped orphan {w} " in log.read_text() for w in workers), 30)  # fmt: skip
     assert predict(url)["model_version"] == 1
 
     again = target.up(ctx)  # already running: nothing new starts
@@ -187,7 +205,7 @@ def test_up_serves_sigkill_restarts_and_down_leaves_nothing(
 
     down = target.down(ctx)
     assert down.ok and "stopped" in down.message
-    assert_all_gone(supervisor, [first, state["server_pid"]])
+    assert_all_gone(supervisor, [first, state["server_pid"], *workers])
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{url}/v2/health/ready", timeout=2)
     assert state_of(ctx)["phase"] == "stopped"
@@ -231,6 +249,9 @@ def test_two_concurrent_ups_start_one_supervisor(env_project: Project, stopper: 
         if b"loopline.drivers.targets.supervisor" in cmd and folder.encode() in cmd:
             running.append(int(entry.name))
     assert running == [supervisor]
+    other = CommandTarget([*health_server(), "--unused"], policy=FAST).up(ctx)
+    assert other.ok and "runs an earlier command line" in other.message
+    assert other.details["supervisor_pid"] == supervisor
     server = target.status(ctx)["server_pid"]
     assert target.down(ctx).ok
     assert_all_gone(supervisor, [server])

@@ -132,12 +132,20 @@ def run_args(ctx: TargetContext, engine: str, index: int) -> list[str]:
     """``ENGINE run ...`` for replica ``index``; secrets as bare ``-e NAME`` only."""
     env = ctx.env
     args = [
-        engine, "run", "--detach", "--name", container_names(ctx)[index],
-        "--restart", "unless-stopped",
-        "--publish", _publish(env.host, env.port + index),
-        "--label", f"{ENV_LABEL}={label_value(ctx.environment)}",
-        "--label", f"{PROJECT_LABEL}={label_value(ctx.config.project)}",
-    ]  # fmt: skip
+        engine,
+        "run",
+        "--detach",
+        "--name",
+        container_names(ctx)[index],
+        "--restart",
+        "unless-stopped",
+        "--publish",
+        _publish(env.host, env.port + index),
+        "--label",
+        f"{ENV_LABEL}={label_value(ctx.environment)}",
+        "--label",
+        f"{PROJECT_LABEL}={label_value(ctx.config.project)}",
+    ]
     if token_variable(env):
         args += ["--env", "LOOPLINE_SERVE_TOKEN"]
     if store_url(ctx):
@@ -202,17 +210,21 @@ class ContainerTarget:
             return self._no_engine(ctx, why, where, "wrote the build context to " + str(where))
         env = self._secrets(ctx)
         tag = image_tag(ctx)
-        built = _run(build_args(engine, tag, where), env, BUILD_TIMEOUT_S)
+        built = _run(build_args(engine, tag, where), dict(os.environ), BUILD_TIMEOUT_S)
         if built.returncode != 0:
-            return Outcome(False, f"building {tag} failed: {_last_line(built)}",
-                           commands=commands(ctx, where, Path(engine).name))  # fmt: skip
-        started = []
+            return Outcome(
+                False,
+                f"building {tag} failed: {_last_line(built)}",
+                commands=commands(ctx, where, Path(engine).name),
+            )
+        started: list[str] = []
         for i, name in enumerate(container_names(ctx)):
             _run([engine, "rm", "-f", name], env)
             r = _run(run_args(ctx, engine, i), env)
             if r.returncode != 0:
-                return Outcome(False, f"starting {name} failed: {_last_line(r)}",
-                               details={"started": started})  # fmt: skip
+                return Outcome(
+                    False, f"starting {name} failed: {_last_line(r)}", details={"started": started}
+                )
             started.append(name)
         for extra in set(self._containers(ctx, engine)) - set(started):
             _run([engine, "rm", "-f", extra], env)
@@ -223,9 +235,13 @@ class ContainerTarget:
             True,
             f"{ctx.model_name}:{ctx.model_version} runs in {len(started)} container(s) "
             f"({tag}) at {', '.join(endpoints)}",
-            details={"engine": Path(engine).name, "image": tag, "containers": started,
-                     "endpoints": endpoints},
-        )  # fmt: skip
+            details={
+                "engine": Path(engine).name,
+                "image": tag,
+                "containers": started,
+                "endpoints": endpoints,
+            },
+        )
 
     def down(self, ctx: TargetContext) -> Outcome:
         engine, why = find_engine(ctx.env.container.engine)
@@ -236,14 +252,21 @@ class ContainerTarget:
         names = self._containers(ctx, engine)
         for name in names:
             _run([engine, "rm", "-f", name], dict(os.environ))
-        return Outcome(True, f"removed {len(names)} container(s) of {ctx.environment}",
-                       details={"containers": names})  # fmt: skip
+        return Outcome(
+            True,
+            f"removed {len(names)} container(s) of {ctx.environment}",
+            details={"containers": names},
+        )
 
     def status(self, ctx: TargetContext) -> dict[str, Any]:
         engine, why = find_engine(ctx.env.container.engine)
         if engine is None:
-            return {"target": self.name, "engine": None, "message": f"no container engine "
-                    f"was found: {why}", "containers": []}  # fmt: skip
+            return {
+                "target": self.name,
+                "engine": None,
+                "message": f"no container engine was found: {why}",
+                "containers": [],
+            }
         fmt = "{{.Names}}\t{{.Status}}\t{{.Image}}"
         r = _run([engine, "ps", "-a", *_filter_args(ctx), "--format", fmt], dict(os.environ))
         rows = []
@@ -288,16 +311,19 @@ class ContainerTarget:
         return env
 
     def _containers(self, ctx: TargetContext, engine: str) -> list[str]:
-        r = _run([engine, "ps", "-a", *_filter_args(ctx), "--format", "{{.Names}}"],
-                 dict(os.environ))  # fmt: skip
+        r = _run(
+            [engine, "ps", "-a", *_filter_args(ctx), "--format", "{{.Names}}"], dict(os.environ)
+        )
         return [line.strip() for line in r.stdout.splitlines() if line.strip()]
 
 
 def _filter_args(ctx: TargetContext) -> list[str]:
     return [
-        "--filter", f"label={ENV_LABEL}={label_value(ctx.environment)}",
-        "--filter", f"label={PROJECT_LABEL}={label_value(ctx.config.project)}",
-    ]  # fmt: skip
+        "--filter",
+        f"label={ENV_LABEL}={label_value(ctx.environment)}",
+        "--filter",
+        f"label={PROJECT_LABEL}={label_value(ctx.config.project)}",
+    ]
 
 
 def _endpoint(host: str, port: int) -> str:

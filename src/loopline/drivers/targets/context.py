@@ -303,4 +303,3 @@ def write(path: Path, text: str, mode: int = 0o644) -> Path:
     path.write_text(text)
     path.chmod(mode)
     return path
-

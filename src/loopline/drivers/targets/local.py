@@ -160,7 +160,8 @@ class LocalTarget:
             forced = running_supervisor(folder) is not None
             if forced:  # it did not stop: kill its whole session (its server is in it)
                 _kill_session(pid)
-                while running_supervisor(folder) is not None:
+                end = time.monotonic() + 10.0
+                while running_supervisor(folder) is not None and time.monotonic() < end:
                     time.sleep(0.05)
             _reap(pid)
             server = state.get("server_pid")

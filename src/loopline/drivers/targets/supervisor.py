@@ -399,6 +399,8 @@ class Supervisor:
                 return
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(info.si_pid, 0)
+                log.info("reaped orphan %d (a server's process), status %d", info.si_pid,
+                         info.si_status)  # fmt: skip
 
     # -- state -----------------------------------------------------------------------------
     def _update(self, **changes: Any) -> None:

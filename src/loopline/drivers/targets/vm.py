@@ -21,11 +21,13 @@ image starts it (the bundle's Dockerfile CMD, with the installed path for ``/bun
 alone, then appends it to ``sys.path`` (it can shadow no installed package) and runs
 ``loopline.deploy.server``'s ``main``. Nothing in the virtualenv points at the bundle (no
 ``.pth`` file): a ``sitecustomize.py`` slipped into the folder would otherwise run at every
-start of that Python, before any check. ``install.sh`` takes overrides, so its steps can run without root
-(the tests run them in a temporary folder): ``LOOPLINE_PREFIX`` (the unit's paths are
-rewritten to it), ``LOOPLINE_PYTHON`` (the interpreter the venv is made from),
-``LOOPLINE_PIP_ARGS`` (extra pip arguments) and ``SKIP_SYSTEMD=1`` (no user, env file or
-unit). ``up``/``down`` cannot reach a remote host: they say so and give the commands.
+start of that Python, before any check.
+
+``install.sh`` takes overrides, so its steps can run without root (the tests run them in a
+temporary folder): ``LOOPLINE_PREFIX`` (the unit's paths are rewritten to it),
+``LOOPLINE_PYTHON`` (the interpreter the venv is made from), ``LOOPLINE_PIP_ARGS`` (extra
+pip arguments) and ``SKIP_SYSTEMD=1`` (no user, env file or unit). ``up``/``down`` cannot
+reach a remote host: they say so and give the commands.
 """
 
 from __future__ import annotations
