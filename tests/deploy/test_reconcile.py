@@ -19,9 +19,9 @@ import pytest
 
 from loopline.config import load_config
 from loopline.deploy import release
-from loopline.deploy.environment_app import create_env_app
 from loopline.deploy.reconcile import RETIRE_AFTER_S, Reconciler
 from loopline.deploy.router import NotReady, Router
+from loopline.deploy.server import create_env_app
 from loopline.deploy.settings import ServeSettings
 from loopline.drivers.metadata.store import MetadataStore
 from tests.deploy.conftest import TOKEN

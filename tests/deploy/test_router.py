@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from loopline.deploy.lanes import make_batcher
 from loopline.deploy.metrics import ServerMetrics
 from loopline.deploy.predlog import PredictionLog
 from loopline.deploy.router import (
@@ -27,7 +28,6 @@ from loopline.deploy.router import (
     sticky_bucket,
 )
 from loopline.deploy.runtime import ModelRuntime, ServedModel
-from loopline.deploy.server import make_batcher
 from loopline.deploy.settings import ServeSettings
 from loopline.drivers.metadata.deployments import DeploymentState
 from loopline.errors import InvalidInput, NotFound

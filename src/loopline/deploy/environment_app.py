@@ -1,9 +1,10 @@
-"""The app serving an environment (``loopline serve --env ENV``).
+"""Serving an environment (``loopline serve --env ENV``): its settings, store and state.
 
-Where ``create_app`` serves one model version, this app serves whatever the environment's
-deployment in the metadata store says, followed by a reconciler thread
-(``deploy/reconcile.py``) with in-process routing between the versions it holds
-(``deploy/router.py``): one stable endpoint across releases, no proxy hop.
+Where ``server.create_app`` serves one model version, ``server.create_env_app`` serves
+whatever the environment's deployment in the metadata store says, followed by a
+reconciler thread (``deploy/reconcile.py``) with in-process routing between the versions
+it holds (``deploy/router.py``): one stable endpoint across releases, no proxy hop. This
+module builds what that app holds.
 """
 
 from __future__ import annotations
@@ -12,15 +13,13 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, cast
 
-from fastapi import FastAPI
-
 from loopline.deploy.auth import BearerAuth
 from loopline.deploy.capture import CaptureWriter, capture_writer
+from loopline.deploy.lanes import make_batcher, prediction_log
 from loopline.deploy.metrics import ServerMetrics
 from loopline.deploy.reconcile import Reconciler, environment_base, load_version, replica_endpoint
 from loopline.deploy.router import Lane, Router, empty_table
 from loopline.deploy.runtime import ServedModel
-from loopline.deploy.server import ModelSource, _assemble, _prediction_log, make_batcher
 from loopline.deploy.settings import ServeSettings
 from loopline.deploy.state import ServerState
 
@@ -29,7 +28,7 @@ if TYPE_CHECKING:
     from loopline.environments import EnvironmentConfig
 
 
-def create_env_app(
+def environment_state(
     environment: str,
     env: EnvironmentConfig,
     settings: ServeSettings,
@@ -37,17 +36,16 @@ def create_env_app(
     artifacts_url: str,
     *,
     spill_dir: Path | None = None,
-) -> FastAPI:
-    """The app serving ``environment``: whatever its deployment in ``store`` says, followed
-    by a reconciler thread (``deploy/reconcile.py``), with in-process routing between the
-    versions it holds. Alive but not ready until a stable version is loaded."""
+) -> tuple[ServerState, Reconciler]:
+    """What the app of ``environment`` holds, and the reconciler that keeps it current
+    (started and stopped with the app)."""
     try:
         deployed = store.deployments.get(environment)
     except Exception:  # the store is down at start: the reconciler keeps trying
         deployed = None
     model = deployed.model_name if deployed is not None and deployed.model_name else ""
     metrics = ServerMetrics(model, "", [])  # request counters; batches per version below
-    predlog = _prediction_log(settings, store, metrics, spill_dir)
+    predlog = prediction_log(settings, store, metrics, spill_dir)
     # Capture counters are labelled by the model alone: the versions change under them.
     identity = cast(ServedModel, SimpleNamespace(name=model, version=""))
     capture = capture_writer(identity, settings, store, metrics)
@@ -75,28 +73,22 @@ def create_env_app(
         store=store if predlog is not None else None,
         environment=environment,
     )
-    banner = f"serving environment {environment} as replica {reconciler.replica_id}"
-    app = _assemble(
-        state, reconciler.start, reconciler.stop, f"Serving environment {environment}", banner
-    )
-    app.state.reconciler = reconciler
-    return app
+    return state, reconciler
 
 
 def open_environment(
-    source: ModelSource, settings: ServeSettings
+    environment: str, config: Path | None, settings: ServeSettings
 ) -> tuple[EnvironmentConfig, MetadataStore, str]:
     """The environment's config, its metadata store (opened) and its artifact store URL."""
     from loopline.config import load_config, require_project
     from loopline.credentials import expand_url
     from loopline.drivers.metadata.store import MetadataStore
 
-    assert source.env is not None
-    require_project(source.config, metadata_url=settings.metadata_url)
-    cfg = load_config(source.config)
-    env = cfg.environment(source.env)
+    require_project(config, metadata_url=settings.metadata_url)
+    cfg = load_config(config)
+    env = cfg.environment(environment)
     url = settings.metadata_url or (
-        expand_url(env.metadata_url, f"environments.{source.env}.metadata_url")
+        expand_url(env.metadata_url, f"environments.{environment}.metadata_url")
         if env.metadata_url
         else cfg.metadata_url()
     )

@@ -23,9 +23,8 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import orjson
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -37,6 +36,12 @@ from loopline.deploy import oip, openapi, v1
 from loopline.deploy.auth import BearerAuth, Unauthorized
 from loopline.deploy.capture import capture_writer
 from loopline.deploy.capture_routes import add_routes as add_capture_routes
+from loopline.deploy.environment_app import (
+    environment_settings,
+    environment_state,
+    open_environment,
+)
+from loopline.deploy.lanes import make_batcher, prediction_log
 from loopline.deploy.limits import BodyLimitMiddleware
 from loopline.deploy.metrics import (
     MetricsMiddleware,
@@ -44,13 +49,16 @@ from loopline.deploy.metrics import (
     multiprocess_dir,
     prepare_multiprocess_dir,
 )
-from loopline.deploy.predlog import PredictionLog
-from loopline.deploy.router import Lane, Router, Tagged, static_table
-from loopline.deploy.runtime import Batcher, Job, JobResult, ModelRuntime, ServedModel
+from loopline.deploy.router import Lane, Router, static_table
+from loopline.deploy.runtime import ModelRuntime, ServedModel
 from loopline.deploy.settings import ServeSettings, build_parser, load_settings, setting_options
 from loopline.deploy.state import ServerState
 from loopline.digest import sha256_file
 from loopline.errors import ConfigError, IntegrityError, InvalidInput, LooplineError, NotFound
+
+if TYPE_CHECKING:
+    from loopline.drivers.metadata.store import MetadataStore
+    from loopline.environments import EnvironmentConfig
 
 log = logging.getLogger("loopline.deploy")
 
@@ -181,7 +189,7 @@ def create_app(
     """The FastAPI app serving ``served``; predictions are logged to ``store`` if given."""
     settings = settings or ServeSettings()
     metrics = ServerMetrics(served.name, served.version, served.labels)
-    predlog = _prediction_log(settings, store, metrics, spill_dir)
+    predlog = prediction_log(settings, store, metrics, spill_dir)
     capture = capture_writer(served, settings, store, metrics)  # production capture
     lane = Lane(served, make_batcher(served, settings, metrics, predlog))
     state = ServerState(
@@ -204,42 +212,27 @@ def create_app(
     )
 
 
-def _prediction_log(
-    settings: ServeSettings, store: Any | None, metrics: ServerMetrics, spill_dir: Path | None
-) -> PredictionLog | None:
-    if not settings.log_predictions or store is None:
-        return None
-    return PredictionLog(
-        store.predictions.log,
-        flush_interval_s=settings.flush_interval_s,
-        flush_max_rows=settings.flush_max_rows,
-        max_pending_rows=settings.max_pending_rows,
-        write_attempts=settings.log_write_attempts,
-        spill_dir=spill_dir or settings.spill_dir or Path.cwd(),
-        on_written=metrics.log_rows_written,
-        on_dropped=metrics.log_rows_dropped,
-        on_spilled=metrics.log_rows_spilled,
-    )
-
-
-def make_batcher(
-    served: ServedModel,
+def create_env_app(
+    environment: str,
+    env: EnvironmentConfig,
     settings: ServeSettings,
-    metrics: ServerMetrics,
-    predlog: PredictionLog | None,
-    environment: str | None = None,
-) -> Batcher:
-    """The batcher of one served version (each version has its own)."""
-    return Batcher(
-        served.runtime,
-        max_batch_size=settings.max_batch_size,
-        max_delay_ms=settings.max_delay_ms,
-        max_queue=settings.max_queue,
-        max_queue_bytes=settings.max_queue_bytes,
-        max_pixels=settings.max_image_pixels,
-        threads=settings.inference_threads,
-        on_batch=_batch_hook(served, settings, metrics, predlog, environment),
+    store: MetadataStore,
+    artifacts_url: str,
+    *,
+    spill_dir: Path | None = None,
+) -> FastAPI:
+    """The app serving ``environment``: whatever its deployment in ``store`` says, followed
+    by a reconciler thread, with in-process routing between the versions it holds
+    (``deploy/environment_app.py``). Alive but not ready until a stable version is loaded."""
+    state, reconciler = environment_state(
+        environment, env, settings, store, artifacts_url, spill_dir=spill_dir
     )
+    banner = f"serving environment {environment} as replica {reconciler.replica_id}"
+    app = _assemble(
+        state, reconciler.start, reconciler.stop, f"Serving environment {environment}", banner
+    )
+    app.state.reconciler = reconciler
+    return app
 
 
 def _assemble(
@@ -296,64 +289,6 @@ def _assemble(
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: counts 413s too
     return app
-
-
-def _batch_hook(
-    served: ServedModel,
-    settings: ServeSettings,
-    metrics: ServerMetrics,
-    predlog: PredictionLog | None,
-    environment: str | None = None,
-) -> Any:
-    """Metrics and prediction-log rows for each batch, on the batcher thread.
-
-    Behind a router, each job's metadata is ``Tagged`` with the variant that answered
-    (stable, canary or shadow) and the deployment generation; the rows keep both.
-    """
-    name, version, labels = served.name, served.version, served.labels
-    keep_probs = settings.log_probabilities
-
-    def on_batch(jobs: list[Job], results: list[JobResult], seconds: float) -> None:
-        top = np.concatenate([r.top for r in results])
-        conf = np.concatenate([r.confidence for r in results])
-        metrics.observe_batch(len(top), seconds, top, conf)
-        if predlog is None:
-            return
-        rows = []
-        for job, res in zip(jobs, results, strict=True):
-            probs = np.round(res.probabilities, 6).tolist() if keep_probs else [None] * job.n
-            meta = job.metadata
-            variant = generation = camera = None
-            if isinstance(meta, Tagged):  # routed: empty when the request had no metadata
-                variant, generation = meta.variant, meta.generation
-                meta = dict(meta) or None
-            if meta:
-                camera = meta.get("camera_id")
-                camera = None if camera is None else str(camera)[:200]
-            for pid, t, c, p, stats in zip(
-                res.ids, res.top.tolist(), res.confidence.tolist(), probs, job.stats, strict=True
-            ):
-                rows.append(
-                    {
-                        "id": pid,
-                        "at": job.received,
-                        "model_name": name,
-                        "model_version": version,
-                        "source": job.source,
-                        "label": labels[t],
-                        "confidence": c,
-                        "probabilities": p,
-                        "request_metadata": meta,
-                        "input_stats": stats,
-                        "environment": environment,
-                        "deployment_generation": generation,
-                        "variant": variant,
-                        "camera_id": camera,
-                    }
-                )
-        predlog.add(rows)
-
-    return on_batch
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
@@ -434,9 +369,7 @@ def serve(source: ModelSource, settings: ServeSettings, *, log_level: str = "inf
     logging.getLogger("loopline").setLevel(level)
     # Fail fast, with a clear message, before binding the port (and before forking workers).
     if source.env is not None:
-        from loopline.deploy.environment_app import create_env_app, open_environment
-
-        env, store, artifacts_url = open_environment(source, settings)
+        env, store, artifacts_url = open_environment(source.env, source.config, settings)
     else:
         served, store = load_model(source, settings)
     options: dict[str, Any] = {
@@ -484,9 +417,7 @@ def worker_app() -> FastAPI:
     source = ModelSource(**raw)
     settings = load_settings()
     if source.env is not None:  # each worker follows the environment on its own
-        from loopline.deploy.environment_app import create_env_app, open_environment
-
-        env, store, artifacts_url = open_environment(source, settings)
+        env, store, artifacts_url = open_environment(source.env, source.config, settings)
         return create_env_app(source.env, env, settings, store, artifacts_url)
     served, store = load_model(source, settings)
     return create_app(served, settings, store)
@@ -517,11 +448,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m loopline.deploy.s
             raise ConfigError(
                 "give exactly one of MODEL (NAME[:VERSION|@ALIAS]), --bundle PATH or --env ENV"
             )
-        base = None
-        if args.env is not None:
-            from loopline.deploy.environment_app import environment_settings
-
-            base = environment_settings(args.config, args.env)
+        base = environment_settings(args.config, args.env) if args.env is not None else None
         settings = make_settings(setting_options(args), args.token_file, base)
         source = ModelSource(
             ref=args.model,
