@@ -87,3 +87,93 @@ def test_stop_answers_queued_jobs_then_refuses(runtime: ModelRuntime) -> None:
             batcher.submit(tensor=np.zeros((1, 3, SIZE, SIZE), np.float32))
 
     asyncio.run(main())
+
+
+def test_statistics_of_a_batch_are_each_job_s_own(runtime: ModelRuntime) -> None:
+    """Computed once per batch, sliced back to the jobs: the same as one job at a time."""
+    from loopline.bundle import PreprocessSpec, decode_image, to_input
+    from loopline.images import image_stats
+
+    seen: list[list[dict[str, object]]] = []
+    # No batcher thread: stop() answers every queued job in one batch.
+    batcher = Batcher(runtime, threads=0, max_batch_size=64,
+                      on_batch=lambda jobs, results, s: seen.extend(j.stats for j in jobs))  # fmt: skip
+    images = [[image_bytes(1)], [image_bytes(2), image_bytes(3, "JPEG")], [image_bytes(4)]]
+    tensor = np.random.default_rng(0).uniform(0, 255, (2, 3, SIZE, SIZE)).astype(np.float32)
+
+    async def main() -> None:
+        batcher.start()
+        futures = [batcher.submit(images=batch) for batch in images]
+        futures.append(batcher.submit(tensor=tensor))
+        await asyncio.to_thread(batcher.stop)
+        await asyncio.gather(*futures)
+
+    asyncio.run(main())
+    spec = PreprocessSpec(height=SIZE, width=SIZE)
+    inputs = [to_input(np.stack([decode_image(b, spec) for b in batch])) for batch in images]
+    inputs.append(tensor)
+    assert len(seen) == 4
+    for stats, x, batch in zip(seen, inputs, [*images, None], strict=True):
+        want = image_stats(x, channels_last=False)
+        assert len(stats) == len(x)
+        for row, expected, i in zip(stats, want.tolist(), range(len(x)), strict=True):
+            assert row["brightness"] == pytest.approx(expected[0], abs=1e-3)
+            assert row["contrast"] == pytest.approx(expected[1], abs=1e-3)
+            assert row["mean_rgb"] == pytest.approx(expected[2:5], abs=1e-2)
+            assert row.get("bytes") == (len(batch[i]) if batch is not None else None)
+
+
+def test_answers_reach_the_loop_that_asked(runtime: ModelRuntime, model_bytes: bytes) -> None:
+    """Two event loops in two threads share one batcher; each gets its own answers, and a
+    loop that closed with a job in flight harms nobody."""
+    import threading
+
+    batcher = Batcher(runtime, threads=2, max_batch_size=8)
+    batcher.start()
+    out: dict[str, list[str]] = {}
+
+    def client(name: str, seeds: range) -> None:
+        async def main() -> list[str]:
+            results = await asyncio.gather(*(batcher.submit(images=[image_bytes(s)]) for s in seeds))
+            return [LABELS[int(r.top[0])] for r in results]
+
+        out[name] = asyncio.run(main())
+
+    try:
+        threads = [threading.Thread(target=client, args=(f"c{i}", range(10 * i, 10 * i + 10)))
+                   for i in range(2)]  # fmt: skip
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+
+        async def abandon() -> None:  # submit and close the loop without waiting
+            batcher.submit(images=[image_bytes(99)])
+
+        asyncio.run(abandon())
+        client("after", range(40, 44))  # a new loop, after one closed with a job in flight
+    finally:
+        batcher.stop()
+
+    def want(seeds: range) -> list[str]:
+        return reference_labels(model_bytes, [image_bytes(s) for s in seeds])
+
+    assert out == {"c0": want(range(10)), "c1": want(range(10, 20)), "after": want(range(40, 44))}
+
+
+def test_prediction_ids_are_distinct_hex(runtime: ModelRuntime) -> None:
+    batcher = Batcher(runtime, threads=1)
+
+    async def main() -> list[str]:
+        batcher.start()
+        try:
+            results = await asyncio.gather(
+                *(batcher.submit(tensor=np.zeros((3, 3, SIZE, SIZE), np.float32)) for _ in range(20))
+            )
+        finally:
+            batcher.stop()
+        return [pid for r in results for pid in r.ids]
+
+    ids = asyncio.run(main())
+    assert len(ids) == len(set(ids)) == 60
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)

@@ -50,14 +50,14 @@ def rendered(project: EdgeProject, tmp_path: Path) -> tuple[Path, list[Path], in
 def test_render_writes_a_self_contained_verified_device_bundle(
     project: EdgeProject, rendered: tuple[Path, list[Path], int]
 ) -> None:
-    from loopline.drivers.targets.edge import AGENT_MODULES
+    from loopline.drivers.targets.edge import agent_modules
 
     out, files, v1 = rendered
     names = sorted(p.relative_to(out).as_posix() for p in files)
     assert {"agent.json", "requirements-edge.txt", "loopline-edge-agent.service", "install.sh",
             "README.md", "SHA256SUMS", f"bundle/m-{v1}.tar"} <= set(names)  # fmt: skip
     shipped = sorted(n.removeprefix("agent/loopline/") for n in names if n.startswith("agent/"))
-    assert shipped == sorted(AGENT_MODULES)
+    assert shipped == sorted(agent_modules())
     store = project.store()
     try:
         sha = store.models.get("m", v1).bundle_sha256

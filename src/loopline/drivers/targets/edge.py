@@ -42,13 +42,29 @@ from loopline.edge import protocol
 from loopline.errors import MissingExtra
 
 # What the agent imports, as paths in the package: nothing else is shipped to a device.
-AGENT_MODULES = (
-    "__init__.py", "errors.py", "digest.py", "images.py", "bundle.py",
-    "deploy/__init__.py", "deploy/runtime.py",
-    "edge/__init__.py", "edge/agent.py", "edge/agent_config.py", "edge/agent_http.py",
-    "edge/client.py", "edge/frames.py", "edge/model.py", "edge/mqtt.py", "edge/protocol.py",
-    "edge/spool.py", "edge/telemetry.py",
+AGENT_ENTRY_POINTS = (
+    "loopline.edge.agent", "loopline.edge.agent_http", "loopline.edge.frames",
+    "loopline.edge.mqtt",
 )  # fmt: skip
+
+
+def agent_modules() -> tuple[str, ...]:
+    """The package files the agent imports (read from source, as cache keys are), with the
+    ``__init__`` of every package on the way, so no hand-kept list can fall behind."""
+    from loopline.pipeline.code import closure
+
+    rels: set[str] = {"__init__.py"}
+    for name in closure(AGENT_ENTRY_POINTS, ["loopline"]):
+        parts = name.split(".")[1:]
+        if not parts:
+            continue
+        for i in range(1, len(parts)):
+            rels.add("/".join(parts[:i]) + "/__init__.py")
+        package = Path(loopline.__file__).parent.joinpath(*parts)
+        rels.add("/".join(parts) + ("/__init__.py" if package.is_dir() else ".py"))
+    return tuple(sorted(rels))
+
+
 EDGE_REQUIREMENTS = ("onnxruntime", "numpy", "pillow", "paho-mqtt")
 UNIT = "loopline-edge-agent.service"
 AGENT_PORT = 8095
@@ -57,7 +73,7 @@ AGENT_PORT = 8095
 def agent_sources() -> dict[str, bytes]:
     """``loopline/<path>`` for every module the agent imports, from this installation."""
     root = Path(loopline.__file__).parent
-    return {f"loopline/{rel}": (root / rel).read_bytes() for rel in AGENT_MODULES}
+    return {f"loopline/{rel}": (root / rel).read_bytes() for rel in agent_modules()}
 
 
 def edge_requirements() -> str:
