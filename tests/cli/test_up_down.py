@@ -137,3 +137,26 @@ def test_up_outside_a_project_is_one_line(tmp_path: Path, monkeypatch: pytest.Mo
     code, _, err = invoke("up", "--env", "staging")
     assert code == 1 and "no Loopline project here" in error_line(err)
     assert not (tmp_path / ".loopline").exists()
+
+
+def test_up_on_a_bundle_target_uses_the_deployed_version_or_says_there_is_none(
+    tmp_path: Path, model_bytes: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A container environment is handed the deployed version's bundle; with no engine
+    (PATH holds none here) it says so and prints the exact commands, naming that version."""
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+    project = make_project(tmp_path / "p", model_bytes)
+    project.config.write_text(
+        project.config.read_text() + "environments:\n  box: {target: container}\n"
+    )
+    code, _, err = invoke("up", "--env", "box", "-c", str(project.config))
+    assert code == 1 and "box has no deployed version yet" in error_line(err)
+    store = project.store()
+    store.deployments.change("box", expected_generation=0, action="promote", actor="t",
+                             model_name="vehicles", stable_version=1)  # fmt: skip
+    store.close()
+    code, out, err = invoke("up", "--env", "box", "-c", str(project.config), "--json")
+    result = json.loads(out)
+    assert code == 1 and not result["ok"], err
+    assert "no container engine was found" in result["message"]
+    assert any("vehicles:1" in c or "vehicles-1" in c for c in result["commands"]), result

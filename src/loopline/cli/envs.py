@@ -85,10 +85,38 @@ def up(
     """Start the environment's servers in the background and wait until they are healthy."""
     try:
         target, ctx = _context(env, config, wait_s=wait_s)
-        outcome = target.up(ctx)
+        if ctx.env.target in BUNDLE_TARGETS:
+            outcome = _up_with_bundle(target, ctx, config)
+        else:  # the servers read the desired state themselves
+            outcome = target.up(ctx)
     except LooplineError as err:
         fail(err)
     _report(outcome, json_out)
+
+
+# Targets that run one image per version: they are handed the deployed version's bundle.
+BUNDLE_TARGETS = ("container", "vm", "kubernetes")
+
+
+def _up_with_bundle(target: Target, ctx: TargetContext, config: Path | None) -> Outcome:
+    """``up`` for a target that runs one bundle: the environment's deployed version (the
+    candidate of a canary, with its share, on kubernetes)."""
+    from loopline.cli.common import open_store
+    from loopline.drivers.targets.context import open_context
+
+    dep = open_store(config).deployments.get(ctx.environment)
+    if dep is None or dep.stable_version is None:
+        raise ConfigError(
+            f"{ctx.environment} has no deployed version yet; promote one first "
+            f"(`loopline promote NAME:VERSION --to {ctx.environment}`)"
+        )
+    version, extra = dep.stable_version, dict(ctx.extra)
+    canary = dep.strategy == "canary" and dep.candidate_version is not None
+    if canary and ctx.env.target == "kubernetes" and dep.candidate_version is not None:
+        version = dep.candidate_version
+        extra["canary_percent"] = round(dep.candidate_share * 100)
+    with open_context(ctx.config, ctx.environment, f"{dep.model_name}:{version}", extra) as full:
+        return target.up(full)
 
 
 def down(env: EnvOpt, config: ConfigOpt = None, json_out: JsonOpt = False) -> None:
