@@ -47,7 +47,9 @@ def predict(
     workers: Annotated[
         int | None,
         typer.Option(
-            "--workers", help="Decoding processes (0: decode in a thread; default: per core)."
+            "--workers",
+            help="Decoding processes (0: decode in a thread; default: one per core less one, "
+            "for runs of 16 batches or more).",
         ),
     ] = None,
     config: ConfigOpt = None,

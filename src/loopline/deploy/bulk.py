@@ -3,9 +3,11 @@
 ``predict_source`` resolves the model (``NAME[:VERSION|@ALIAS]`` in the registry, its
 bundle sha256-verified, or a bundle folder/tar), lists the source's records, and runs the
 model in batches. Decoding is the expensive part on a CPU (a small PNG costs about twice
-its inference) and Pillow holds the GIL for much of it, so by default images are read and
-decoded in worker processes, several batches ahead, while this process runs ONNX Runtime
-on the batches in order: the session never waits while there is decoding left to do.
+its inference) and Pillow holds the GIL for much of it, so for a long run images are read
+and decoded in worker processes, several batches ahead, while this process runs ONNX
+Runtime on the batches in order; whenever the next batch is not decoded yet, this process
+decodes one itself instead of waiting, so every core keeps working (short runs decode in
+one thread, pipelined with inference).
 
 Pixels come from the same ``decode_image`` and the same ``ModelRuntime`` as the server's,
 so a record gets the prediction the server would give its image. A record whose image
@@ -20,7 +22,6 @@ import os
 import pickle
 import signal
 import time
-import uuid
 from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -33,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from loopline.bundle import PreprocessSpec, decode_image, to_input
+from loopline.deploy.bulk_output import PredictionWriter
 from loopline.deploy.resolve import open_data_source, resolve_model, select_records
 from loopline.deploy.runtime import ServedModel, softmax
 from loopline.digest import sha256_bytes
@@ -50,10 +52,6 @@ if TYPE_CHECKING:
 
 Progress = Callable[[int, int], None]  # (records done, records in all)
 MAX_LISTED_FAILURES = 100
-ROW_GROUP_ROWS = 16384
-# Output columns besides one ``prob_<label>`` per class; a source column of the same name
-# is kept as ``source_<name>``.
-RESERVED = ("path", "sha256", "label", "confidence", "true_label", "model_name", "model_version")
 
 
 @dataclass
@@ -184,16 +182,17 @@ def _decoder(source: Any, spec: PreprocessSpec, workers: int) -> tuple[Executor,
 
 
 def auto_workers(source: Any, records: int, batch_size: int) -> int:
-    """Decoding processes worth starting: one per core for a run of several batches per
-    core when the source can be sent to a process; else 0 (decode in a thread)."""
-    cores = os.cpu_count() or 1
-    if records < 4 * batch_size * cores:  # starting processes costs more than it saves
+    """Decoding processes worth starting: one per core but the one running ONNX Runtime,
+    for a run of 16 batches or more whose source can be sent to a process; else 0 (decode
+    in a thread). On 2 cores one process measured fastest (benchmarks/predict_bench.py)."""
+    workers = (os.cpu_count() or 1) - 1
+    if workers < 1 or records < 16 * batch_size:  # starting processes would cost more
         return 0
     try:
         pickle.dumps(source)
     except Exception:
         return 0
-    return cores
+    return workers
 
 
 # -- the run -----------------------------------------------------------------------------
@@ -243,7 +242,7 @@ def predict_source(
     n = len(records)
     if workers is None:
         workers = auto_workers(src, n, batch_size)
-    writer = _Writer(out, served, records)
+    writer = PredictionWriter(out, served, records)
     runtime, spec = served.runtime, served.runtime.spec
     paths = records["path"].astype(str).tolist()
     given = records["sha256"] if "sha256" in records.columns else pd.Series([""] * n)
@@ -259,13 +258,22 @@ def predict_source(
         starts = iter(range(0, n, batch_size))
         window = 2 * max(workers, 1) + 1
 
+        def chunk(start: int) -> tuple[list[str], list[str]]:
+            return paths[start : start + batch_size], expected[start : start + batch_size]
+
         def fill() -> None:
             while len(pending) < window and (start := next(starts, None)) is not None:
-                end = start + batch_size
-                pending.append((start, pool.submit(decode, paths[start:end], expected[start:end])))
+                pending.append((start, pool.submit(decode, *chunk(start))))
 
         fill()
         while pending:
+            # Rather than wait for the workers, decode the next batch here (in order).
+            while workers and not pending[0][1].done() and len(pending) < 2 * window:
+                if (start := next(starts, None)) is None:
+                    break
+                stolen: Future[Decoded] = Future()
+                stolen.set_result(decode_batch(src, spec, *chunk(start)))
+                pending.append((start, stolen))
             start, future = pending.popleft()
             batch = future.result()
             fill()  # the next batch is decoding while this one runs
@@ -307,101 +315,3 @@ def predict_source(
         decode_workers=workers,
         batch_size=batch_size,
     )
-
-
-class _Writer:
-    """Streams row groups into a temporary file next to ``out``; ``commit`` renames it."""
-
-    def __init__(self, out: Path, served: ServedModel, records: pd.DataFrame) -> None:
-        import pyarrow as pa
-
-        self.out = out
-        self.labels = list(served.labels)
-        self.name, self.version = served.name, served.version
-        self.paths = records["path"].astype(str).to_numpy(dtype=object)
-        truth = records["label"].fillna("").astype(str) if "label" in records else None
-        self.truth = (
-            truth.to_numpy(dtype=object) if truth is not None else np.full(len(records), "")
-        )
-        reserved = set(RESERVED) | {f"prob_{label}" for label in self.labels}
-        meta = records.drop(columns=[c for c in ("path", "label", "sha256") if c in records])
-        meta = meta.rename(columns={c: f"source_{c}" for c in meta.columns if c in reserved})
-        self.meta = _arrow(meta)
-        self.label_array = pa.array(self.labels, pa.string())
-        self.rows = self.labelled = self.correct = 0
-        self._parts: list[tuple[list[int], list[str], np.ndarray]] = []
-        self._pending = 0
-        self._writer: Any = None
-        out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.part")
-
-    def add(self, index: list[int], sha256: list[str], probs: np.ndarray) -> None:
-        self._parts.append((index, sha256, probs))
-        self._pending += len(index)
-        if self._pending >= ROW_GROUP_ROWS:
-            self._flush()
-
-    def _flush(self) -> None:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        if self._parts:
-            index = np.concatenate([np.asarray(p[0], dtype=np.int64) for p in self._parts])
-            sha = [s for p in self._parts for s in p[1]]
-            probs = np.concatenate([p[2] for p in self._parts])
-        else:
-            index = np.zeros(0, np.int64)
-            sha, probs = [], np.zeros((0, len(self.labels)), np.float32)
-        self._parts, self._pending = [], 0
-        top = probs.argmax(axis=1) if len(probs) else np.zeros(0, np.int64)
-        truth = self.truth[index]
-        known = truth != ""
-        self.rows += len(index)
-        self.labelled += int(known.sum())
-        predicted = np.asarray(self.labels, dtype=object)[top]
-        self.correct += int((predicted[known] == truth[known]).sum())
-        columns: dict[str, Any] = {
-            "path": pa.array(self.paths[index], pa.string()),
-            "sha256": pa.array(sha, pa.string()),
-            "label": self.label_array.take(pa.array(top, pa.int64())),
-            "confidence": pa.array(probs[np.arange(len(probs)), top], pa.float32()),
-        }
-        for j, label in enumerate(self.labels):
-            columns[f"prob_{label}"] = pa.array(probs[:, j], pa.float32())
-        columns["true_label"] = pa.array(np.where(known, truth, None), pa.string())
-        columns["model_name"] = pa.array([self.name] * len(index), pa.string())
-        columns["model_version"] = pa.array(np.full(len(index), self.version, np.int64))
-        meta = self.meta.take(pa.array(index, pa.int64()))
-        for name in meta.column_names:
-            columns[name] = meta.column(name)
-        table = pa.table(columns)
-        if self._writer is None:
-            self._writer = pq.ParquetWriter(self.tmp, table.schema)
-        self._writer.write_table(table)
-
-    def commit(self) -> None:
-        if self._parts or self._writer is None:  # the rest, or an empty file with the schema
-            self._flush()
-        self._writer.close()
-        self._writer = None
-        os.replace(self.tmp, self.out)
-
-    def abort(self) -> None:
-        try:
-            if self._writer is not None:
-                self._writer.close()
-        finally:
-            self.tmp.unlink(missing_ok=True)
-
-
-def _arrow(df: pd.DataFrame) -> Any:
-    """The metadata columns as an Arrow table (a column of mixed types as strings)."""
-    import pyarrow as pa
-
-    df = df.reset_index(drop=True)
-    for column in df.columns:
-        try:
-            pa.array(df[column], from_pandas=True)
-        except (pa.ArrowInvalid, pa.ArrowTypeError):
-            df[column] = df[column].map(lambda v: None if v is None else str(v))
-    return pa.Table.from_pandas(df, preserve_index=False)
