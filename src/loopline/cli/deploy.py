@@ -75,8 +75,10 @@ def deploy(
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Stage a candidate in a replica of production and run its replica test: the test
-    split in bulk, replayed production requests, a load phase and a memory check.
+    """Test a candidate in a replica of production (the replica test).
+
+    Phases: the test split in bulk, replayed production requests, a load phase and a
+    memory check, each against the environment's replica_test limits.
 
     Exit codes: 0 passed (it may be promoted), 3 failed (the reasons are shown), 1 error.
     """

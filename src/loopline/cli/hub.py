@@ -21,8 +21,11 @@ def hub(
     ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
-    """Serve edge devices: their deployment and bundles, and their telemetry and prediction
-    log into the metadata store (HTTP, and MQTT from the environment's broker)."""
+    """Serve edge devices: their deployment, bundles, telemetry and prediction log.
+
+    Telemetry and predictions go to the metadata store, over HTTP and over MQTT from the
+    environment's broker.
+    """
     from loopline.edge.hub import serve
 
     try:

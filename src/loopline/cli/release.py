@@ -48,8 +48,11 @@ def promote(
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Release a model version to an environment; only a version whose latest replica test
-    passed (`loopline deploy NAME:VERSION --env staging`) can be promoted."""
+    """Release a model version to an environment (direct, canary or shadow).
+
+    Only a version whose latest replica test passed (`loopline deploy NAME:VERSION --env
+    staging`) can be promoted. The environment's servers follow within their interval.
+    """
     from loopline.deploy import release
 
     try:
@@ -74,8 +77,11 @@ def rollback(
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Undo the last release: remove a running canary or shadow, else serve the previous
-    stable version again. The environment is never left without a model."""
+    """Undo the last release of a model in an environment.
+
+    A running canary or shadow is removed; otherwise the previous stable version serves
+    again. The environment is never left without a model.
+    """
     from loopline.deploy import release
 
     try:
@@ -96,8 +102,10 @@ def deployments(
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Deployment records: versions and traffic shares per environment, with history, and
-    the edge devices of each environment with the version they run."""
+    """Deployment records per environment: versions, traffic shares, history, devices.
+
+    Edge environments list each device with the version it runs.
+    """
     from rich.table import Table
 
     from loopline.deploy import release
@@ -186,8 +194,10 @@ def status(
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """What runs where: per environment, the versions serving, their traffic shares, and
-    each replica's health as it last reported."""
+    """What runs where: versions serving, traffic shares and replica health.
+
+    Health comes from what each replica last reported to the metadata store.
+    """
     from loopline.deploy import release
 
     try:
