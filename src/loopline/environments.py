@@ -54,6 +54,11 @@ class CanaryPolicy(_Section):
         0.05, ge=0.0, le=1.0, description="candidate accuracy below stable's by more: roll back"
     )
     auto_promote: bool = Field(True, description="promote by itself once healthy")
+    promote_needs_labels: bool = Field(
+        True,
+        description="promote only once min_labels answers of the candidate have feedback "
+        "and its accuracy holds (false: after min_requests alone)",
+    )
 
 
 class ShadowPolicy(_Section):

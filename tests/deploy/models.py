@@ -126,7 +126,8 @@ POLICY = (
     "reconcile_interval_s: 0.2, token: '${%s}', capture: {enabled: false},"
     " serve: {workers: %d, flush_interval_s: 0.2, max_queue: 8192},"
     " canary: {share: %s, min_requests: %d, min_labels: 20, max_p95_ms: 60000.0,"
-    " max_error_rate: 0.05, max_accuracy_drop: 0.05, auto_promote: %s}"
+    " max_error_rate: 0.05, max_accuracy_drop: 0.05, auto_promote: %s,"
+    " promote_needs_labels: %s}"
 )
 
 
@@ -137,8 +138,10 @@ def env_yaml(
     share: float = 0.5,
     min_requests: int = 60,
     auto_promote: bool = True,
+    needs_labels: bool = True,
 ) -> str:
-    policy = POLICY % (TOKEN_VAR, workers, share, min_requests, str(auto_promote).lower())
+    flags = (str(auto_promote).lower(), str(needs_labels).lower())
+    policy = POLICY % (TOKEN_VAR, workers, share, min_requests, *flags)
     return f"  {name}: {{{policy}}}\n"
 
 

@@ -4,6 +4,7 @@ atomically, with history, audit and the environment's alias, on SQLite and Postg
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -110,8 +111,9 @@ def test_the_canary_judge_rolls_back_on_errors_and_promotes_when_healthy(
     store: MetadataStore,
 ) -> None:
     env = EnvironmentConfig.model_validate(
-        {"canary": {"share": 0.5, "min_requests": 50, "max_error_rate": 0.05}}
-    )
+        {"canary": {"share": 0.5, "min_requests": 50, "max_error_rate": 0.05,
+                    "promote_needs_labels": False}}
+    )  # fmt: skip
     release.promote(store, "vehicles:1")
     dep = release.promote(store, "vehicles:2", strategy="canary", env=env)
 
@@ -139,3 +141,84 @@ def test_the_canary_judge_rolls_back_on_errors_and_promotes_when_healthy(
     assert verdict.action == "promote"
     assert new is not None and (new.stable_version, new.previous_version) == (3, 1)
     assert store.models.get("vehicles", alias="production").version == 3
+
+
+def _labelled(store: MetadataStore, version: int, n: int, correct: int, variant: str) -> None:
+    from datetime import UTC, datetime
+
+    now = datetime.now(UTC)
+    rows = [
+        {"id": f"{variant}{version}x{i}", "at": now, "model_name": "vehicles",
+         "model_version": version, "source": "v1", "label": "car", "confidence": 0.9,
+         "probabilities": None, "request_metadata": None, "input_stats": None,
+         "environment": "production", "deployment_generation": 2, "variant": variant,
+         "camera_id": "cam-1"}
+        for i in range(n)
+    ]  # fmt: skip
+    store.predictions.log(rows)
+    store.predictions.record_feedback(
+        [(r["id"], "car" if i < correct else "bus") for i, r in enumerate(rows)]
+    )
+
+
+def test_by_default_a_canary_is_promoted_only_once_feedback_confirms_it(
+    store: MetadataStore,
+) -> None:
+    """Requests alone never promote: a broken model answers quickly and without errors."""
+    env = EnvironmentConfig.model_validate({"canary": {"min_requests": 50, "min_labels": 20}})
+    release.promote(store, "vehicles:1")
+    dep = release.promote(store, "vehicles:2", strategy="canary", env=env)
+    store.deployments.report_replica(
+        "production", "a:1", generation=dep.generation, versions=[1, 2], status="ok",
+        stats={"versions": {"1": {"requests": 900}, "2": {"requests": 250}}},
+    )  # fmt: skip
+    new, verdict = canary.act(store, "production", env)
+    assert new is None and "waiting for feedback on 20 of its answers (0 so far)" in verdict.reason
+    _labelled(store, 1, 40, 36, "stable")
+    _labelled(store, 2, 10, 1, "canary")  # too few labels yet to judge: still waiting
+    assert canary.act(store, "production", env)[1].action is None
+    _labelled(store, 2, 15, 1, "shadow")  # shadow answers never count
+    assert canary.act(store, "production", env)[1].action is None
+    _labelled(store, 2, 20, 2, "canary2")  # now 30 labelled, 3 right: far below stable's 0.9
+    new, verdict = canary.act(store, "production", env)
+    assert verdict.action == "rollback" and "accuracy 0.100 on 30 labelled" in verdict.reason
+    assert new is not None and new.candidate_version is None
+
+
+def test_a_canary_whose_labels_hold_up_is_promoted(store: MetadataStore) -> None:
+    env = EnvironmentConfig.model_validate({"canary": {"min_requests": 50, "min_labels": 20}})
+    release.promote(store, "vehicles:1")
+    dep = release.promote(store, "vehicles:2", strategy="canary", env=env)
+    store.deployments.report_replica(
+        "production", "a:1", generation=dep.generation, versions=[1, 2], status="ok",
+        stats={"versions": {"1": {"requests": 900}, "2": {"requests": 250}}},
+    )  # fmt: skip
+    _labelled(store, 2, 25, 23, "canary")
+    new, verdict = canary.act(store, "production", env)
+    assert verdict.action == "promote", verdict
+    assert new is not None and new.stable_version == 2
+
+
+def test_an_alias_moved_by_hand_is_put_back_by_the_next_deployment_change(
+    store: MetadataStore,
+) -> None:
+    release.promote(store, "vehicles:1")
+    store.models.set_alias("vehicles", "production", 3)  # behind the deployment's back
+    release.promote(store, "vehicles:2", strategy="canary")
+    assert store.models.get("vehicles", alias="production").version == 1
+
+
+def test_only_a_replica_test_of_the_environment_replicating_the_target_counts(
+    store: MetadataStore, tmp_path: Path
+) -> None:
+    from loopline.config import parse_config
+
+    cfg = parse_config({"environments": {"lax": {"replica_test": {"rules": []}}}}, tmp_path)
+    envs = release.replica_environments(cfg, "production")
+    assert envs == ["staging"]
+    store.models.register("vehicles", bundle_uri="/b", bundle_sha256="e" * 64, aliases=())
+    store.replica_tests.record("vehicles", 5, environment="lax", passed=True, reasons=[],
+                               report={})  # fmt: skip
+    with pytest.raises(release.PromotionRefused, match="no replica test in staging"):
+        release.promote(store, "vehicles:5", replica_envs=envs)
+    assert release.promote(store, "vehicles:5").stable_version == 5  # any env when not given

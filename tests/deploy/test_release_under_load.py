@@ -38,9 +38,9 @@ pytestmark = pytest.mark.slow
 GUARDED: dict[str, Any] = {"auto_promote": False, "min_requests": 100_000}  # never promoted
 ENVIRONMENTS = (
     env_yaml("direct")
-    + env_yaml("accuracy", **GUARDED)
+    + env_yaml("accuracy", min_requests=60)  # the default policy: promotion needs labels
     + env_yaml("errors", **GUARDED)
-    + env_yaml("promote", min_requests=60)
+    + env_yaml("promote", min_requests=60, needs_labels=False)
     + env_yaml("shadow", **GUARDED)
     + env_yaml("sticky", **GUARDED)
 )

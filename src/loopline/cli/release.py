@@ -60,8 +60,9 @@ def promote(
         env = cfg.environment(to)
         store = open_store(config)
         dep = release.promote(
-            store, ref, to=to, strategy=strategy, share=share, env=env, reason=reason
-        )
+            store, ref, to=to, strategy=strategy, share=share, env=env, reason=reason,
+            replica_envs=release.replica_environments(cfg, to),
+        )  # fmt: skip
     except LooplineError as err:
         fail(err)
     if json_out:

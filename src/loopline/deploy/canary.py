@@ -91,6 +91,7 @@ def judge(
                 f"p95 latency {p95:.1f} ms is above the budget of {policy.max_p95_ms:.0f} ms",
                 evidence,
             )
+    n_c = 0
     if state.candidate_since is not None and state.model_name is not None:
         labelled = store.predictions.labelled_accuracy(
             environment=state.environment,
@@ -112,6 +113,13 @@ def judge(
                     evidence,
                 )
     if requests >= policy.min_requests:
+        if policy.promote_needs_labels and n_c < policy.min_labels:
+            return Verdict(
+                None,
+                f"healthy after {requests} requests; waiting for feedback on "
+                f"{policy.min_labels} of its answers ({n_c} so far)",
+                evidence,
+            )
         if not policy.auto_promote:
             return Verdict(None, f"healthy after {requests} requests; waiting for a person")
         return Verdict("promote", f"healthy after {requests} requests ({errors} errors)", evidence)

@@ -73,13 +73,25 @@ def _retry(
     return store.deployments.update(environment, guarded, actor=actor, reason=reason)
 
 
-def check_replica_test(store: MetadataStore, name: str, version: int) -> None:
-    """PromotionRefused unless the latest replica test of ``name:version`` passed."""
-    test = store.replica_tests.latest(name, version)
+def replica_environments(config: Config, to: str) -> list[str] | None:
+    """The environments whose replica tests qualify a version for ``to``: those that
+    replicate it (``replica_of``); None (any) when none does."""
+    names = [n for n, e in config.environments.items() if e.replica_of == to]
+    return names or None
+
+
+def check_replica_test(
+    store: MetadataStore, name: str, version: int, environments: list[str] | None = None
+) -> None:
+    """PromotionRefused unless the latest replica test of ``name:version`` (in one of
+    ``environments``, when given) passed."""
+    test = store.replica_tests.latest(name, version, environments)
     if test is None:
+        where = f" in {' or '.join(environments)}" if environments else ""
+        env = environments[0] if environments else "staging"
         raise PromotionRefused(
-            f"{name}:{version} has no replica test; run `loopline deploy {name}:{version} "
-            "--env staging` first"
+            f"{name}:{version} has no replica test{where}; run `loopline deploy "
+            f"{name}:{version} --env {env}` first"
         )
     if not test.passed:
         why = "; ".join(test.reasons) or "see the report"
@@ -99,6 +111,7 @@ def promote(
     actor: str | None = None,
     reason: str | None = None,
     require_replica_test: bool = True,
+    replica_envs: list[str] | None = None,
     expected_generation: int | None = None,
 ) -> DeploymentState:
     """Release ``NAME:VERSION`` (or ``NAME@ALIAS``) to environment ``to``.
@@ -106,7 +119,8 @@ def promote(
     ``direct`` serves it at once (the previous stable version is kept for rollback);
     ``canary`` sends it ``share`` of the requests (default: the environment's canary
     policy) next to the stable version; ``shadow`` mirrors requests to it while answers
-    come from the stable version only. Refused unless its latest replica test passed.
+    come from the stable version only. Refused unless its latest replica test passed
+    (in one of ``replica_envs`` when given: see ``replica_environments``).
     """
     if strategy not in STRATEGIES:
         raise ConfigError(f"unknown strategy {strategy!r}; allowed: {', '.join(STRATEGIES)}")
@@ -116,7 +130,7 @@ def promote(
     if mv.archived_at is not None:
         raise Conflict(f"{name}:{version} is archived; unarchive it before promoting it")
     if require_replica_test:
-        check_replica_test(store, name, version)
+        check_replica_test(store, name, version, replica_envs)
     if strategy == "canary":
         share = share if share is not None else (env.canary.share if env else 0.1)
         if not 0.0 < share < 1.0:

@@ -199,7 +199,7 @@ class DeploymentRepository:
                 row = Deployment(environment=environment, generation=0, strategy="direct",
                                  candidate_share=0.0, status="pending", target="local")  # fmt: skip
                 s.add(row)
-            old_stable, old_name = row.stable_version, row.model_name
+            old_name = row.model_name
             for key, value in changes.items():
                 setattr(row, key, value)
             if row.status not in STATUSES:
@@ -223,7 +223,7 @@ class DeploymentRepository:
             )  # fmt: skip
             if old_name is not None and old_name != name:
                 _move_alias(self._db, s, old_name, environment, None)
-            if name is not None and (row.stable_version != old_stable or old_name != name):
+            if name is not None:  # every change re-asserts it, so a hand-moved alias heals
                 _move_alias(self._db, s, name, environment, row.stable_version)
             s.add(
                 AuditEvent(
@@ -362,6 +362,11 @@ def _move_alias(db: Database, s: Any, name: str, alias: str, version: int | None
     if version is None:
         s.execute(delete(ModelAlias).where(ModelAlias.name == name, ModelAlias.alias == alias))
         return
+    current = s.scalar(
+        select(ModelAlias.version).where(ModelAlias.name == name, ModelAlias.alias == alias)
+    )
+    if current == version:
+        return
     now = utcnow()
     stmt = db.insert(ModelAlias).values(name=name, alias=alias, version=version, updated_at=now)
     s.execute(
@@ -374,6 +379,6 @@ def _move_alias(db: Database, s: Any, name: str, alias: str, version: int | None
             actor="loopline",
             action="model.alias",
             subject=f"{name}:{version}",
-            details={"alias": alias, "by": "deployment"},
+            details={"alias": alias, "previous": current, "by": "deployment"},
         )
     )

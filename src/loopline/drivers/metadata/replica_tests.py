@@ -76,13 +76,18 @@ class ReplicaTestRepository:
             )
         return _record(row)
 
-    def latest(self, name: str, version: int) -> ReplicaTestRecord | None:
+    def latest(
+        self, name: str, version: int, environments: list[str] | None = None
+    ) -> ReplicaTestRecord | None:
+        """The newest test of ``name:version`` (run in one of ``environments`` if given)."""
         q = (
             select(ReplicaTest)
             .where(ReplicaTest.model_name == name, ReplicaTest.model_version == version)
             .order_by(ReplicaTest.finished_at.desc(), ReplicaTest.id.desc())
             .limit(1)
         )
+        if environments is not None:
+            q = q.where(ReplicaTest.environment.in_(environments))
         with self._db.read() as s:
             row = s.scalars(q).first()
             return _record(row) if row is not None else None
