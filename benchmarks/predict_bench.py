@@ -2,23 +2,25 @@
 
 On a generated lake (``loopline.examples.vehicles.datagen``: 96x72 PNGs, ~3% broken) and
 the production-default model (64x64 input, 3 conv layers of width 32, registered as
-``vehicles:1``), prints images/s of
+``vehicles:1``), prints images/s and CPU ms per image of
 
-* ``predict_source`` end to end (model load, listing, reading, sha256, decoding, inference
-  and the Parquet file, all included), for each number of decoding processes, and its
-  steady rate (from the first batch answered to the last);
 * the in-process ONNX Runtime batch limit: ``session.run`` on pre-decoded batches of the
-  same size, with the same ONNX Runtime threads as ``predict_source`` (one), and the
-  machine's ORT ceiling (the best of one session over all cores, or one thread per core);
+  same size with the same ONNX Runtime threads as ``predict_source`` (one), and the
+  machine's ORT ceiling (one session over all cores, or one thread per core);
 * the decode+infer limit: the same ``decode_image`` + ``to_input`` + ``session.run`` on
-  bytes already in memory, in one thread, and that times the cores (perfect scaling);
+  bytes already in memory in one thread, and that times the cores (perfect scaling);
+* ``predict_source`` for each number of decoding processes (0: a thread): end to end
+  (model load and verification, listing, reading, sha256, decoding, inference and the
+  Parquet file) and steady (from the first batch answered to the last);
 
-then the ratios of ``predict_source`` to each. Decoding a PNG costs about twice running
-the small model on it, so the ORT-only ratio cannot reach 1 on a CPU: it says how much of
-the time goes to decoding; the decode+infer ratio says how well the pipeline uses the
-cores. With ``--rounds N`` everything is measured N times in turn and medians are shown.
+then, for each, its ratios to every limit (per round, median over rounds) and its CPU per
+image against the decode+infer loop's. Decoding a PNG costs more than running the small
+model on it, so the ratio to the ORT-only limit cannot reach 1 on a CPU: it shows what
+decoding costs; the decode+infer ratios show how well the pipeline uses the cores. CPU
+per image moves much less than throughput when other jobs share the machine.
 
     python benchmarks/predict_bench.py [--images 5000] [--batch-size 64] [--rounds 3]
+        [--workers 0,1]
 
 Needs torch (to export the model).
 """
@@ -26,6 +28,7 @@ Needs torch (to export the model).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -83,14 +86,38 @@ def session(onnx_path: Path, threads: int) -> Any:
     return runtime.session
 
 
-def rate(n: int, fn: Callable[[], Any]) -> float:
-    t0 = time.perf_counter()
+def cpu_seconds() -> float:
+    """CPU time of this process (all threads) and of every process it started, decoding
+    workers included: those of the fork server are counted once it has reaped them."""
+    import multiprocessing.forkserver
+    import resource
+
+    total = time.process_time()
+    total += sum(getattr(resource.getrusage(resource.RUSAGE_CHILDREN), f) for f in FIELDS)
+    pid = getattr(multiprocessing.forkserver._forkserver, "_forkserver_pid", None)
+    if pid:
+        with contextlib.suppress(OSError):
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += sum(int(v) for v in stat[11:15]) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+FIELDS = ("ru_utime", "ru_stime")
+
+
+def measure(n: int, fn: Callable[[], Any]) -> tuple[float, float]:
+    """(images/s, CPU ms per image) of ``fn`` handling ``n`` images."""
+    c0, t0 = cpu_seconds(), time.perf_counter()
     fn()
-    return n / (time.perf_counter() - t0)
+    seconds = time.perf_counter() - t0
+    time.sleep(0.2)  # let the fork server reap the workers that just ended
+    return n / seconds, (cpu_seconds() - c0) * 1000 / n
 
 
-def limits(onnx_path: Path, images: list[bytes], batch: int, cores: int) -> dict[str, float]:
-    """The in-process limits, in images/s."""
+def limits(
+    onnx_path: Path, images: list[bytes], batch: int, cores: int
+) -> dict[str, tuple[float, float]]:
+    """The in-process limits: (images/s, CPU ms per image) each."""
     from loopline.bundle import PreprocessSpec, decode_image, to_input
     from loopline.errors import InvalidInput
 
@@ -110,35 +137,57 @@ def limits(onnx_path: Path, images: list[bytes], batch: int, cores: int) -> dict
     for b in batches[:3]:  # warm up both sessions
         run1(b)
         many.run(["logits"], {"input": b})
-    out = {"ort_1_thread": rate(len(x), lambda: [run1(b) for b in batches])}
-    out[f"ort_{cores}_intra"] = rate(
+    out = {"ort_1_thread": measure(len(x), lambda: [run1(b) for b in batches])}
+    out["ort_intra"] = measure(
         len(x), lambda: [many.run(["logits"], {"input": b}) for b in batches]
     )
     with ThreadPoolExecutor(cores) as pool:
-        out[f"ort_{cores}_sessions"] = rate(len(x), lambda: list(pool.map(run1, batches)))
+        out["ort_sessions"] = measure(len(x), lambda: list(pool.map(run1, batches)))
     chunks = [images[i : i + batch] for i in range(0, len(images), batch)]
 
     def decode_infer(chunk: list[bytes]) -> None:
         got = [p for p in map(decode, chunk) if p is not None]
         run1(to_input(np.stack(got)))
 
-    out["decode_1_thread"] = rate(len(images), lambda: [decode(b) for b in images])
-    out["decode_infer_1_thread"] = rate(len(images), lambda: [decode_infer(c) for c in chunks])
-    out["decode_infer_ideal"] = out["decode_infer_1_thread"] * cores
+    out["decode_1_thread"] = measure(len(images), lambda: [decode(b) for b in images])
+    out["decode_infer_1_thread"] = measure(len(images), lambda: [decode_infer(c) for c in chunks])
+    rate, cpu = out["decode_infer_1_thread"]
+    out["decode_infer_ideal"] = (rate * cores, cpu)
     return out
 
 
 def bulk(config: Path, lake: Path, out: Path, batch: int, workers: int) -> dict[str, float]:
+    """predict_source's images/s end to end and steady, and its CPU ms per image."""
     from loopline.deploy.bulk import predict_source
 
     marks: list[tuple[float, int]] = []
-    summary = predict_source(
-        "vehicles:1", lake, out, config=config, batch_size=batch, workers=workers,
-        progress=lambda done, total: marks.append((time.perf_counter(), done)),
-    )  # fmt: skip
+    summary: Any = None
+
+    def run() -> None:
+        nonlocal summary
+        summary = predict_source(
+            "vehicles:1", lake, out, config=config, batch_size=batch, workers=workers,
+            progress=lambda done, total: marks.append((time.perf_counter(), done)),
+        )  # fmt: skip
+
+    _, cpu = measure(1, run)
     (t_first, n_first), (t_last, n_last) = marks[1], marks[-1]
     steady = (n_last - n_first) / (t_last - t_first) if t_last > t_first else 0.0
-    return {"end_to_end": summary.rows / summary.seconds, "steady": steady}
+    return {
+        "end_to_end": summary.rows / summary.seconds,
+        "steady": steady,
+        "cpu_ms": cpu / summary.records,
+    }
+
+
+LIMITS = {
+    "ort_1_thread": "ORT batch limit, 1 ORT thread (predict_source's)",
+    "ort_intra": "ORT one session, all cores as intra-op threads",
+    "ort_sessions": "ORT one thread per core, 1 intra-op thread each",
+    "decode_1_thread": "PNG decode alone, 1 thread",
+    "decode_infer_1_thread": "decode+infer limit, 1 thread",
+    "decode_infer_ideal": "decode+infer limit x cores (perfect scaling)",
+}
 
 
 def main() -> int:
@@ -149,62 +198,63 @@ def main() -> int:
     parser.add_argument("--workers", default=None, help="decoding processes to try, e.g. 0,1,2")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
-    tried = [int(w) for w in (args.workers or f"0,{cores}").split(",")]
+    tried = [int(w) for w in (args.workers or f"0,{max(cores - 1, 1)}").split(",")]
 
     from loopline.examples.vehicles.datagen import generate_lake
 
+    rounds: list[tuple[dict[str, tuple[float, float]], dict[int, dict[str, float]]]] = []
     with tempfile.TemporaryDirectory(prefix="loopline-predict-bench-") as tmp:
         root = Path(tmp)
         config, onnx_path = make_project(root)
         generate_lake(root / "lake", images=args.images, seed=1, cameras=4)
         paths = sorted((root / "lake" / "images").rglob("*.png"))
         images = [p.read_bytes() for p in paths]
-        runs: dict[str, list[float]] = {}
-        for _ in range(args.rounds):
-            for key, value in limits(onnx_path, images, args.batch_size, cores).items():
-                runs.setdefault(key, []).append(value)
-            for w in tried:
-                got = bulk(config, root / "lake", root / "out.parquet", args.batch_size, w)
-                for key, value in got.items():
-                    runs.setdefault(f"predict_w{w}_{key}", []).append(value)
-        med = {key: statistics.median(values) for key, values in runs.items()}
-    report(med, args, cores, tried)
+        for _ in range(args.rounds):  # limits and runs side by side, round after round
+            lim = limits(onnx_path, images, args.batch_size, cores)
+            runs = {
+                w: bulk(config, root / "lake", root / "out.parquet", args.batch_size, w)
+                for w in tried
+            }
+            rounds.append((lim, runs))
+    report(rounds, args, cores, tried)
     return 0
 
 
-def report(med: dict[str, float], args: Any, cores: int, tried: list[int]) -> None:
+def report(rounds: list[Any], args: Any, cores: int, tried: list[int]) -> None:
+    med = statistics.median
     print(
         f"\n{args.images} images 96x72 PNG, model 64x64 (depth 3, width 32), batch "
-        f"{args.batch_size}, {cores} cores, median of {args.rounds} round(s)\n"
+        f"{args.batch_size}, {cores} cores, medians of {len(rounds)} round(s)\n"
     )
-    rows = [
-        ("ORT batch limit, 1 ORT thread (predict_source's)", med["ort_1_thread"]),
-        (f"ORT one session, {cores} intra-op threads", med[f"ort_{cores}_intra"]),
-        (f"ORT {cores} threads x 1 intra-op thread", med[f"ort_{cores}_sessions"]),
-        ("PNG decode alone, 1 thread", med["decode_1_thread"]),
-        ("decode+infer, 1 thread", med["decode_infer_1_thread"]),
-        (f"decode+infer ideal, x{cores} cores", med["decode_infer_ideal"]),
-    ]
+    print(f"  {'':<62} {'images/s':>9} {'CPU ms/img':>11}")
+    for key, label in LIMITS.items():
+        rate, cpu = med(r[0][key][0] for r in rounds), med(r[0][key][1] for r in rounds)
+        print(f"  {label:<62} {rate:9.0f} {cpu:11.3f}")
     for w in tried:
-        label = "thread" if w == 0 else f"{w} process(es)"
-        rows.append(
-            (f"predict_source, decode in {label}, end to end", med[f"predict_w{w}_end_to_end"])
-        )
-        rows.append((f"predict_source, decode in {label}, steady", med[f"predict_w{w}_steady"]))
-    for label, value in rows:
-        print(f"  {label:<58} {value:8.0f} images/s")
-    ort_ceiling = max(med[f"ort_{cores}_intra"], med[f"ort_{cores}_sessions"], med["ort_1_thread"])
-    best = max(tried, key=lambda w: med[f"predict_w{w}_end_to_end"])
-    e2e, steady = med[f"predict_w{best}_end_to_end"], med[f"predict_w{best}_steady"]
-    print(f"\nbest: decode workers {best}")
-    for name, base in (
-        ("ORT batch limit, 1 ORT thread", med["ort_1_thread"]),
-        ("ORT ceiling, all cores", ort_ceiling),
-        ("decode+infer, 1 thread", med["decode_infer_1_thread"]),
-        (f"decode+infer ideal x{cores}", med["decode_infer_ideal"]),
-    ):
-        ratios = f"end to end {e2e / base:5.2f}x   steady {steady / base:5.2f}x"
-        print(f"  predict_source / {name:<32} {ratios}")
+        how = "in a thread" if w == 0 else f"in {w} process(es) + stealing"
+        for kind in ("end_to_end", "steady"):
+            rate = med(r[1][w][kind] for r in rounds)
+            cpu = f"{med(r[1][w]['cpu_ms'] for r in rounds):11.3f}" if kind == "steady" else ""
+            print(f"  {f'predict_source, decode {how}, {kind}':<62} {rate:9.0f} {cpu}")
+
+    def ratio(w: int, kind: str, base: Callable[[dict[str, Any]], float]) -> float:
+        return med(r[1][w][kind] / base(r[0]) for r in rounds)  # per round, then median
+
+    bases: dict[str, Callable[[dict[str, Any]], float]] = {
+        "ORT batch limit (1 ORT thread, same batch)": lambda lim: lim["ort_1_thread"][0],
+        "ORT ceiling (best on all cores)": lambda lim: max(
+            lim[k][0] for k in ("ort_1_thread", "ort_intra", "ort_sessions")
+        ),
+        "decode+infer limit, 1 thread": lambda lim: lim["decode_infer_1_thread"][0],
+        "decode+infer limit x cores": lambda lim: lim["decode_infer_ideal"][0],
+    }
+    for w in tried:
+        print(f"\npredict_source with {w} decoding process(es), ratios (median per round):")
+        for name, base in bases.items():
+            e2e, steady = ratio(w, "end_to_end", base), ratio(w, "steady", base)
+            print(f"  / {name:<44} end to end {e2e:5.2f}x   steady {steady:5.2f}x")
+        cpu = med(r[1][w]["cpu_ms"] / r[0]["decode_infer_1_thread"][1] for r in rounds)
+        print(f"  CPU per image / decode+infer's (1 thread)      {cpu:5.2f}x")
 
 
 if __name__ == "__main__":

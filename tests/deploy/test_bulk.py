@@ -283,17 +283,15 @@ def test_timestamped_path() -> None:
     assert got == Path("out/preds-20260102T030405Z.parquet")
 
 
-def test_auto_workers_start_processes_only_for_long_runs(lake: Path) -> None:
-    import os
-
+def test_auto_workers_start_processes_only_for_long_runs_on_many_cores(lake: Path) -> None:
     from loopline.drivers.data.lake import Lake
 
-    cores = os.cpu_count() or 1
     source = Lake(str(lake))
-    assert bulk.auto_workers(source, 10, 64) == 0
-    assert bulk.auto_workers(source, 16 * 64, 64) == cores - 1  # one core runs the model
+    assert bulk.auto_workers(source, 10, 64, cores=8) == 0
+    assert bulk.auto_workers(source, 16 * 64, 64, cores=8) == 7  # one core runs the model
+    assert bulk.auto_workers(source, 10**6, 64, cores=2) == 0
     unpicklable = type("Source", (), {"__reduce__": lambda self: 1 / 0})()
-    assert bulk.auto_workers(unpicklable, 10**6, 64) == 0
+    assert bulk.auto_workers(unpicklable, 10**6, 64, cores=8) == 0
 
 
 BULK_CHECK = """
@@ -317,3 +315,28 @@ def test_bulk_inference_imports_no_torch(
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "", f"bulk inference imported {out.stdout.strip()}"
+
+
+def test_a_record_whose_bytes_differ_from_the_sources_sha256_is_skipped(
+    module_project: Project, lake: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    rows = [r for r in records(lake) if r["path"] not in BAD][:3]
+    folder = tmp_path / "lake"
+    folder.mkdir()
+    with open(folder / "manifest.csv", "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["path", "label", "sha256"])
+        for k, r in enumerate(rows):
+            (folder / r["path"]).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(lake / r["path"], folder / r["path"])
+            digest = hashlib.sha256((lake / r["path"]).read_bytes()).hexdigest()
+            out.writerow([r["path"], r["label"], "0" * 64 if k == 1 else digest])
+    summary = predict_source(
+        "vehicles:1", folder, tmp_path / "p.parquet", config=module_project.config
+    )
+    assert summary.failed_by_reason == {"sha256 mismatch": 1}
+    assert summary.failures[0]["path"] == rows[1]["path"]
+    table = pq.read_table(tmp_path / "p.parquet").to_pandas()
+    assert table["path"].tolist() == [rows[0]["path"], rows[2]["path"]]

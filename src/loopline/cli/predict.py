@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 
 EVERY_HELP = (
     "Run again on this schedule (30s, 5m, 1h, 1d, 1h30m) until interrupted; each run writes "
-    "OUT with its scheduled UTC time before the suffix, e.g. out-20260102T030405Z.parquet."
+    "OUT with its scheduled UTC time before the suffix, e.g. out-20260102T030405Z.parquet, "
+    "and resolves MODEL again (NAME@ALIAS follows the alias)."
 )
 
 
@@ -48,8 +49,8 @@ def predict(
         int | None,
         typer.Option(
             "--workers",
-            help="Decoding processes (0: decode in a thread; default: one per core less one, "
-            "for runs of 16 batches or more).",
+            help="Decoding processes (0: decode in a thread; default: 0 on 2 cores, else one per "
+            "core less one for runs of 16 batches or more).",
         ),
     ] = None,
     config: ConfigOpt = None,

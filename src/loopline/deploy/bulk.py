@@ -3,11 +3,11 @@
 ``predict_source`` resolves the model (``NAME[:VERSION|@ALIAS]`` in the registry, its
 bundle sha256-verified, or a bundle folder/tar), lists the source's records, and runs the
 model in batches. Decoding is the expensive part on a CPU (a small PNG costs about twice
-its inference) and Pillow holds the GIL for much of it, so for a long run images are read
-and decoded in worker processes, several batches ahead, while this process runs ONNX
-Runtime on the batches in order; whenever the next batch is not decoded yet, this process
-decodes one itself instead of waiting, so every core keeps working (short runs decode in
-one thread, pipelined with inference).
+its inference) and Pillow holds the GIL for much of it. On 2 cores one thread decodes,
+a few batches ahead, while this one runs ONNX Runtime (which releases the GIL) on the
+batches in order. With more cores, a long run decodes in worker processes instead, and
+whenever the next batch is not decoded yet this process decodes one itself rather than
+wait, so every core keeps working (``auto_workers``).
 
 Pixels come from the same ``decode_image`` and the same ``ModelRuntime`` as the server's,
 so a record gets the prediction the server would give its image. A record whose image
@@ -181,18 +181,19 @@ def _decoder(source: Any, spec: PreprocessSpec, workers: int) -> tuple[Executor,
     return pool, _decode_in_worker
 
 
-def auto_workers(source: Any, records: int, batch_size: int) -> int:
-    """Decoding processes worth starting: one per core but the one running ONNX Runtime,
-    for a run of 16 batches or more whose source can be sent to a process; else 0 (decode
-    in a thread). On 2 cores one process measured fastest (benchmarks/predict_bench.py)."""
-    workers = (os.cpu_count() or 1) - 1
-    if workers < 1 or records < 16 * batch_size:  # starting processes would cost more
+def auto_workers(source: Any, records: int, batch_size: int, cores: int | None = None) -> int:
+    """Decoding processes worth starting: on more than 2 cores, one per core but the one
+    running ONNX Runtime, for a run of 16 batches or more whose source can be sent to a
+    process; else 0 (decode in a thread). On 2 cores a thread measured as fast as one or
+    two processes, at less CPU per image and no start-up (benchmarks/predict_bench.py)."""
+    cores = cores or os.cpu_count() or 1
+    if cores <= 2 or records < 16 * batch_size:
         return 0
     try:
         pickle.dumps(source)
     except Exception:
         return 0
-    return workers
+    return cores - 1
 
 
 # -- the run -----------------------------------------------------------------------------
