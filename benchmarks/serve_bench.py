@@ -175,11 +175,13 @@ def make_scenarios(root: Path, png: bytes, auth: bool) -> dict[str, Scenario]:
     as_json = {"inputs": [{"name": "input", "shape": [1], "datatype": "BYTES",
                            "data": [base64.b64encode(png).decode()]}]}  # fmt: skip
     element = struct.pack("<I", len(png)) + png
-    head = json.dumps({"inputs": [{"name": "input", "shape": [1], "datatype": "BYTES",
-                                   "parameters": {"binary_data_size": len(element)}}]}).encode()  # fmt: skip
+    bytes_input = {"name": "input", "shape": [1], "datatype": "BYTES",
+                   "parameters": {"binary_data_size": len(element)}}  # fmt: skip
+    head = json.dumps({"inputs": [bytes_input]}).encode()
     x = to_input(decode_image(png, PreprocessSpec(height=64, width=64))[None]).astype("<f4")
-    head32 = json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
-                                     "parameters": {"binary_data_size": x.nbytes}}]}).encode()  # fmt: skip
+    fp32_input = {"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                  "parameters": {"binary_data_size": x.nbytes}}  # fmt: skip
+    head32 = json.dumps({"inputs": [fp32_input]}).encode()
     bodies = {
         "v1": png,
         "oip-json": json.dumps(as_json).encode(),
@@ -282,8 +284,12 @@ def batch_totals(base_url: str) -> tuple[float, float]:
     import httpx
 
     text = httpx.get(f"{base_url}/metrics", timeout=10).text
-    total = sum(float(v) for v in re.findall(r"^loopline_batch_size_sum\{[^}]*\} (\S+)", text, re.M))
-    runs = sum(float(v) for v in re.findall(r"^loopline_batch_size_count\{[^}]*\} (\S+)", text, re.M))
+    total = sum(
+        float(v) for v in re.findall(r"^loopline_batch_size_sum\{[^}]*\} (\S+)", text, re.M)
+    )
+    runs = sum(
+        float(v) for v in re.findall(r"^loopline_batch_size_count\{[^}]*\} (\S+)", text, re.M)
+    )
     return total, runs
 
 
@@ -352,9 +358,16 @@ def make_servers(
         "bare-onnx": Server("bare-onnx", bare, env, [predict]),
         "naive-torch": Server(
             "naive-torch",
-            [py, str(HERE / "baselines/naive_torch_server.py"), "--weights", str(weights),
-             "--labels", LABELS_JSON],
-            torch_env, [predict],
+            [
+                py,
+                str(HERE / "baselines/naive_torch_server.py"),
+                "--weights",
+                str(weights),
+                "--labels",
+                LABELS_JSON,
+            ],
+            torch_env,
+            [predict],
         ),  # fmt: skip
     }
     servers = []
@@ -382,7 +395,9 @@ def main() -> int:
                     help="of loopline, bare-onnx-2w, bare-onnx, naive-torch")  # fmt: skip
     ap.add_argument("--scenarios", default="v1,oip-json,oip-binary",
                     help="Loopline's: v1, oip-json, oip-binary, oip-fp32")  # fmt: skip
-    ap.add_argument("--workers", type=int, default=2, help="Loopline server processes (the default)")
+    ap.add_argument(
+        "--workers", type=int, default=2, help="Loopline server processes (the default)"
+    )
     ap.add_argument("--loopline-args", default="", help="extra flags for every Loopline server")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=SPEC",
                     help="another Loopline server, e.g. 'capture=LOOPLINE_SERVE_CAPTURE=1' "
@@ -443,8 +458,8 @@ def measure(
     sent = 0
     try:
         for scenario in server.scenarios:
-            env = {**os.environ, "BENCH_BODY": str(scenario.body),
-                   "BENCH_HEADERS": "\n".join(f"{k}: {v}" for k, v in scenario.headers.items())}  # fmt: skip
+            headers = "\n".join(f"{k}: {v}" for k, v in scenario.headers.items())
+            env = {**os.environ, "BENCH_BODY": str(scenario.body), "BENCH_HEADERS": headers}
             url = base + scenario.path
             label = row_label(server, scenario)
             if label not in server.rows:
@@ -478,7 +493,11 @@ def median_ratio(
     ra, rb = runs.get((a, c)), runs.get((b, c))
     if not ra or not rb:
         return None
-    ratios = [getattr(x, what) / getattr(y, what) for x, y in zip(ra, rb) if getattr(y, what)]
+    ratios = [
+        getattr(x, what) / getattr(y, what)
+        for x, y in zip(ra, rb, strict=False)
+        if getattr(y, what)
+    ]
     return statistics.median(ratios) if ratios else None
 
 

@@ -46,7 +46,9 @@ def make_app(model: str, labels: list[str], size: int) -> FastAPI:
 def app_from_env() -> FastAPI:
     """The app of one worker process (``--workers N``): its settings from the environment."""
     return make_app(
-        os.environ["BARE_MODEL"], json.loads(os.environ["BARE_LABELS"]), int(os.environ["BARE_SIZE"])
+        os.environ["BARE_MODEL"],
+        json.loads(os.environ["BARE_LABELS"]),
+        int(os.environ["BARE_SIZE"]),
     )
 
 

@@ -88,13 +88,44 @@ class ReplicaTestPolicy(_Section):
 
 
 class CaptureConfig(_Section):
-    """Production capture: request images kept (content-addressed) for retraining."""
+    """Production capture: request images kept (content-addressed) for retraining.
+
+    ``read_token`` (an ``${ENV}`` reference) is the one scope that may read captured images
+    back; without it the environment's client tokens can. The server applies retention and
+    the size cap by itself every ``purge_interval_s``.
+    """
 
     enabled: bool = True
     sample_rate: float = Field(1.0, ge=0.0, le=1.0)
     max_image_bytes: int = Field(1024 * 1024, ge=1, description="larger images are not kept")
     retention_days: float = Field(30.0, gt=0.0, description="then deleted unless a dataset uses it")
     max_total_bytes: int = Field(10 * 1024**3, ge=1, description="oldest deleted beyond this")
+    read_token: str | None = Field(
+        None, description="bearer token(s) that alone may read captured images, as ${ENV}"
+    )
+    purge_interval_s: float = Field(
+        3600.0, ge=0.0, description="how often the server purges by retention (0: never)"
+    )
+
+    @field_validator("read_token")
+    @classmethod
+    def _read_token_is_a_reference(cls, value: str | None) -> str | None:
+        if value is not None and not (value.startswith("${") and value.endswith("}")):
+            raise ValueError(
+                "write the read token as an environment reference, e.g. "
+                "${LOOPLINE_CAPTURE_READ_TOKEN}: a literal token would be stored with every "
+                "run's config"
+            )
+        return value
+
+    def read_token_value(self) -> str | None:
+        """The read token(s), from the environment variable the reference names."""
+        if self.read_token is None:
+            return None
+        name = self.read_token[2:-1]
+        if name not in os.environ:
+            raise ConfigError(f"the capture read token refers to ${{{name}}}, which is not set")
+        return os.environ[name]
 
 
 class KubernetesConfig(_Section):
@@ -176,6 +207,8 @@ class EnvironmentConfig(_Section):
         for key in ("token", "host", "port"):
             if key in value:
                 raise ValueError(f"set {key} on the environment itself, not under serve")
+        if "capture_read_token" in value:
+            raise ValueError("set the capture read token as capture.read_token: ${ENV}")
         return value
 
     def token_value(self) -> str | None:

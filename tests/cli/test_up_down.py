@@ -8,6 +8,7 @@ tiny model), since these tests are about the commands, not the server's ``--env`
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from loopline.cli.main import app
 from loopline.drivers.targets import TARGETS
 from loopline.drivers.targets.local import LocalTarget
 from loopline.drivers.targets.supervisor import SupervisorPolicy
-from tests.deploy.conftest import Project, free_port, make_project, model_bytes
+from tests.deploy.conftest import Project, free_port, image_bytes, make_project, model_bytes
 from tests.drivers.targets.test_local import ModelTarget, alive, session_members, write_config
 
 __all__ = ["model_bytes"]
@@ -78,6 +79,7 @@ def test_up_json_then_down(
     assert code == 0, err
     data = json.loads(out)
     assert data["ok"] is True and data["details"]["endpoint"] in data["message"]
+    assert data["details"]["ready"] is True  # the MODEL form serves vehicles:1 at once
     url = data["details"]["endpoint"]
     assert httpx.get(f"{url}/v2/health/ready", timeout=5).status_code == 200
     supervisor, server = data["details"]["supervisor_pid"], data["details"]["server_pid"]
@@ -92,6 +94,53 @@ def test_up_json_then_down(
 
     code, out, _ = invoke("down", "--env", "staging", "--config", cfg)
     assert code == 0 and "nothing runs for environment staging" in out
+
+
+def test_up_on_an_environment_with_nothing_deployed_waits_then_a_promote_serves(
+    tmp_path: Path, model_bytes: bytes
+) -> None:
+    """``loopline up --env production`` on a fresh project (the real ``--env`` server):
+    alive, waiting for a deployment, exit 0; ``loopline promote`` then makes the same
+    server process serve, without a restart."""
+    project = make_project(tmp_path / "p", model_bytes)
+    port = free_port()
+    project.config.write_text(
+        project.config.read_text()
+        + f"environments:\n  production: {{port: {port}, serve: {{workers: 1}}}}\n"
+    )
+    cfg, url = str(project.config), f"http://127.0.0.1:{port}"
+    try:
+        code, out, err = invoke("up", "--env", "production", "--config", cfg, "--json")
+        assert code == 0, (out, err)
+        data = json.loads(out)
+        assert data["ok"] is True and data["details"]["ready"] is False
+        assert (f"running at {url}, waiting for a deployment (loopline promote NAME:VERSION "
+                "--to production)") in data["message"]  # fmt: skip
+        assert httpx.get(f"{url}/v2/health/live", timeout=5).status_code == 200
+        assert httpx.get(f"{url}/v2/health/ready", timeout=5).status_code == 503
+        server = data["details"]["server_pid"]
+
+        store = project.store()  # the replica test a promotion to production needs
+        store.replica_tests.record("vehicles", 1, environment="staging", passed=True,
+                                   reasons=[], report={}, actor="test")  # fmt: skip
+        store.close()
+        code, out, err = invoke("promote", "vehicles:1", "--to", "production", "--config", cfg)
+        assert code == 0, (out, err)
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{url}/v2/health/ready", timeout=5).status_code != 200:
+            assert time.monotonic() < deadline, "production never served vehicles:1"
+            time.sleep(0.2)
+        r = httpx.post(f"{url}/v1/models/vehicles/predict", content=image_bytes(1),
+                       headers={"Content-Type": "image/png"}, timeout=30)  # fmt: skip
+        assert r.status_code == 200 and r.json()["model_version"] == 1, r.text
+
+        code, out, _ = invoke("up", "--env", "production", "--config", cfg, "--json")
+        again = json.loads(out)
+        assert code == 0 and "already running" in again["message"]
+        assert f"healthy at {url}, serving vehicles:1" in again["message"]
+        assert again["details"]["server_pid"] == server and again["details"]["restarts"] == 0
+    finally:
+        invoke("down", "--env", "production", "--config", cfg)
 
 
 def test_a_failing_start_prints_the_log_tail_and_exits_1(

@@ -275,3 +275,173 @@ def test_blobs_written_without_fsync_are_the_same_blobs_and_can_be_deleted(
     assert not list((tmp_path / "a" / "tmp").iterdir())  # no temporary file left behind
     assert blobs.delete(fast.sha256) is True and not blobs.exists(fast.sha256)
     assert blobs.delete(fast.sha256) is False
+
+
+# -- the capture read scope ----------------------------------------------------------------------
+READER = "capture-reader-secret"
+
+
+def test_a_capture_read_token_is_the_only_one_that_reads_images(fresh_project: Project) -> None:
+    image = image_bytes(120)
+    with serving(fresh_project, capture=True, capture_read_token=READER) as running:
+        pid = predict(running.url, image)
+        assert running.state.capture.flush(30)
+        path = f"{running.url}/v1/predictions/{pid}/image"
+        r = httpx.get(path)
+        assert r.status_code == 401 and "bearer token" in r.json()["error"]
+        r = httpx.get(path, headers=AUTH)  # the client token: good for feedback, not this
+        assert r.status_code == 403
+        assert "needs the capture read token" in r.json()["error"]
+        r = httpx.get(path, headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401 and r.json()["error"] == "invalid bearer token"
+        r = httpx.get(path, headers={"Authorization": f"Bearer {READER}"})
+        assert r.status_code == 200 and r.content == image
+        # The client token still does what it is for.
+        feedback = httpx.post(f"{running.url}/v1/feedback", headers=AUTH,
+                              json={"prediction_id": pid, "label": "car"})  # fmt: skip
+        assert feedback.status_code == 200, feedback.text
+
+
+def test_the_read_token_comes_from_its_variable_and_never_from_a_flag_or_the_file(
+    fresh_project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from loopline.deploy.environment_app import environment_settings
+    from loopline.deploy.settings import load_settings, serve_flags
+    from loopline.errors import ConfigError
+
+    settings = load_settings(env={"LOOPLINE_SERVE_CAPTURE_READ_TOKEN": "a, b"})
+    assert settings.capture_read_tokens() == ["a", "b"]
+    assert "capture_read_token" not in {f.dest for f in serve_flags()}
+    assert settings.to_env()["LOOPLINE_SERVE_CAPTURE_READ_TOKEN"] == "a, b"  # to the workers
+    config = fresh_project.config
+    base = config.read_text()
+    config.write_text(base + "environments:\n  production:\n    capture: "
+                      "{read_token: '${LOOPLINE_TEST_READER}', purge_interval_s: 60, "
+                      "max_total_bytes: 5000}\n")  # fmt: skip
+    monkeypatch.delenv("LOOPLINE_TEST_READER", raising=False)
+    with pytest.raises(ConfigError, match=r"\$\{LOOPLINE_TEST_READER\}, which is not set"):
+        environment_settings(config, "production")
+    monkeypatch.setenv("LOOPLINE_TEST_READER", READER)
+    built = load_settings(base=environment_settings(config, "production"), env={})
+    assert built.capture_read_tokens() == [READER]
+    assert built.capture_purge_interval_s == 60 and built.capture_max_total_bytes == 5000
+    assert READER not in repr(built)
+    config.write_text(base + "environments:\n  production:\n    capture: {read_token: plain}\n")
+    with pytest.raises(ConfigError, match="read token as an environment reference"):
+        load_config(config)
+    config.write_text(base + "environments:\n  production:\n    serve: "
+                      "{capture_read_token: plain}\n")  # fmt: skip
+    with pytest.raises(ConfigError, match=r"capture\.read_token: \$\{ENV\}"):
+        load_config(config)
+
+
+# -- retention, applied by the server ------------------------------------------------------------
+def _seed_expired(store: MetadataStore, blobs: ArtifactStore, n: int, tag: str) -> list[str]:
+    """``n`` captures of 40 days ago (their retention is 30), each with a blob of its own."""
+    from datetime import UTC, datetime
+
+    at = datetime.now(UTC) - timedelta(days=40)
+    rows = []
+    for i in range(n):
+        data = image_bytes(500 + i) + tag.encode()
+        blobs.put_bytes(data)
+        rows.append({"prediction_id": f"{tag}-{i}", "sha256": sha256_bytes(data),
+                     "bytes": len(data), "media_type": "image/png", "environment": "production",
+                     "at": at, "expires_at": at + timedelta(days=30)})  # fmt: skip
+    store.captures.record(rows)
+    return [r["sha256"] for r in rows]
+
+
+def test_replicas_purge_by_themselves_and_each_capture_goes_once(
+    db_url: str, tmp_path: Path
+) -> None:
+    """Three writers (as three replicas) purge the same store every 50 ms: the expired
+    captures and their blobs go, exactly once in all; recent ones stay."""
+    store = MetadataStore(db_url)
+    blobs = ArtifactStore(str(tmp_path / "a"))
+    old = _seed_expired(store, blobs, 12, "old")
+    stores = [MetadataStore(db_url) for _ in range(3)]
+    writers = [CaptureWriter(blobs, s.captures, purge_interval_s=0.05) for s in stores]
+    try:
+        for w in writers:
+            w.start()
+        fresh = [f"new-{i}" for i in range(3)]
+        assert writers[0].offer(fresh, [image_bytes(600 + i) for i in range(3)]) == 3
+        assert writers[0].flush(30)
+        wait_for(lambda: all(w.purges >= 2 for w in writers), "two purges by each writer", 60)
+    finally:
+        for w in writers:
+            w.stop()
+        for s in stores:
+            s.close()
+    assert sum(w.purged for w in writers) == 12
+    assert {r.prediction_id for r in store.captures.recent()} == set(fresh)
+    assert not any(blobs.exists(d) for d in old)
+    assert all(blobs.exists(r.sha256) for r in store.captures.recent())
+    store.close()
+
+
+def test_no_purge_thread_without_an_interval(tmp_path: Path) -> None:
+    store = MetadataStore(f"sqlite:///{tmp_path / 'loopline.db'}")
+    blobs = ArtifactStore(str(tmp_path / "a"))
+    _seed_expired(store, blobs, 2, "kept")
+    writer = CaptureWriter(blobs, store.captures, purge_interval_s=0.0)
+    writer.start()
+    writer.stop()
+    assert writer.purges == 0 and store.captures.count() == 2
+    store.close()
+
+
+def test_the_environment_server_purges_and_serves_images_to_the_read_scope_only(
+    fresh_project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real ``--env`` server, two workers, from ``loopline.yaml``: ``capture:
+    {read_token: ${...}, purge_interval_s: ...}`` reaches both; expired captures go by
+    themselves; a new one is read with the read token and refused to the client token."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.deploy.conftest import free_port, wait_ready
+
+    port = free_port()
+    config = fresh_project.config
+    config.write_text(
+        config.read_text() + "environments:\n  production:\n"
+        f"    port: {port}\n    token: '${{LOOPLINE_TEST_CLIENT}}'\n"
+        "    serve: {workers: 2, flush_interval_s: 0.2}\n"
+        "    capture: {read_token: '${LOOPLINE_TEST_READER}', purge_interval_s: 0.5}\n"
+    )
+    url = f"http://127.0.0.1:{port}"
+    store = fresh_project.store()
+    old = _seed_expired(store, artifacts(fresh_project), 3, "old")
+    store.deployments.change("production", expected_generation=0, action="deploy", actor="t",
+                             model_name="vehicles", stable_version=1)  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOOPLINE_SERVE_")}
+    env.update(LOOPLINE_TEST_CLIENT=TOKEN, LOOPLINE_TEST_READER=READER)
+    log = fresh_project.root / "env-server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "loopline.deploy.server", "--env", "production",
+             "--config", str(config), "--log-level", "warning"],
+            stdout=out, stderr=subprocess.STDOUT, cwd=fresh_project.root, env=env,
+        )  # fmt: skip
+    try:
+        wait_ready(url, timeout=120, alive=lambda: proc.poll() is None)
+        wait_for(lambda: store.captures.count() == 0, "the server's purge", 60)
+        assert not any(artifacts(fresh_project).exists(d) for d in old)
+        image = image_bytes(130)
+        pid = predict(url, image)
+        path = f"{url}/v1/predictions/{pid}/image"
+        reader = {"Authorization": f"Bearer {READER}"}
+        wait_for(lambda: httpx.get(path, headers=reader).status_code == 200, "the capture")
+        assert httpx.get(path, headers=reader).content == image
+        for _ in range(6):  # whichever worker answers, the client token may not read it
+            r = httpx.get(path, headers=AUTH)
+            assert r.status_code == 403 and "capture read token" in r.json()["error"]
+    finally:
+        proc.terminate()
+        proc.wait(60)
+        store.close()
+    assert proc.returncode == 0, log.read_text()
+    assert READER not in log.read_text()

@@ -59,14 +59,16 @@ def test_both_commands_take_the_same_flags() -> None:
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     assert listed_flags(cli_help.output) == listed_flags(module_help)
-    # One flag per setting (the token stays off the command line: see --token-file).
+    # One flag per setting (the tokens stay off the command line: see --token-file).
     names = {"log_predictions": "log"}
+    secrets = ("token", "capture_read_token")
     settings = {
         "--" + names.get(field, field).replace("_", "-")
         for field in ServeSettings.model_fields
-        if field != "token"
+        if field not in secrets
     }
     assert settings <= listed_flags(module_help)
+    assert not {"--token", "--capture-read-token"} & listed_flags(module_help)
     assert {"--bundle", "--config", "--token-file", "--no-log", "--max-image-pixels"} <= (
         listed_flags(module_help)
     )

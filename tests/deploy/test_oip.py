@@ -227,8 +227,8 @@ def test_bytes_images_match_v1_and_are_logged(
     ids = result.get_response()["parameters"]["prediction_ids"].split(",")
     assert len(ids) == 3
     # The same pixels as /v1: the same logits as the same images sent there.
-    v1 = httpx.post(f"{server.url}/v1/models/vehicles/predict",
-                    files=[("f", (f"{i}", b, "image/png")) for i, b in enumerate(images)])  # fmt: skip
+    files = [("f", (f"{i}", b, "image/png")) for i, b in enumerate(images)]
+    v1 = httpx.post(f"{server.url}/v1/models/vehicles/predict", files=files)
     probs = [[p["probabilities"][label] for label in LABELS] for p in v1.json()["predictions"]]
     z = logits - logits.max(axis=1, keepdims=True)
     np.testing.assert_allclose(np.exp(z) / np.exp(z).sum(axis=1, keepdims=True), probs, atol=1e-5)
@@ -282,8 +282,9 @@ def test_bad_bytes_images_fail_as_on_v1(
         head = bytes_head(len(data), len(raw))
         r = infer_raw(server, head + raw, len(head))
     else:
-        r = infer_raw(server, orjson.dumps({"inputs": [{"name": "input", "shape": [len(data)],
-                                            "datatype": "BYTES", "data": [b64(b) for b in data]}]}))  # fmt: skip
+        tensor = {"name": "input", "shape": [len(data)], "datatype": "BYTES",
+                  "data": [b64(b) for b in data]}  # fmt: skip
+        r = infer_raw(server, orjson.dumps({"inputs": [tensor]}))
     assert r.status_code == status, r.text
     message = r.json()["error"]
     assert all(w.lower() in message.lower() for w in words), message

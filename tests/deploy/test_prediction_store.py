@@ -52,3 +52,30 @@ def test_log_count_get_and_feedback(db_url: str) -> None:
     assert [r["status"] for r in again] == ["unchanged", "updated", "unchanged"]
     assert store.predictions.feedback([a, b, "nope"]) == {a: "car", b: "van"}
     store.close()
+
+
+def test_labelled_accuracy_counts_only_the_answers_routed_to_clients(db_url: str) -> None:
+    """A canary's judge compares the accuracy of routed answers: shadow answers never
+    reached a client, and answers to requests naming their version (a replica test's) are
+    neither canary nor stable traffic."""
+    store = MetadataStore(db_url)
+    t0 = datetime(2026, 11, 27, 8, 0, tzinfo=UTC)
+    logged = []
+    for prefix, version, variant in [
+        ("s", 1, "stable"), ("c", 2, "canary"), ("h", 2, "shadow"), ("a", 2, "addressed"),
+        ("b", 1, "addressed"), ("n", 1, None),
+    ]:  # fmt: skip
+        batch = rows(4, t0, version=version, prefix=prefix)
+        for r in batch:
+            r.update(environment="prod", variant=variant)
+        logged += batch
+    store.predictions.log(logged)
+    # Every answer is labelled wrong except the canary's and the addressed ones.
+    truth = {r["id"]: r["label"] if r["variant"] in ("canary", "addressed") else "van"
+             for r in logged}  # fmt: skip
+    store.predictions.record_feedback(list(truth.items()))
+    got = store.predictions.labelled_accuracy(
+        environment="prod", model_name="vehicles", since=t0, versions=[1, 2]
+    )
+    assert got == {1: (8, 0), 2: (4, 4)}  # stable + untagged rows; the canary's alone
+    store.close()

@@ -20,6 +20,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 
@@ -79,6 +80,52 @@ def _policy(rp: ReplicaProject, **changes: Any) -> Any:
 
 def _split(rp: ReplicaProject, store: Any, version: int = 1) -> Any:
     return load_test_split(rp.config, store, rp.artifacts(), store.models.get("tiny", version))
+
+
+# A sitecustomize (on PYTHONPATH) that makes the first server process to load one version
+# take longer: one worker of a server is then ready well before the other, on purpose.
+SLOW_LOAD = """
+import os, time
+_spec = os.environ.get("LOOPLINE_TEST_SLOW_LOAD")
+if _spec:
+    import loopline.deploy.environment_app as _app
+    _version, _seconds, _marker = _spec.split(":", 2)
+    _load = _app.load_version
+    def _slow(store, artifacts_url, name, version, settings):
+        if version == int(_version):
+            try:
+                os.close(os.open(_marker, os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                pass
+            else:
+                time.sleep(float(_seconds))
+        return _load(store, artifacts_url, name, version, settings)
+    _app.load_version = _slow
+"""
+
+
+def slow_load_env(folder: Path, version: int, seconds: float = 5.0) -> dict[str, str]:
+    """Variables making the first process that loads ``version`` wait ``seconds`` first;
+    ``folder / "claimed"`` exists once one did."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(SLOW_LOAD)
+    path = os.pathsep.join(p for p in (str(folder), os.environ.get("PYTHONPATH")) if p)
+    spec = f"{version}:{seconds}:{folder / 'claimed'}"
+    return {"PYTHONPATH": path, "LOOPLINE_TEST_SLOW_LOAD": spec}
+
+
+def _serving_replicas(
+    store: Any, env: str, pids: list[int], generation: int, version: int
+) -> list[Any]:
+    ours = set(process_tree(pids))
+    return [
+        r
+        for r in store.deployments.replicas(env)
+        if r.pid in ours
+        and r.generation >= generation
+        and version in r.versions
+        and r.status == "ok"
+    ]
 
 
 def _port_closed(url: str) -> bool:
@@ -245,6 +292,27 @@ def test_replay_without_captured_requests_is_skipped_and_says_why(tmp_path: Path
     prod.close()
 
 
+def test_a_temporary_server_of_two_workers_is_used_once_both_serve_the_candidate(
+    rp: ReplicaProject, models: Any, store: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``workers: 2`` a worker still loading answers 503: the test starts only once
+    every worker reports the staged generation with the version loaded."""
+    for key, value in slow_load_env(tmp_path / "slow", 1).items():
+        monkeypatch.setenv(key, value)  # the temporary server inherits them
+    cfg = rp.config
+    cfg.environments["staging"].serve = {**cfg.environments["staging"].serve, "workers": 2}
+    state = release.stage(store, "tiny:1", env="staging")
+    with temporary_server(cfg, rp.config_path, "staging", store, "tiny", 1, 120.0) as replica:
+        assert (tmp_path / "slow" / "claimed").exists()  # one worker was held up
+        assert replica.pids is not None
+        serving = _serving_replicas(store, "staging", replica.pids, state.generation, 1)
+        assert len(serving) == 2, store.deployments.replicas("staging")
+        for _ in range(20):  # new connections, which the kernel spreads over both workers
+            r = httpx.get(f"{replica.url}/v2/models/tiny/versions/1/ready", timeout=10)
+            assert r.status_code == 200, r.text
+    assert store.deployments.replicas("staging") == []
+
+
 # -- deploy: stage, temporary server, test, record -------------------------------------------------
 def test_good_candidate_passes_and_can_then_be_promoted(
     rp: ReplicaProject, models: Any, store: Any
@@ -302,31 +370,38 @@ def test_constant_candidate_fails_on_accuracy_and_cannot_be_promoted(
 
 
 def test_running_servers_of_the_environment_are_used(
-    rp: ReplicaProject, models: Any, store: Any
+    rp: ReplicaProject, models: Any, store: Any, tmp_path: Path
 ) -> None:
     """A staging server already running (as `loopline up --env staging` runs it) takes the
-    new deployment; no temporary server is started."""
+    new deployment; no temporary server is started. Its two workers take the candidate one
+    after the other (one is held up on purpose): the test waits for both."""
     env = rp.config.environment("staging")
     log = rp.root / "staging-server.log"
+    slow = slow_load_env(tmp_path / "slow", models["v_const"])
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "loopline.deploy.server", "--env", "staging", "--config",
              str(rp.config_path), "--log-level", "warning"],
             stdout=out, stderr=subprocess.STDOUT, cwd=rp.root,
-            env={**os.environ, "LOOPLINE_SERVE_WORKERS": "1"},
+            env={**os.environ, "LOOPLINE_SERVE_WORKERS": "2", **slow},
         )  # fmt: skip
     try:
         deadline = time.monotonic() + 120
-        while not any(
-            r.pid in process_tree([proc.pid])
-            for r in store.deployments.replicas("staging", seen_within_s=10)
-        ):
+        while (
+            len([r for r in store.deployments.replicas("staging", seen_within_s=10)
+                 if r.pid in process_tree([proc.pid])]) < 2
+        ):  # fmt: skip
             assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, "the staging server never reported"
+            assert time.monotonic() < deadline, "the staging workers never reported"
             time.sleep(0.2)
         result = deploy(rp.config, store, f"tiny:{models['v_const']}",
                         config_path=rp.config_path)  # fmt: skip
+        assert (tmp_path / "slow" / "claimed").exists()  # one worker was held up
         assert result.report.server["started"] == "running"
+        workers = {f"{r.host}:{r.pid}" for r in store.deployments.replicas("staging")
+                   if r.pid in process_tree([proc.pid]) and r.pid != proc.pid}  # fmt: skip
+        assert len(workers) == 2
+        assert sorted(result.report.server["replicas"]) == sorted(workers)
         assert result.report.endpoint == env.endpoint
         assert ACCURACY_REASON.fullmatch(result.report.reasons[0])
         assert proc.poll() is None  # left running: it is not ours to stop

@@ -252,3 +252,70 @@ def test_a_request_that_read_the_old_table_is_answered_by_the_new_one(lanes: Lan
 
     routed = run(late())
     assert routed.served.version == 2 and int(routed.result.top[0]) == LABELS.index("truck")
+
+
+def test_a_late_addressed_request_is_answered_by_its_version_or_refused(lanes: Lanes) -> None:
+    """A request naming version 3 that read a table just before the swap is answered by
+    version 3 of the new table, or refused naming what is loaded: never by another version
+    (a replica test would measure the wrong model)."""
+    lanes.add(1, good_model())
+    old_lane = lanes.add(3, constant_model("van"))
+    lanes.add(2, constant_model("truck"))
+    old = Router(deployment_table(state(1, 3, "canary", 0.5), lanes.lanes)).table
+    router = Router(deployment_table(state(2), lanes.lanes))  # 3 is gone: the swap
+    old_lane.retired = True
+    old_lane.batcher.stop()
+
+    async def late(table: Any, lane: Lane, variant: str) -> Any:
+        return await router._answer(table, lane, variant, [PNGS[0][1]], None, None, "v1")
+
+    with pytest.raises(NotFound, match=r"no version '3' here; this server serves version 2$"):
+        run(late(old, old_lane, "addressed"))
+    routed = run(late(old, old_lane, "canary"))  # routed, not addressed: the stable answers
+    assert (routed.served.version, routed.variant) == (2, "stable")
+
+    (lanes.root / "again").mkdir()
+    served = served_model(constant_model("bus"), 3, lanes.root / "again")
+    again = Lane(served, make_batcher(served, ServeSettings(workers=1), ServerMetrics(
+        "vehicles", 3, LABELS), lanes.log, "prod"))  # fmt: skip
+    again.batcher.start()  # version 3 loaded again, in a new lane
+    lanes.lanes[3] = again  # stopped at the end
+    router.table = deployment_table(state(2, 3, "shadow", 0.0), {2: lanes.lanes[2], 3: again})
+    routed = run(late(old, old_lane, "addressed"))
+    assert (routed.served.version, routed.variant) == (3, "addressed")
+    assert int(routed.result.top[0]) == LABELS.index("bus") and routed.served is again.served
+    rows = lanes.flushed()
+    assert [(r["model_version"], r["variant"]) for r in rows] == [(2, "stable"), (3, "addressed")]
+    assert {r["deployment_generation"] for r in rows} == {7}
+
+
+def test_addressed_requests_are_neither_canary_nor_shadow_traffic(lanes: Lanes) -> None:
+    lanes.add(1, good_model())
+    lanes.add(3, constant_model("van"))
+    for strategy in ("shadow", "canary"):
+        router = Router(deployment_table(state(1, 3, strategy, 0.5), lanes.lanes))
+        answers = run(ask(router, 10, camera="cam-1", version="3"))
+        assert set(answers) == {(3, "van", "addressed")}
+        assert set(run(ask(router, 5, version="1"))) == {(1, truth, "addressed")
+                                                         for truth, _ in PNGS[:5]}  # fmt: skip
+        cand, stable = router.table.stats[3], router.table.stats[1]
+        # Counted apart: the canary's judge sees no requests, errors or latency from them.
+        assert (cand.requests, cand.addressed, stable.requests, stable.addressed) == (0, 10, 0, 5)
+        assert cand.snapshot()["p95_ms"] is None and cand.snapshot()["addressed_errors"] == 0
+    rows = lanes.flushed()
+    assert len(rows) == 30 and {r["variant"] for r in rows} == {"addressed"}
+    assert {(r["model_version"], r["camera_id"]) for r in rows if r["model_version"] == 3} == {
+        (3, "cam-1")
+    }
+
+
+def test_a_failing_addressed_version_counts_apart(lanes: Lanes) -> None:
+    lanes.add(1, good_model())
+    lanes.add(2, failing_model())
+    router = Router(deployment_table(state(1, 2, "canary", 0.0), lanes.lanes))
+    with pytest.raises(Exception, match="(?i)gather|index|fail"):
+        run(router.submit(images=[PNGS[0][1]], version="2"))
+    stats = router.table.stats[2].snapshot()
+    assert (stats["requests"], stats["errors"], stats["addressed"], stats["addressed_errors"]) == (
+        0, 0, 1, 1
+    )  # fmt: skip

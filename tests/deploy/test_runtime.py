@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -95,9 +96,12 @@ def test_statistics_of_a_batch_are_each_job_s_own(runtime: ModelRuntime) -> None
     from loopline.images import image_stats
 
     seen: list[list[dict[str, object]]] = []
+
     # No batcher thread: stop() answers every queued job in one batch.
-    batcher = Batcher(runtime, threads=0, max_batch_size=64,
-                      on_batch=lambda jobs, results, s: seen.extend(j.stats for j in jobs))  # fmt: skip
+    def hook(jobs: list[Any], results: list[Any], seconds: float) -> None:
+        seen.extend(j.stats for j in jobs)
+
+    batcher = Batcher(runtime, threads=0, max_batch_size=64, on_batch=hook)
     images = [[image_bytes(1)], [image_bytes(2), image_bytes(3, "JPEG")], [image_bytes(4)]]
     tensor = np.random.default_rng(0).uniform(0, 255, (2, 3, SIZE, SIZE)).astype(np.float32)
 
@@ -134,7 +138,9 @@ def test_answers_reach_the_loop_that_asked(runtime: ModelRuntime, model_bytes: b
 
     def client(name: str, seeds: range) -> None:
         async def main() -> list[str]:
-            results = await asyncio.gather(*(batcher.submit(images=[image_bytes(s)]) for s in seeds))
+            results = await asyncio.gather(
+                *(batcher.submit(images=[image_bytes(s)]) for s in seeds)
+            )
             return [LABELS[int(r.top[0])] for r in results]
 
         out[name] = asyncio.run(main())
@@ -168,7 +174,10 @@ def test_prediction_ids_are_distinct_hex(runtime: ModelRuntime) -> None:
         batcher.start()
         try:
             results = await asyncio.gather(
-                *(batcher.submit(tensor=np.zeros((3, 3, SIZE, SIZE), np.float32)) for _ in range(20))
+                *(
+                    batcher.submit(tensor=np.zeros((3, 3, SIZE, SIZE), np.float32))
+                    for _ in range(20)
+                )
             )
         finally:
             batcher.stop()
@@ -177,3 +186,28 @@ def test_prediction_ids_are_distinct_hex(runtime: ModelRuntime) -> None:
     ids = asyncio.run(main())
     assert len(ids) == len(set(ids)) == 60
     assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+
+
+def test_a_row_is_written_with_its_statistics_never_before(tmp_path: Path) -> None:
+    """Statistics are filled in after the answer went out; the log waits for them."""
+    import threading
+    import time as clock
+
+    from loopline.deploy.predlog import PredictionLog
+    from loopline.deploy.runtime import InputStats
+
+    written: list[dict[str, object]] = []
+    log = PredictionLog(written.extend, spill_dir=tmp_path)
+    ready = threading.Event()
+    stats = InputStats(ready)
+    log.add([{"id": "a" * 32, "at": clock.time(), "input_stats": stats}])
+
+    def fill() -> None:
+        clock.sleep(0.3)
+        stats.update(brightness=1.0, contrast=2.0)
+        ready.set()
+
+    threading.Thread(target=fill).start()
+    assert log.flush(10)
+    assert [r["input_stats"] for r in written] == [{"brightness": 1.0, "contrast": 2.0}]
+    assert type(written[0]["input_stats"]) is dict

@@ -11,6 +11,12 @@ crash may lose a capture, never serve a wrong one, as every read verifies the sh
 store that fails is retried a few times, then the batch is dropped and counted (rows whose
 image could not be stored are deleted again). ``stop`` drains the queue.
 
+Retention is applied by the server itself: with ``purge_interval_s`` set, a second thread
+runs the purge (``purge_captures``: past retention, over the size cap, unless a dataset
+version references them) at start and then every interval. Several replicas may do so at
+once: the purge is one serialised transaction under the store's lock, so the second finds
+nothing left to delete.
+
 Counters (on the server's Prometheus registry, so ``/metrics`` shows them):
 ``loopline_capture_images_total``, ``loopline_capture_bytes_total``,
 ``loopline_capture_dropped_images_total{reason=queue_full|store_error}`` and
@@ -108,6 +114,8 @@ class CaptureWriter:
         max_batch: int = 256,
         registry: CollectorRegistry | None = None,
         labels: tuple[str, str] = ("", ""),
+        purge_interval_s: float = 0.0,
+        max_total_bytes: int | None = None,
     ) -> None:
         self.artifacts = artifacts
         self.captures = captures
@@ -119,6 +127,11 @@ class CaptureWriter:
         self.attempts = max(1, attempts)
         self.retry_delay_s = retry_delay_s
         self.max_batch = max_batch
+        self.purge_interval_s = purge_interval_s  # 0: the server never purges by itself
+        self.max_total_bytes = max_total_bytes
+        self._purger: threading.Thread | None = None
+        self.purges = 0  # purges run, and the captures they deleted
+        self.purged = 0
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_queue)
         self._random = random.Random()
         self._lock = threading.Lock()
@@ -143,9 +156,14 @@ class CaptureWriter:
         self._stopping.clear()
         self._thread = threading.Thread(target=self._run, name="loopline-capture", daemon=True)
         self._thread.start()
+        if self.purge_interval_s > 0:
+            self._purger = threading.Thread(
+                target=self._purge_every, name="loopline-capture-purge", daemon=True
+            )
+            self._purger.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop accepting, store what is queued, end the thread."""
+        """Stop accepting, store what is queued, end the threads."""
         self._accepting = False
         self._stopping.set()
         with contextlib.suppress(queue.Full):  # else the thread sees the event once dry
@@ -153,6 +171,34 @@ class CaptureWriter:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        if self._purger is not None:
+            self._purger.join(timeout)
+            self._purger = None
+
+    def purge(self) -> PurgeReport:
+        """Apply the retention policy now (what the purge thread does every interval)."""
+        report = _purge(
+            self.captures, self.artifacts, retention=self.retention,
+            max_total_bytes=self.max_total_bytes,
+        )  # fmt: skip
+        self.purges += 1
+        self.purged += len(report.result.deleted)
+        if report.result.deleted:
+            log.info(
+                "capture: purged %d capture(s) and %d image blob(s) (retention %s)",
+                len(report.result.deleted), len(report.blobs_deleted), self.retention,
+            )  # fmt: skip
+        return report
+
+    def _purge_every(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self.purge()
+            except Exception as err:  # the store is down: try again at the next interval
+                log.warning("capture: purge failed (retrying in %g s): %s",
+                            self.purge_interval_s, err)  # fmt: skip
+            if self._stopping.wait(self.purge_interval_s):
+                return
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until every image offered so far is stored or dropped (True) or timeout."""
@@ -176,7 +222,14 @@ class CaptureWriter:
             "dropped": dict(self.dropped),
             "skipped": dict(self.skipped),
             "pending": self._pending,
+            "purges": self.purges,
+            "purged": self.purged,
         }
+
+    def relabel(self, labels: tuple[str, str]) -> None:
+        """Label the Prometheus counters (model, version) so from now on."""
+        if self._counters is not None:
+            self._counters.bind(labels)
 
     # -- the request path ------------------------------------------------------------------
     def offer(
@@ -350,6 +403,11 @@ class _Counters:
             [*mv, "reason"],
             registry=registry,
         )
+        self._parents = (images, size, dropped, skipped)
+        self.bind(labels)
+
+    def bind(self, labels: tuple[str, str]) -> None:
+        images, size, dropped, skipped = self._parents
         self._images = images.labels(*labels)
         self._bytes = size.labels(*labels)
         self._dropped = {r: dropped.labels(*labels, r) for r in ("queue_full", "store_error")}
@@ -389,17 +447,26 @@ def capture_writer(
         environment=getattr(settings, "environment", None),
         registry=metrics.registry,
         labels=(served.name, str(served.version)),
+        purge_interval_s=settings.capture_purge_interval_s,
+        max_total_bytes=settings.capture_max_total_bytes,
     )
 
 
 def capture_overrides(config: Any) -> dict[str, Any]:
-    """The ServeSettings fields an environment's ``CaptureConfig`` sets."""
-    return {
+    """The ServeSettings fields an environment's ``CaptureConfig`` sets (its read token
+    expanded from the variable it names: ConfigError when that is not set)."""
+    out = {
         "capture": config.enabled,
         "capture_sample_rate": config.sample_rate,
         "capture_max_image_bytes": config.max_image_bytes,
         "capture_retention_days": config.retention_days,
+        "capture_max_total_bytes": config.max_total_bytes,
+        "capture_purge_interval_s": config.purge_interval_s,
     }
+    read_token = config.read_token_value()
+    if read_token:
+        out["capture_read_token"] = read_token
+    return out
 
 
 @dataclass(frozen=True)
@@ -425,6 +492,19 @@ def purge_captures(
     """Apply the retention policy: delete expired and over-cap captures (unless a dataset
     version references them), then their blobs; ``dry_run`` says what would go."""
     retention = timedelta(days=retention_days) if retention_days is not None else None
-    result = store.captures.purge(now, max_total_bytes, retention=retention, dry_run=dry_run)
-    deleted = [] if dry_run else store.captures.delete_blobs(result.orphaned, artifacts.delete)
+    return _purge(store.captures, artifacts, retention=retention,
+                  max_total_bytes=max_total_bytes, now=now, dry_run=dry_run)  # fmt: skip
+
+
+def _purge(
+    captures: CaptureRepository,
+    artifacts: ArtifactStore,
+    *,
+    retention: timedelta | None,
+    max_total_bytes: int | None,
+    now: datetime | None = None,
+    dry_run: bool = False,
+) -> PurgeReport:
+    result = captures.purge(now, max_total_bytes, retention=retention, dry_run=dry_run)
+    deleted = [] if dry_run else captures.delete_blobs(result.orphaned, artifacts.delete)
     return PurgeReport(result, deleted)

@@ -5,6 +5,11 @@ whatever the environment's deployment in the metadata store says, followed by a
 reconciler thread (``deploy/reconcile.py``) with in-process routing between the versions
 it holds (``deploy/router.py``): one stable endpoint across releases, no proxy hop. This
 module builds what that app holds.
+
+The store is not contacted here: the reconciler opens it (with backoff), so a server
+started during a store outage is alive and not ready instead of exiting. Request, log and
+capture metrics are labelled by the model the environment serves once a version of it is
+loaded (batch metrics by each version).
 """
 
 from __future__ import annotations
@@ -39,15 +44,10 @@ def environment_state(
 ) -> tuple[ServerState, Reconciler]:
     """What the app of ``environment`` holds, and the reconciler that keeps it current
     (started and stopped with the app)."""
-    try:
-        deployed = store.deployments.get(environment)
-    except Exception:  # the store is down at start: the reconciler keeps trying
-        deployed = None
-    model = deployed.model_name if deployed is not None and deployed.model_name else ""
-    metrics = ServerMetrics(model, "", [])  # request counters; batches per version below
+    metrics = ServerMetrics("", "", [])  # request counters; batches per version below
     predlog = prediction_log(settings, store, metrics, spill_dir)
     # Capture counters are labelled by the model alone: the versions change under them.
-    identity = cast(ServedModel, SimpleNamespace(name=model, version=""))
+    identity = cast(ServedModel, SimpleNamespace(name="", version=""))
     capture = capture_writer(identity, settings, store, metrics)
     if isinstance(capture, CaptureWriter):
         capture.environment = environment
@@ -58,6 +58,9 @@ def environment_state(
         view = metrics.for_version(name, version, served.labels)
         lane = Lane(served, make_batcher(served, settings, view, predlog, environment))
         lane.batcher.start()
+        metrics.relabel(name)  # request and log counters: the model served from now on
+        if isinstance(capture, CaptureWriter):
+            capture.relabel((name, ""))
         return lane
 
     reconciler = Reconciler(
@@ -79,7 +82,11 @@ def environment_state(
 def open_environment(
     environment: str, config: Path | None, settings: ServeSettings
 ) -> tuple[EnvironmentConfig, MetadataStore, str]:
-    """The environment's config, its metadata store (opened) and its artifact store URL."""
+    """The environment's config, its metadata store and its artifact store URL.
+
+    The store is not contacted (nor migrated) here: the reconciler opens it, retrying with
+    backoff while it cannot be reached. A URL that cannot name a store fails at once.
+    """
     from loopline.config import load_config, require_project
     from loopline.credentials import expand_url
     from loopline.drivers.metadata.store import MetadataStore
@@ -94,7 +101,7 @@ def open_environment(
     )
     if settings.capture and settings.artifacts_url is None:  # captured images go there
         settings.artifacts_url = cfg.artifacts_url()
-    return env, MetadataStore(url), cfg.artifacts_url()
+    return env, MetadataStore(url, migrate=False), cfg.artifacts_url()
 
 
 def environment_settings(config: Path | None, environment: str) -> dict[str, Any]:

@@ -68,7 +68,8 @@ def batch_hook(
     """Metrics and prediction-log rows for each batch, on the batcher thread.
 
     Behind a router, each job's metadata is ``Tagged`` with the variant that answered
-    (stable, canary or shadow) and the deployment generation; the rows keep both.
+    (stable, canary, shadow, or addressed: the request named its version) and the
+    deployment generation; the rows keep both.
     """
     name, version, labels = served.name, served.version, served.labels
     keep_probs = settings.log_probabilities

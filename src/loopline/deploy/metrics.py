@@ -183,6 +183,18 @@ class ServerMetrics:
         view._process_predictions = self.process_predictions.labels(*mv)
         return view
 
+    def relabel(self, model: str) -> None:
+        """Label request and prediction-log metrics by ``model`` from now on: a server of
+        an environment learns the model it serves only once the reconciler loads it."""
+        if self._mv[0] == model:
+            return
+        mv = self._mv = (model, self._mv[1])
+        self._written = self.log_written.labels(*mv)
+        self._dropped = self.log_dropped.labels(*mv)
+        self._spilled = self.log_spilled.labels(*mv)
+        self._pending = self.log_pending.labels(*mv)
+        self._request_children = {}  # bound again, under the new label, on first use
+
     # -- observations -----------------------------------------------------------------------
     def observe_request(self, endpoint: str, code: int, seconds: float) -> None:
         children = self._request_children.get((endpoint, code))

@@ -130,7 +130,9 @@ def parse_infer_request(
     return InferRequest(request_id, tensor, outputs, custom, images)
 
 
-def _read_images(item: dict[str, Any], binary: memoryview, max_items: int) -> tuple[list[bytes], int]:
+def _read_images(
+    item: dict[str, Any], binary: memoryview, max_items: int
+) -> tuple[list[bytes], int]:
     """The encoded images of a BYTES input [N] or [N, 1]: base64 in ``data``, or raw binary
     elements, each after its 4-byte little-endian length. The images themselves are
     checked when they are decoded, as those of ``/v1``."""
@@ -183,7 +185,7 @@ def _read_images(item: dict[str, Any], binary: memoryview, max_items: int) -> tu
 
 def _split_elements(name: str, raw: memoryview, n: int) -> list[bytes]:
     """The elements of a binary BYTES tensor: each a 4-byte little-endian length, then bytes."""
-    out = []
+    out: list[bytes] = []
     pos, end = 0, len(raw)
     while pos < end:
         if len(out) == n:

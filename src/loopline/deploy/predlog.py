@@ -358,11 +358,22 @@ class PredictionLog:
         return written, rejected, rest
 
 
+STATS_WAIT_S = 10.0  # the longest a row waits for its input statistics (see below)
+
+
 def _row(r: dict[str, Any]) -> dict[str, Any]:
     at = r.get("at")
-    if isinstance(at, float | str):
+    stats = r.get("input_stats")
+    # The server's batcher fills a row's statistics in just after the answer went out
+    # (``runtime.InputStats``); a row is written with them, never before.
+    pending = getattr(stats, "wait", None)
+    if isinstance(at, float | str) or pending is not None:
         r = dict(r)
-        r["at"] = datetime.fromtimestamp(at, UTC) if isinstance(at, float) else _parse_time(at)
+        if isinstance(at, float | str):
+            r["at"] = datetime.fromtimestamp(at, UTC) if isinstance(at, float) else _parse_time(at)
+        if pending is not None:
+            pending(STATS_WAIT_S)
+            r["input_stats"] = dict(stats)  # type: ignore[arg-type]
     return r
 
 

@@ -6,10 +6,12 @@
    requests to replay (before anything is started, so that a mistake costs nothing);
 2. stages the candidate (``release.stage``): the environment's desired state serves it;
 3. if the environment's servers run (replicas reported recently and alive, e.g.
-   started by ``loopline up --env staging``), waits until one serves the new generation;
-   otherwise starts a temporary local server for it with the serving settings of the
-   environment it replicates (production's, with the environment's own on top; capture
-   off, as the test's requests are no production data);
+   started by ``loopline up --env staging``), waits until every one of them serves the
+   new generation; otherwise starts a temporary local server for it with the serving
+   settings of the environment it replicates (production's, with the environment's own on
+   top; capture off, as the test's requests are no production data) and waits until each
+   of its workers does (a worker still loading would answer 503, and the test allows no
+   error by default);
 4. runs the replica test (``loopline.deploy.replica``) through its HTTP API;
 5. stops the temporary server (SIGTERM to its process group, nothing left running);
 6. records the outcome (``store.replica_tests``, which ``release.promote`` checks) and
@@ -35,7 +37,7 @@ import httpx
 
 from loopline.deploy.replica import ReplicaTestReport, run_replica_test
 from loopline.deploy.replica_inputs import load_test_split, replay_sample
-from loopline.deploy.replica_procs import group_members, process_tree
+from loopline.deploy.replica_procs import alive, group_members, process_tree
 from loopline.errors import ConfigError, Conflict, LooplineError
 
 if TYPE_CHECKING:
@@ -99,16 +101,19 @@ def _answers(url: str, path: str = "/v2/health/ready", timeout: float = 2.0) -> 
         return False
 
 
-def _serves(url: str, name: str, version: int) -> bool:
-    """Whether the server at ``url`` answers for ``name`` at ``version``."""
-    try:
-        r = httpx.get(f"{url}/v1/models/{name}", timeout=2.0, trust_env=False)
-    except httpx.HTTPError:
-        return False
-    if not r.is_success:
-        return False
-    info = r.json()
-    return bool(info.get("version") == version or version in (info.get("versions") or []))
+def _window(envc: EnvironmentConfig) -> float:
+    """How recent a replica's heartbeat must be for the replica to count as running."""
+    return max(10.0, 5 * envc.reconcile_interval_s)
+
+
+def _serving(r: ReplicaState, generation: int, version: int) -> bool:
+    """Whether replica ``r`` reports ``generation`` (or later) with ``version`` loaded."""
+    return r.generation >= generation and version in r.versions and r.status == "ok"
+
+
+def _described(reps: list[ReplicaState]) -> str:
+    return ", ".join(f"{r.replica_id} (generation {r.generation}, versions {r.versions}, "
+                     f"{r.status})" for r in reps) or "none"  # fmt: skip
 
 
 def _tail(log: Path) -> str:
@@ -144,9 +149,14 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 @contextlib.contextmanager
 def temporary_server(
     config: Config, config_path: Path, env: str, store: MetadataStore, name: str,
-    version: int, timeout_s: float,
+    version: int, timeout_s: float, generation: int | None = None,
 ) -> Iterator[Replica]:  # fmt: skip
-    """A local server for ``env`` (staged to serve ``name:version``) until the block ends."""
+    """A local server for ``env`` (staged to serve ``name:version``) until the block ends.
+
+    The block starts once every worker of the server (``workers`` of its settings) reports
+    ``generation`` (default: the environment's current one) with ``version`` loaded: with
+    several workers on one port, one still loading would answer 503.
+    """
     from pydantic import ValidationError
 
     from loopline.deploy.settings import ENV_PREFIX, ServeSettings
@@ -180,8 +190,18 @@ def temporary_server(
                                 cwd=config.root, start_new_session=True)  # fmt: skip
     clean = False
     try:
+        if generation is None:
+            staged = store.deployments.get(env)
+            generation = staged.generation if staged is not None else 0
+        here, window = socket.gethostname(), _window(envc)
         deadline = time.monotonic() + timeout_s
-        while not (_answers(url, timeout=1.0) and _serves(url, name, version)):
+        while True:
+            tree = set(process_tree([proc.pid]))
+            reported = [r for r in store.deployments.replicas(env, seen_within_s=window)
+                        if r.pid in tree and r.host in (None, here)]  # fmt: skip
+            serving = [r for r in reported if _serving(r, generation, version)]
+            if len(serving) >= settings.workers and _answers(url, timeout=1.0):
+                break
             if proc.poll() is not None:
                 raise ReplicaStartFailed(
                     f"the replica server for {name}:{version} exited with code "
@@ -190,7 +210,9 @@ def temporary_server(
             if time.monotonic() > deadline:
                 raise ReplicaStartFailed(
                     f"the replica server for {name}:{version} was not serving it at {url} "
-                    f"after {timeout_s:g} s (replica_test.timeout_s): {_tail(log)}"
+                    f"after {timeout_s:g} s (replica_test.timeout_s): {len(serving)} of "
+                    f"{settings.workers} worker(s) serve generation {generation}; replicas: "
+                    f"{_described(reported)}; {_tail(log)}"
                 )
             time.sleep(0.1)
         how = {"started": "temporary", "command": " ".join(cmd[1:]), "pid": proc.pid,
@@ -208,13 +230,13 @@ def temporary_server(
 
 
 def _shown(settings: Any) -> dict[str, Any]:
-    out = settings.model_dump(mode="json", exclude={"token", "metadata_url", "artifacts_url"})
+    secret = {"token", "capture_read_token", "metadata_url", "artifacts_url"}
+    out = settings.model_dump(mode="json", exclude=secret)
     return {k: v for k, v in out.items() if v is not None}
 
 
 def _live_replicas(store: MetadataStore, env: str, envc: EnvironmentConfig) -> list[ReplicaState]:
-    window = max(10.0, 5 * envc.reconcile_interval_s)
-    reps = store.deployments.replicas(env, seen_within_s=window)
+    reps = store.deployments.replicas(env, seen_within_s=_window(envc))
     return [r for r in reps if _answers(r.endpoint or envc.endpoint, "/v2/health/live")]
 
 
@@ -222,25 +244,28 @@ def _running_replica(
     store: MetadataStore, env: str, envc: EnvironmentConfig, generation: int, version: int,
     timeout_s: float,
 ) -> Replica:  # fmt: skip
-    """Wait until a running server of ``env`` serves ``generation`` with ``version``."""
+    """Wait until every running replica of ``env`` serves ``generation`` with ``version``.
+
+    A replica counts while its heartbeat is recent (one on this machine also while its
+    process lives): one still loading, or on the previous generation, would answer the
+    test's requests with 503 or 404.
+    """
     deadline = time.monotonic() + timeout_s
     here = socket.gethostname()
     while True:
-        window = max(10.0, 5 * envc.reconcile_interval_s)
-        reps = store.deployments.replicas(env, seen_within_s=window)
-        current = [r for r in reps if r.generation >= generation and version in r.versions
-                   and r.status == "ok"]  # fmt: skip
-        if current:
+        reps = [r for r in store.deployments.replicas(env, seen_within_s=_window(envc))
+                if r.pid is None or r.host not in (None, here) or alive(r.pid)]  # fmt: skip
+        current = [r for r in reps if _serving(r, generation, version)]
+        if current and len(current) == len(reps):
             url = current[0].endpoint or envc.endpoint
             local = [r.pid for r in current if r.pid is not None and r.host in (None, here)]
             how = {"started": "running", "replicas": [r.replica_id for r in current]}
             return Replica(url, local or None, how)
         if time.monotonic() > deadline:
-            seen = ", ".join(f"{r.replica_id} (generation {r.generation}, versions "
-                             f"{r.versions}, {r.status})" for r in reps) or "none"  # fmt: skip
             raise ReplicaStartFailed(
-                f"{env}'s servers did not serve version {version} (generation {generation}) "
-                f"within {timeout_s:g} s (replica_test.timeout_s); replicas: {seen}; see "
+                f"{env}'s servers did not all serve version {version} (generation "
+                f"{generation}) within {timeout_s:g} s (replica_test.timeout_s): "
+                f"{len(current)} of {len(reps)} do; replicas: {_described(reps)}; see "
                 "`loopline status`"
             )
         time.sleep(0.2)
@@ -381,7 +406,9 @@ def _stage_and_test(
                                        policy.timeout_s)  # fmt: skip
         else:
             replica = stack.enter_context(
-                temporary_server(config, path, env, store, name, version, policy.timeout_s)
+                temporary_server(
+                    config, path, env, store, name, version, policy.timeout_s, state.generation
+                )  # fmt: skip
             )
         roots = replica.pids
         report = run_replica_test(

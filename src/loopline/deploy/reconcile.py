@@ -6,11 +6,17 @@ and does not hold yet (the bundle fetched and sha256-verified, an ONNX Runtime s
 a batcher of its own), swaps the router's table in one assignment, and stops the batchers
 of the versions no longer needed a moment later (a stopping batcher answers what it
 holds). A version that cannot be loaded leaves the current table serving; the error is
-reported and the load tried again at the next interval. Every interval the thread also
-reports what this process serves (``store.deployments.report_replica``, with per-version
-counters since it took the current generation) and, while a canary runs, judges it
-(``canary.act``; compare-and-set makes concurrent replicas safe). A store that cannot be
-reached is logged and tried again: it never stops the server.
+reported and the load tried again at the next interval. A candidate (canary or shadow)
+that fails to load ``CANDIDATE_LOAD_ATTEMPTS`` intervals in a row is removed from the
+deployment (compare-and-set on the generation it saw, action ``auto-rollback``), since no
+replica can ever judge it; a stable version that cannot load is only reported. Every
+interval the thread also reports what this process serves
+(``store.deployments.report_replica``, with per-version counters since it took the
+current generation) and, while a canary runs, judges it (``canary.act``; compare-and-set
+makes concurrent replicas safe). A store that cannot be reached is logged and tried again:
+it never stops the server. The store is opened (its schema checked, migrated if needed)
+by the thread too, with backoff, so a server started during a store outage comes up alive
+and not ready, and serves once the store answers.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from typing import TYPE_CHECKING, Any
 from loopline.deploy import canary
 from loopline.deploy.router import CANARY, Lane, Router, deployment_table, empty_table
 from loopline.deploy.runtime import ModelRuntime, ServedModel
+from loopline.drivers.metadata.database import safe_url
+from loopline.drivers.metadata.deployments import DeploymentConflict
 from loopline.errors import IntegrityError
 
 if TYPE_CHECKING:
@@ -39,6 +47,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("loopline.deploy")
 
 RETIRE_AFTER_S = 1.0  # a replaced version's batcher stops this long after the swap
+CANDIDATE_LOAD_ATTEMPTS = 3  # intervals in a row a candidate may fail to load
+OPEN_BACKOFF_MAX_S = 10.0  # the longest wait between two tries to open the store
 
 
 def waiting_reason(environment: str) -> str:
@@ -75,6 +85,7 @@ class Reconciler:
     """The thread that keeps ``router`` serving ``environment``'s deployment.
 
     ``load(name, version)`` returns a started ``Lane`` for a version (it may raise).
+    ``store`` may be down: the thread opens it (``store.migrate``) before anything else.
     """
 
     def __init__(
@@ -103,6 +114,10 @@ class Reconciler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._logged: dict[str, str | None] = {}
+        self.store_open = False
+        self.open_failures = 0  # tries to open the store that failed, in a row
+        self._open_at = 0.0  # time.monotonic() of the next try
+        self._candidate_failures: tuple[tuple[int, int], int] = ((0, 0), 0)
 
     @property
     def replica_id(self) -> str:
@@ -125,6 +140,8 @@ class Reconciler:
         for lane in lanes:
             lane.retired = True
             lane.batcher.stop()
+        if not self.store_open:  # never reported: nothing to remove
+            return
         try:
             self.store.deployments.remove_replica(self.environment, self.replica_id)
         except Exception as err:  # the store is down: the row ages out of the status
@@ -141,8 +158,11 @@ class Reconciler:
 
     # -- one interval ------------------------------------------------------------------
     def step(self) -> None:
-        """Read the desired state, converge to it, report, judge a canary."""
+        """Open the store if it is not yet; read the desired state, converge to it,
+        report, judge a canary."""
         self._stop_retired()
+        if not self._open_store():
+            return
         try:
             state = self.store.deployments.get(self.environment)
         except Exception as err:
@@ -184,9 +204,14 @@ class Reconciler:
                 try:
                     lane = self.load(*key)
                 except Exception as err:
-                    self._failed(state, f"cannot load {key[0]}:{key[1]}: {_line(err)}")
+                    error = _line(err)
+                    self._failed(state, f"cannot load {key[0]}:{key[1]}: {error}")
+                    stable_loaded = (name, state.stable_version) in self._loaded
+                    if key[1] == state.candidate_version and stable_loaded:
+                        self._candidate_failed(state, error)
                     return
             self._loaded[key] = lane
+        self._candidate_failures = ((0, 0), 0)
         lanes = {v: self._loaded[(name, v)] for v in state.versions}
         self.router.table = deployment_table(  # the swap: one assignment
             state,
@@ -226,6 +251,77 @@ class Reconciler:
                 f"fix it or `loopline promote` another version --to {self.environment})",
             )
         self._set_status(state, "degraded" if table.stable is not None else "failed")
+
+    def _candidate_failed(self, state: DeploymentState, error: str) -> None:
+        """Count a failed load of the candidate; remove it once it failed too often."""
+        version = state.candidate_version
+        assert version is not None
+        key = (state.generation, version)
+        seen, count = self._candidate_failures
+        count = count + 1 if seen == key else 1
+        self._candidate_failures = (key, count)
+        if count < CANDIDATE_LOAD_ATTEMPTS:
+            return
+        reason = f"{state.ref(version)} cannot be loaded: {error}"
+        try:
+            new = self.store.deployments.change(
+                self.environment,
+                expected_generation=state.generation,
+                action="auto-rollback",
+                actor="loopline (canary)",
+                reason=reason,
+                candidate_version=None,
+                strategy="direct",
+                candidate_share=0.0,
+                candidate_since=None,
+                status="pending",
+            )
+        except DeploymentConflict:  # another replica (or a person) changed it first
+            return
+        except Exception as err:
+            self._note("rollback", f"cannot remove candidate {state.ref(version)}: {_line(err)}")
+            return
+        self._note("rollback", None)
+        log.warning(
+            "environment %s: removed candidate %s after %d failed loads (generation %d): %s",
+            self.environment, state.ref(version), count, new.generation, error,
+        )  # fmt: skip
+        self._apply(new)
+
+    def _open_store(self) -> bool:
+        """Whether the store is open: opened (and migrated) now if due, with backoff."""
+        if self.store_open:
+            return True
+        now = time.monotonic()
+        if now < self._open_at:
+            return False
+        try:
+            self.store.migrate()
+        except Exception as err:
+            self.open_failures += 1
+            delay = self.interval_s * 2 ** min(self.open_failures - 1, 16)
+            self._open_at = now + min(OPEN_BACKOFF_MAX_S, delay)
+            where = safe_url(self.store.url)
+            message = _line(err)
+            if where not in message:
+                message = f"cannot open the metadata store at {where}: {message}"
+            if self.open_failures == 1:  # once per outage, not every try
+                log.warning("environment %s: %s (retrying with backoff)", self.environment, message)
+            reason = (
+                f"{message} (retrying; environment {self.environment} serves nothing until "
+                "it can read its deployment)"
+            )
+            if self.router.table.stable is None and self.router.table.reason != reason:
+                self.router.table = empty_table(self.environment, reason)
+            return False
+        if self.open_failures:
+            log.info(
+                "environment %s: the metadata store is open (after %d failed tries)",
+                self.environment, self.open_failures,
+            )  # fmt: skip
+        self.store_open = True
+        self.open_failures = 0
+        return True
 
     def _set_status(self, state: DeploymentState, status: str) -> None:
         if state.status == status:

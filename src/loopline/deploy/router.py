@@ -12,6 +12,10 @@ on the event loop thread only (the reconciler reads them).
 A canary's failure that is not the client's fault is counted against the candidate and
 the request is answered again by the stable version, so no client sees it; a client's
 mistake (a bad image) is answered as it is and counts against nobody.
+
+A request to an explicit version (``/versions/{v}/...``, a replica test's, say) is answered
+by that version or not at all: it is tagged ``addressed`` and counted apart (``addressed``,
+``addressed_errors``), so it is neither canary nor shadow traffic to the canary's judge.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ log = logging.getLogger("loopline.deploy")
 
 DIRECT, CANARY, SHADOW = "direct", "canary", "shadow"
 STABLE = "stable"  # the variant of an answer from the stable version
+ADDRESSED = "addressed"  # the variant of an answer to a request naming its version
 LATENCY_WINDOW = 2048  # recent latencies kept per version, for its p95
 _HASH_SPACE = 1 << 64
 
@@ -81,11 +86,13 @@ class VersionStats:
 
     __slots__ = (
         "requests", "errors", "fallbacks", "shadow_compared", "shadow_agreed",
-        "shadow_errors", "shadow_dropped", "latency", "shadow_latency",
+        "shadow_errors", "shadow_dropped", "latency", "shadow_latency", "addressed",
+        "addressed_errors",
     )  # fmt: skip
 
     def __init__(self) -> None:
         self.requests = self.errors = self.fallbacks = 0
+        self.addressed = self.addressed_errors = 0  # requests naming the version, apart
         self.shadow_compared = self.shadow_agreed = self.shadow_errors = 0
         self.shadow_dropped = 0
         self.latency: deque[float] = deque(maxlen=LATENCY_WINDOW)  # ms
@@ -103,6 +110,8 @@ class VersionStats:
             "shadow_errors": self.shadow_errors,
             "shadow_dropped": self.shadow_dropped,
             "shadow_p95_ms": _p95(self.shadow_latency.copy()),
+            "addressed": self.addressed,
+            "addressed_errors": self.addressed_errors,
         }
 
 
@@ -250,10 +259,9 @@ class Router:
     ) -> Routed:
         """Answer from the version the table picks (or ``version``, as addressed)."""
         table = self.table
-        if version is not None:
+        if version is not None:  # that version answers, or nobody: never another one
             lane = table.lane(version)
-            variant = STABLE if lane is table.stable else CANARY
-            return await self._answer(table, lane, variant, images, tensor, metadata, source)
+            return await self._answer(table, lane, ADDRESSED, images, tensor, metadata, source)
         stable = table.stable
         if stable is None:
             raise NotReady(table.reason)
@@ -291,17 +299,24 @@ class Router:
     ) -> Routed:
         stats = table.stats[lane.version]
         start = time.perf_counter()
-        lane, future = self._submit(table, lane, variant, images, tensor, metadata, source)
+        lane, variant, future = self._submit(table, lane, variant, images, tensor, metadata, source)
         try:
             result = await future
         except InvalidInput:
             raise
         except Exception:
-            stats.requests += 1
-            stats.errors += 1
+            if variant == ADDRESSED:
+                stats.addressed += 1
+                stats.addressed_errors += 1
+            else:
+                stats.requests += 1
+                stats.errors += 1
             raise
-        stats.requests += 1
-        stats.latency.append((time.perf_counter() - start) * 1000.0)
+        if variant == ADDRESSED:
+            stats.addressed += 1
+        else:
+            stats.requests += 1
+            stats.latency.append((time.perf_counter() - start) * 1000.0)
         return Routed(result, lane.served, variant)
 
     def _submit(
@@ -313,28 +328,28 @@ class Router:
         tensor: np.ndarray | None,
         metadata: dict[str, Any] | None,
         source: str,
-    ) -> tuple[Lane, asyncio.Future[JobResult]]:
+    ) -> tuple[Lane, str, asyncio.Future[JobResult]]:
         meta = metadata
         if table.environment is not None:  # static servers log rows as they always did
-            meta = Tagged(metadata) if metadata else Tagged()
-            meta.variant = variant
-            meta.generation = table.generation
+            meta = _tag(metadata, variant, table.generation)
         try:
-            return lane, lane.batcher.submit(
-                images=images, tensor=tensor, metadata=meta, source=source
-            )
+            future = lane.batcher.submit(images=images, tensor=tensor, metadata=meta, source=source)
         except Overloaded:
             if not lane.retired:
                 raise
             # The table changed under this request and the lane is stopping: the new table
-            # was in place before it stopped, so its lane for the same role takes the job.
+            # was in place before it stopped, so one of its lanes takes the job.
             now = self.table
-            again = now.lanes.get(str(lane.version)) or now.stable
-            if again is None or again.retired:
+            again, variant = _successor(now, lane, variant)
+            if again.retired:
                 raise
-            return again, again.batcher.submit(
+            if now.environment is not None:
+                meta = _tag(metadata, variant, now.generation)
+            future = again.batcher.submit(
                 images=images, tensor=tensor, metadata=meta, source=source
             )
+            return again, variant, future
+        return lane, variant, future
 
     def _mirror(
         self,
@@ -401,6 +416,28 @@ class Router:
         stats.shadow_compared += len(top)
         stats.shadow_agreed += agreed
         stats.shadow_latency.append((time.perf_counter() - start) * 1000.0)
+
+
+def _tag(metadata: dict[str, Any] | None, variant: str, generation: int | None) -> Tagged:
+    meta = Tagged(metadata) if metadata else Tagged()
+    meta.variant = variant
+    meta.generation = generation
+    return meta
+
+
+def _successor(now: RoutingTable, lane: Lane, variant: str) -> tuple[Lane, str]:
+    """The lane of table ``now`` that takes a job its retired ``lane`` refused, and its
+    variant. A request that named its version is answered by that version or refused
+    (404 naming the versions loaded now); a routed one keeps its canary when the new
+    table still runs it, else the stable version answers."""
+    if variant == ADDRESSED:
+        return now.lane(str(lane.version)), ADDRESSED  # NotFound / NotReady when gone
+    same = now.lanes.get(str(lane.version))
+    if variant == CANARY and now.strategy == CANARY and same is not None and same is now.candidate:
+        return same, CANARY
+    if now.stable is None:
+        raise NotReady(now.reason)
+    return now.stable, STABLE
 
 
 def _to_candidate(

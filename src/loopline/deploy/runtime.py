@@ -6,7 +6,8 @@ the model once on the stacked batch and answers all the jobs with one wake-up of
 loop (``wakeup.py``: with the GIL released while it wakes the loop). Decoding and inference
 therefore never block the event loop, and Pillow and ONNX Runtime release the GIL while
 they work, so HTTP keeps being served in parallel. Input statistics for the prediction log
-are computed once per batch, not once per job.
+are computed once per batch, not once per job, and only once the batch's answers are on
+their way: a lone request does not wait for them (``InputStats``).
 
 Several batcher threads may share the queue and the session (ONNX Runtime sessions are safe
 to run concurrently). With one ONNX Runtime thread each, different batches are decoded and
@@ -163,6 +164,25 @@ class Job:
 _STOP = object()
 
 
+class InputStats(dict[str, Any]):
+    """One image's input statistics for the prediction log (brightness, contrast, mean_rgb,
+    bytes), filled in by the batcher thread just after the image's answer is delivered.
+
+    A row may hold it at once; whoever reads it first calls ``wait`` (the prediction log
+    does, before it writes a row).
+    """
+
+    __slots__ = ("_ready",)
+
+    def __init__(self, ready: threading.Event) -> None:
+        super().__init__()
+        self._ready = ready
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the statistics are filled in; False if ``timeout`` passed first."""
+        return self._ready.wait(timeout)
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=1, keepdims=True)
     e = np.exp(z)
@@ -173,7 +193,9 @@ class Batcher:
     """Coalesces concurrent jobs into batches for one ``ModelRuntime`` on one thread.
 
     ``on_batch(jobs, prediction_per_job, seconds)`` runs on the batcher thread after each
-    batch (the prediction log and metrics hook in there, off the request path).
+    batch (the prediction log and metrics hook in there, off the request path). Each
+    ``job.stats`` then holds one ``InputStats`` per image, filled in right after the answers
+    are delivered: keep the objects (the log's rows do) and ``wait()`` before reading them.
     """
 
     def __init__(
@@ -327,9 +349,14 @@ class Batcher:
             except Exception as err:  # a fault of ours: it still fails this job only
                 log.exception("cannot prepare a job")
                 answers.append((job, None, LooplineError(f"cannot prepare the input: {err}")))
+        described: list[tuple[list[Job], np.ndarray, threading.Event]] = []
         if ready:
-            answers.extend(self._run_batch(ready))
-        self._deliver(answers)
+            answers.extend(self._run_batch(ready, described))
+        try:
+            self._deliver(answers)
+        finally:  # statistics last: no answer waits for them
+            for done, x, event in described:
+                _describe(done, x, event)
 
     def _deliver(self, answers: list[tuple[Job, JobResult | None, BaseException | None]]) -> None:
         """Hand results to their event loops: one wake-up per loop per batch."""
@@ -339,19 +366,24 @@ class Batcher:
         for loop, items in by_loop.items():
             self._wakers.deliver(loop, items)
 
-    def _run_batch(self, jobs: list[Job]) -> list[tuple[Job, JobResult | None, Any]]:
+    def _run_batch(
+        self, jobs: list[Job], described: list[tuple[list[Job], np.ndarray, threading.Event]]
+    ) -> list[tuple[Job, JobResult | None, Any]]:
         """Run the model on the jobs; if the batch fails, each job alone, so that one
-        job's failure is its own."""
+        job's failure is its own. Appends to ``described`` what ``_describe`` is to fill."""
         try:
             t0 = time.perf_counter()
             preds, x = self._infer(jobs)
             seconds = time.perf_counter() - t0
         except Exception as err:
             if len(jobs) > 1:
-                return [answer for job in jobs for answer in self._run_batch([job])]
+                return [answer for job in jobs for answer in self._run_batch([job], described)]
             log.exception("inference failed")
             return [(jobs[0], None, LooplineError(f"inference failed: {err}"))]
-        _describe(jobs, x)
+        event = threading.Event()
+        for job in jobs:
+            job.stats = [InputStats(event) for _ in range(job.n)]
+        described.append((jobs, x, event))
         if self.on_batch is not None:
             try:
                 self.on_batch(jobs, preds, seconds)
@@ -414,28 +446,23 @@ def _decode(index: int, data: bytes, spec: PreprocessSpec, max_pixels: int | Non
         ) from None
 
 
-def _describe(jobs: list[Job], x: np.ndarray) -> None:
-    """Each job's input statistics (``job.stats``), from one computation over the batch."""
+def _describe(jobs: list[Job], x: np.ndarray, ready: threading.Event) -> None:
+    """Fill each job's ``InputStats`` from one computation over the batch, then set
+    ``ready`` (always: a failure leaves the statistics empty, never a row waiting)."""
     try:
         stats = image_stats(x, channels_last=False).astype(np.float64)  # short decimals
         brightness = np.round(stats[:, :2], 3).tolist()
         rgb = np.round(stats[:, 2:5], 2).tolist()
+        start = 0
+        for job in jobs:
+            sizes = job.sizes or [None] * job.n
+            for i, (row, size) in enumerate(zip(job.stats, sizes, strict=True)):
+                b, c = brightness[start + i]
+                row.update(brightness=b, contrast=c, mean_rgb=rgb[start + i])
+                if size is not None:
+                    row["bytes"] = size
+            start += job.n
     except Exception:  # statistics must never cost an answer
         log.exception("cannot compute input statistics")
-        for job in jobs:
-            job.stats = [{} for _ in range(job.n)]
-        return
-    start = 0
-    for job in jobs:
-        sizes = job.sizes or [None] * job.n
-        job.stats = [
-            _stats_dict(brightness[start + i], rgb[start + i], size) for i, size in enumerate(sizes)
-        ]
-        start += job.n
-
-
-def _stats_dict(bc: list[float], rgb: list[float], size: int | None) -> dict[str, Any]:
-    out: dict[str, Any] = {"brightness": bc[0], "contrast": bc[1], "mean_rgb": rgb}
-    if size is not None:
-        out["bytes"] = size
-    return out
+    finally:
+        ready.set()

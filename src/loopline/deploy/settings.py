@@ -118,6 +118,20 @@ class ServeSettings(BaseModel):
     capture_queue_bytes: int = Field(
         64 * MiB, ge=1024, description="bytes of images waiting to be stored at most"
     )
+    capture_max_total_bytes: int | None = Field(
+        None, ge=1, description="captures beyond this are deleted, oldest first (no cap: None)"
+    )
+    capture_purge_interval_s: float = Field(
+        3600.0,
+        ge=0.0,
+        description="how often the server deletes captures past retention or over the cap "
+        "(0: never; `loopline capture purge` does it by hand)",
+    )
+    capture_read_token: SecretStr | None = Field(
+        None,
+        description="bearer token(s), comma-separated, that alone may read captured images "
+        "(default: the server's tokens)",
+    )
     artifacts_url: str | None = Field(
         None, description="where captured images go; default: the project's artifact store"
     )
@@ -129,8 +143,11 @@ class ServeSettings(BaseModel):
         return self
 
     def tokens(self) -> list[str]:
-        raw = self.token.get_secret_value() if self.token is not None else ""
-        return [t.strip() for t in raw.split(",") if t.strip()]
+        return _split_tokens(self.token)
+
+    def capture_read_tokens(self) -> list[str]:
+        """The tokens that may read captured images, when a separate scope is set."""
+        return _split_tokens(self.capture_read_token)
 
     def to_env(self) -> dict[str, str]:
         """This object as ``LOOPLINE_SERVE_*`` variables (how worker processes receive it)."""
@@ -144,6 +161,11 @@ class ServeSettings(BaseModel):
                 str(value).lower() if isinstance(value, bool) else str(value)
             )
         return out
+
+
+def _split_tokens(secret: SecretStr | None) -> list[str]:
+    raw = secret.get_secret_value() if secret is not None else ""
+    return [t.strip() for t in raw.split(",") if t.strip()]
 
 
 def load_settings(
@@ -193,7 +215,7 @@ class Flag:
 # Flag names that differ from the field name (kept short where users type them).
 _FLAG_NAMES = {"log_predictions": "log"}
 # Not on the command line: a secret in argv is visible to every user of the machine.
-_NO_FLAG = frozenset({"token"})
+_NO_FLAG = frozenset({"token", "capture_read_token"})
 LOG_LEVELS = ("debug", "info", "warning", "error")
 _METAVARS: dict[type, str] = {int: "INT", float: "FLOAT", Path: "PATH"}
 

@@ -39,7 +39,7 @@ HEALTH_SERVER = """
 import http.server, sys
 class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
-        self.send_response(200 if self.path == '/v2/health/ready' else 404)
+        self.send_response(200 if self.path in ('/v2/health/live', '/v2/health/ready') else 404)
         self.end_headers()
     def log_message(self, *a): pass
 http.server.HTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()
@@ -427,9 +427,7 @@ def test_the_server_command_is_the_env_form(env_project: Project) -> None:
                    "--config", str(env_project.config.resolve())]  # fmt: skip
 
 
-# PENDING the server's ``--env ENV`` flag (another change): this runs the target's own
-# command and fails until ``python -m loopline.deploy.server --env ENV`` exists. Not skipped.
-def test_up_runs_the_real_env_command_PENDING_SERVER_ENV_FLAG(
+def test_up_runs_the_real_env_command_and_says_what_it_serves(
     env_project: Project, stopper: Any
 ) -> None:
     ctx = context(env_project, wait_s=120)
@@ -445,7 +443,59 @@ def test_up_runs_the_real_env_command_PENDING_SERVER_ENV_FLAG(
     stopper(target, ctx)
     outcome = target.up(ctx)
     assert outcome.ok, (outcome.message, outcome.details.get("log_tail"))
+    assert f"healthy at {ctx.env.endpoint}, serving vehicles:1" in outcome.message
+    assert outcome.details["ready"] is True
     assert predict(ctx.env.endpoint)["model_version"] == 1
     supervisor, server = outcome.details["supervisor_pid"], outcome.details["server_pid"]
     assert target.down(ctx).ok
     assert_all_gone(supervisor, [server])
+
+
+def test_an_environment_with_nothing_deployed_is_alive_waits_and_is_not_restarted(
+    env_project: Project, stopper: Any
+) -> None:
+    """The supervisor checks liveness: a server with no deployment answers it (200) while
+    it is not ready (503), so it is neither restarted nor a failed ``up``; a deployment
+    made afterwards is served by the same process."""
+    policy = SupervisorPolicy(backoff_base_s=0.2, health_interval_s=0.2, start_timeout_s=10,
+                              stop_timeout_s=20)  # fmt: skip
+    started = time.monotonic()
+    target, ctx = LocalTarget(policy=policy), context(env_project, wait_s=120)
+    stopper(target, ctx)
+    outcome = target.up(ctx)
+    assert outcome.ok, (outcome.message, outcome.details.get("log_tail"))
+    assert (f"running at {ctx.env.endpoint}, waiting for a deployment (loopline promote "
+            "NAME:VERSION --to staging)") in outcome.message  # fmt: skip
+    assert outcome.details["ready"] is False
+    url, server = ctx.env.endpoint, outcome.details["server_pid"]
+    live = httpx.get(f"{url}/v2/health/live", timeout=5)
+    assert live.status_code == 200 and live.json() == {"live": True}
+    ready = httpx.get(f"{url}/v2/health/ready", timeout=5)
+    assert ready.status_code == 503 and "no model deployed yet" in ready.json()["error"]
+    assert state_of(ctx)["health_url"] == f"{url}/v2/health/live"
+    status = target.status(ctx)
+    assert status["healthy"] is True and status["ready"] is False
+    # Past the start timeout: a readiness check would have restarted it by now.
+    time.sleep(max(0.0, started + policy.start_timeout_s + 2 - time.monotonic()))
+    state = state_of(ctx)
+    assert state["restarts"] == 0 and state["server_pid"] == server and state["healthy"]
+
+    store = env_project.store()
+    try:
+        store.deployments.change("staging", expected_generation=0, action="deploy",
+                                 actor="test", reason="test", model_name="vehicles",
+                                 stable_version=1, target="local", endpoint=url)  # fmt: skip
+    finally:
+        store.close()
+    wait_for(
+        "the deployment to be served",
+        lambda: httpx.get(f"{url}/v2/health/ready", timeout=5).status_code == 200,
+    )
+    assert predict(url)["model_version"] == 1
+    again = target.up(ctx)
+    assert again.ok and "already running" in again.message
+    assert f"healthy at {url}, serving vehicles:1" in again.message
+    state = state_of(ctx)
+    assert state["restarts"] == 0 and state["server_pid"] == server
+    assert target.down(ctx).ok
+    assert_all_gone(outcome.details["supervisor_pid"], [server])

@@ -190,7 +190,8 @@ class Prediction(Base):
     input_stats: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     environment: Mapped[str | None] = mapped_column(String(64), nullable=True)
     deployment_generation: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    variant: Mapped[str | None] = mapped_column(String(16), nullable=True)  # stable, canary, shadow
+    # stable, canary, shadow, or addressed (the request named its version)
+    variant: Mapped[str | None] = mapped_column(String(16), nullable=True)
     camera_id: Mapped[str | None] = mapped_column(String(200), nullable=True, index=True)
 
 

@@ -161,7 +161,9 @@ class PredictionRepository:
     ) -> dict[int, tuple[int, int]]:
         """Per answering version of an environment since ``since``: (labelled, correct).
 
-        Shadow answers are left out: they never reached a client.
+        Shadow answers are left out (they never reached a client), and so are answers to
+        requests that named their version (``addressed``: a replica test's, say), which
+        are neither canary nor stable traffic.
         """
         correct = func.sum(case((Feedback.label == Prediction.label, 1), else_=0))
         q = (
@@ -171,7 +173,10 @@ class PredictionRepository:
                 Prediction.environment == environment,
                 Prediction.model_name == model_name,
                 Prediction.at >= since,
-                or_(Prediction.variant.is_(None), Prediction.variant != "shadow"),
+                or_(
+                    Prediction.variant.is_(None),
+                    Prediction.variant.not_in(("shadow", "addressed")),
+                ),
             )
             .group_by(Prediction.model_version)
         )

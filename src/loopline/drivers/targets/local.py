@@ -1,8 +1,12 @@
 """The local target: an environment's server, supervised, in the background on this machine.
 
 ``up`` starts a detached supervisor (``loopline.drivers.targets.supervisor``) for the
-environment unless one runs already, and waits until its server is healthy; ``down`` stops
-it and waits until nothing of it is left. Everything lives in ``<state_dir>/envs/<ENV>/``:
+environment unless one runs already, and waits until its server is alive; then it says
+whether the server is ready (serving the environment's deployment) or waiting for one.
+The supervisor checks liveness (``/v2/health/live``), not readiness: an environment with
+nothing deployed yet is alive and never ready, and must not be restarted for it. ``down``
+stops it and waits until nothing of it is left. Everything lives in
+``<state_dir>/envs/<ENV>/``:
 
 - ``supervisor.lock``: flock'd by the running supervisor for its whole life (the proof
   that it runs); ``start.lock``: flock'd by ``up`` and ``down`` while they start or stop
@@ -47,7 +51,8 @@ from loopline.drivers.targets.supervisor import (
 from loopline.errors import ConfigError
 
 START_LOCK = "start.lock"
-HEALTH_PATH = "/v2/health/ready"
+HEALTH_PATH = "/v2/health/live"  # what the supervisor checks: the process answers
+READY_PATH = "/v2/health/ready"  # a version is loaded and serving
 TAIL_LINES = 30
 
 
@@ -79,7 +84,14 @@ class LocalTarget:
         return (ctx.config.state_dir / "envs" / ctx.environment).resolve()
 
     def health_url(self, ctx: TargetContext) -> str:
+        """Liveness: what the supervisor checks, and what ``up`` waits for."""
         return ctx.env.endpoint + HEALTH_PATH
+
+    def ready_url(self, ctx: TargetContext) -> str | None:
+        """Readiness, next to the liveness URL of a prediction server (None for a server
+        whose health URL is another, e.g. the edge hub's: alive is all it reports)."""
+        live = self.health_url(ctx)
+        return live.removesuffix(HEALTH_PATH) + READY_PATH if live.endswith(HEALTH_PATH) else None
 
     # -- the interface ---------------------------------------------------------------------
     def render(self, ctx: TargetContext, out: Path) -> list[Path]:
@@ -106,7 +118,10 @@ class LocalTarget:
 
     def up(self, ctx: TargetContext) -> Outcome:
         """Start the supervisor unless one runs; wait (``ctx.extra["wait_s"]``, default 60 s)
-        until the server is healthy."""
+        until the server is alive, then until it serves the environment's deployment.
+
+        With nothing deployed yet it succeeds at once, saying the server waits for one (a
+        promotion makes it serve, without a restart)."""
         wait_s = float(ctx.extra.get("wait_s", 60.0))
         folder = self.folder(ctx)
         folder.mkdir(parents=True, exist_ok=True)
@@ -185,6 +200,8 @@ class LocalTarget:
             "restarts": state.get("restarts", 0),
             "last_exit_code": state.get("last_exit_code"),
             "healthy": probe(self.health_url(ctx), timeout=2.0) if pid is not None else False,
+            "ready": bool(pid is not None and (ready := self.ready_url(ctx))
+                          and probe(ready, timeout=2.0)),  # fmt: skip
             "since": state.get("since"),
             "stale_pid_file": pid is None and _read_pid(folder) is not None,
             "logs": {"server": str(folder / SERVER_LOG),
@@ -233,8 +250,7 @@ class LocalTarget:
             if pid is None:
                 return self._failed(ctx, folder, "its supervisor stopped", details, notes)
             if state.get("healthy") and probe(self.health_url(ctx)):
-                notes.append(f"healthy at {ctx.env.endpoint}")
-                return Outcome(True, "; ".join(notes), details)
+                return self._wait_ready(ctx, folder, deadline, wait_s, notes, details)
             if state.get("failures", 0) >= self.fail_after and not state.get("healthy"):
                 why = f"{state['failures']} failed starts in a row"
                 return self._failed(ctx, folder, why, details, notes, state)
@@ -243,6 +259,47 @@ class LocalTarget:
                 return Outcome(True, "; ".join(notes), details)
             time.sleep(0.2)
         return self._failed(ctx, folder, f"not healthy after {wait_s:g} s", details, notes, state)
+
+    def _wait_ready(
+        self,
+        ctx: TargetContext,
+        folder: Path,
+        deadline: float,
+        wait_s: float,
+        notes: list[str],
+        details: dict[str, Any],
+    ) -> Outcome:
+        """The server is alive: is it serving its deployment, or waiting for one?"""
+        url, endpoint = self.ready_url(ctx), ctx.env.endpoint
+        if url is None:
+            notes.append(f"healthy at {endpoint}")
+            return Outcome(True, "; ".join(notes), details)
+        deployed, trouble = deployed_ref(ctx)
+        while True:
+            ready, reason = readiness(url)
+            details["ready"] = ready
+            if ready:
+                notes.append(f"healthy at {endpoint}" + (f", serving {deployed}" if deployed
+                                                          else ""))  # fmt: skip
+                return Outcome(True, "; ".join(notes), details)
+            if deployed is None:
+                notes.append(
+                    f"running at {endpoint}, waiting for a deployment (loopline promote "
+                    f"NAME:VERSION --to {ctx.environment})" + (f"; {trouble}" if trouble else "")
+                )
+                return Outcome(True, "; ".join(notes), details)
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.2)
+        log_file = folder / SERVER_LOG
+        message = (
+            f"environment {ctx.environment} is running at {endpoint} but not serving "
+            f"{deployed} after {wait_s:g} s: {reason}; it keeps trying; `loopline down "
+            f"--env {ctx.environment}` stops it"
+        )
+        details = {**details, "log": str(log_file), "log_tail": tail(log_file, TAIL_LINES),
+                   "notes": notes}  # fmt: skip
+        return Outcome(False, message, details)
 
     def _failed(
         self,
@@ -265,6 +322,55 @@ class LocalTarget:
         details = {**details, "log": str(log_file), "log_tail": tail(log_file, TAIL_LINES),
                    "notes": notes}  # fmt: skip
         return Outcome(False, "; ".join(parts), details)
+
+
+# -- readiness -------------------------------------------------------------------------------
+def readiness(url: str, timeout: float = 2.0) -> tuple[bool, str]:
+    """Whether ``url`` (a readiness endpoint) answers 200, and else why not, in words."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # on this machine
+    try:
+        with opener.open(url, timeout=timeout) as response:
+            return int(response.status) == 200, f"{url} answers HTTP {response.status}"
+    except urllib.error.HTTPError as err:
+        try:
+            why = str(json.loads(err.read()).get("error") or "")
+        except (ValueError, AttributeError, OSError):
+            why = ""
+        return False, why or f"{url} answers HTTP {err.code}"
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        return False, f"{url} does not answer ({err})"
+
+
+def deployed_ref(ctx: TargetContext) -> tuple[str | None, str | None]:
+    """What the environment's deployment serves (``NAME:VERSION``, with a candidate's
+    strategy), or None when nothing is deployed; and a note when the store is unreadable."""
+    from loopline.credentials import expand_url
+    from loopline.drivers.metadata.store import MetadataStore
+
+    try:
+        url = (
+            expand_url(ctx.env.metadata_url, f"environments.{ctx.environment}.metadata_url")
+            if ctx.env.metadata_url
+            else ctx.config.metadata_url()
+        )
+        store = MetadataStore(url)
+        try:
+            dep = store.deployments.get(ctx.environment)
+        finally:
+            store.close()
+    except Exception as err:  # any backend's error: say so, the server's answer still counts
+        line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        return None, f"cannot read its deployment from the metadata store: {line}"
+    if dep is None or dep.stable_version is None:
+        return None, None
+    ref = str(dep.ref(dep.stable_version))
+    if dep.candidate_version is not None:
+        ref += f" ({dep.strategy} {dep.ref(dep.candidate_version)} at {dep.candidate_share:g})"
+    return ref, None
 
 
 # -- files, locks and processes --------------------------------------------------------------
@@ -359,8 +465,11 @@ _README = """\
 reads the environment's desired deployment from the metadata store and follows it, so a
 promotion or rollback needs no restart.
 
-- Endpoint: {endpoint} (health: `GET {endpoint}/v2/health/ready`)
+- Endpoint: {endpoint} (alive: `GET {endpoint}/v2/health/live`; serving a model:
+  `GET {endpoint}/v2/health/ready`)
 - `loopline up --env {env}`: start the supervisor (restarts the server with backoff when
-  it dies, health-checks it); `loopline down --env {env}`: stop it and its server.
+  it dies or stops answering `/v2/health/live`; an environment with nothing deployed yet
+  is alive, waiting for `loopline promote`); `loopline down --env {env}`: stop it and its
+  server.
 - State and logs: `{folder}` (`state.json`, `server.log`, `supervisor.log`).
 """

@@ -10,8 +10,11 @@ name a reused pid). It writes ``DIR/supervisor.pid`` and keeps ``DIR/state.json`
 (written atomically). The server's output goes to ``DIR/server.log`` (the previous run's
 is kept as ``server.log.1``).
 
-The server runs in a process group of its own, so that its workers are stopped with it,
-and (on Linux) gets SIGTERM should the supervisor die. A server that exits, never becomes
+The health URL is a liveness check (the local target gives ``/v2/health/live``): a server
+that answers it is healthy even while it serves nothing yet (an environment with no
+deployment is alive and not ready, and a restart would not change that). The server runs
+in a process group of its own, so that its workers are stopped with it, and (on Linux)
+gets SIGTERM should the supervisor die. A server that exits, never becomes
 healthy within ``start_timeout_s``, or stays unhealthy for ``unhealthy_timeout_s`` is
 restarted after a delay that doubles with each consecutive failure (with jitter, at most
 ``backoff_cap_s``); one that was healthy and ran ``reset_after_s`` starts the count again.
@@ -415,7 +418,7 @@ class Supervisor:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m loopline.drivers.targets.supervisor")
     p.add_argument("--dir", type=Path, required=True, help="the environment's state folder")
-    p.add_argument("--health-url", required=True, help="GET this; 200 means healthy")
+    p.add_argument("--health-url", required=True, help="GET this; 200 means alive (healthy)")
     p.add_argument("--policy", default="{}", help="SupervisorPolicy fields as JSON")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- the server command")
     args = p.parse_args(argv)
