@@ -499,3 +499,40 @@ def test_an_environment_with_nothing_deployed_is_alive_waits_and_is_not_restarte
     assert state["restarts"] == 0 and state["server_pid"] == server
     assert target.down(ctx).ok
     assert_all_gone(outcome.details["supervisor_pid"], [server])
+
+
+def test_a_deployment_that_cannot_be_served_fails_up_with_the_servers_reason(
+    env_project: Project, stopper: Any
+) -> None:
+    """Alive, with a deployment it cannot load (its bundle was tampered with): ``up`` waits
+    for readiness, then fails with the server's own reason, and leaves it running."""
+    from loopline.drivers.artifacts.store import ArtifactStore
+
+    ctx = context(env_project, wait_s=10)
+    store = env_project.store()
+    try:
+        sha = store.models.get("vehicles", 1).bundle_sha256
+        store.deployments.change("staging", expected_generation=0, action="deploy",
+                                 actor="test", reason="test", model_name="vehicles",
+                                 stable_version=1, target="local",
+                                 endpoint=ctx.env.endpoint)  # fmt: skip
+    finally:
+        store.close()
+    blob = Path(ArtifactStore(ctx.config.artifacts_url()).uri(sha))
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one byte changed: its sha256 no longer matches
+    blob.chmod(0o644)
+    blob.write_bytes(bytes(data))
+    target = LocalTarget(policy=FAST)
+    stopper(target, ctx)
+    outcome = target.up(ctx)
+    assert not outcome.ok
+    assert outcome.message.startswith(
+        f"environment staging is running at {ctx.env.endpoint} but not serving vehicles:1 "
+        "after 10 s: not ready: "
+    ), outcome.message
+    assert "refusing to serve vehicles:1" in outcome.message
+    assert "`loopline down --env staging` stops it" in outcome.message
+    assert outcome.details["ready"] is False and outcome.details["log"].endswith("server.log")
+    assert state_of(ctx)["restarts"] == 0  # alive: not the supervisor's to restart
+    assert target.down(ctx).ok

@@ -288,6 +288,9 @@ class LocalTarget:
                     f"NAME:VERSION --to {ctx.environment})" + (f"; {trouble}" if trouble else "")
                 )
                 return Outcome(True, "; ".join(notes), details)
+            if wait_s <= 0:
+                notes.append(f"alive at {endpoint}; not waiting for it to serve {deployed}")
+                return Outcome(True, "; ".join(notes), details)
             if time.monotonic() >= deadline:
                 break
             time.sleep(0.2)
