@@ -125,8 +125,12 @@ class Reconciler:
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
+        """Run the first interval here, before the server answers, then the thread: a
+        worker (re)started under load never answers "loading" while its store and bundles
+        are fine, and one whose store is down comes up alive and not ready all the same."""
         self.pid = os.getpid()  # the worker's, when started in a worker process
         self._stop.clear()
+        self._step_safely()
         self._thread = threading.Thread(target=self._run, name="loopline-reconcile", daemon=True)
         self._thread.start()
 
@@ -148,13 +152,14 @@ class Reconciler:
             log.warning("cannot remove replica %s from the store: %s", self.replica_id, err)
 
     def _run(self) -> None:
-        while True:
-            try:
-                self.step()
-            except Exception:  # never let one bad interval end the thread
-                log.exception("reconcile step failed")
-            if self._stop.wait(self.interval_s):
-                return
+        while not self._stop.wait(self.interval_s):
+            self._step_safely()
+
+    def _step_safely(self) -> None:
+        try:
+            self.step()
+        except Exception:  # never let one bad interval end the thread
+            log.exception("reconcile step failed")
 
     # -- one interval ------------------------------------------------------------------
     def step(self) -> None:
