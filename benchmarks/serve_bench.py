@@ -24,9 +24,11 @@ and the server's CPU time per request (all its threads and processes, from /proc
 
 and the in-process limit (PNG decode + ONNX Runtime at batch 1, no HTTP, one thread).
 Every server is loaded by ``wrk`` (one client thread, so the cores are left to the server).
-With ``--rounds N`` the servers are measured in turn N times; a ratio is the median of the
-N ratios measured within one round (so minute-to-minute load on a shared machine cancels
-out) and the table shows each row's median round. The model is the production default
+All servers run at once (an idle one costs next to nothing) and are measured in turn,
+level by level, so that the two measurements a ratio compares are taken within a minute
+of each other; with ``--rounds N`` all of it N times, a ratio is the median of the N
+ratios measured within one round (minute-to-minute load on a shared machine cancels out),
+and the table shows each row's median round. The model is the production default
 size: 64x64 input, 3 conv layers of width 32; the image is a 96x72 PNG. The mean batch
 size of Loopline's rows comes from its ``/metrics``. Afterwards it checks that Loopline
 logged every prediction it made.
@@ -427,10 +429,7 @@ def main() -> int:
         servers = make_servers(args, config, onnx_path, weights, scenarios, dict(os.environ))
         limit = in_process_limit(onnx_path, png, min(args.duration, 5.0))
         runs: dict[tuple[str, int], list[Result]] = {}
-        sent = 0
-        for _ in range(args.rounds):
-            for server in servers:
-                sent += measure(server, levels, args.duration, lua, runs)
+        sent = measure(servers, levels, args.duration, args.rounds, lua, runs)
         report(limit, servers, runs, levels)
         if any(s.loopline for s in servers):
             from loopline.config import load_config
@@ -446,44 +445,69 @@ def main() -> int:
     return 0
 
 
+@dataclass
+class Running:
+    server: Server
+    proc: subprocess.Popen[bytes]
+    base: str
+
+
 def measure(
-    server: Server, levels: list[int], seconds: float, lua: Path,
+    servers: list[Server], levels: list[int], seconds: float, rounds: int, lua: Path,
     runs: dict[tuple[str, int], list[Result]],
 ) -> int:  # fmt: skip
-    """Start ``server``, run each of its scenarios at each level; return Loopline's requests."""
-    port = free_port()
-    cmd = [*server.cmd, "--port", str(port)]
-    base = f"http://127.0.0.1:{port}"
-    proc = start(cmd, port, server.env)
+    """Start every server, then measure every (server, scenario) at one level after the
+    other, level by level, ``rounds`` times: the measurements a ratio compares are taken
+    within a minute of each other. Returns the requests Loopline answered."""
+    running: list[Running] = []
     sent = 0
     try:
-        for scenario in server.scenarios:
-            headers = "\n".join(f"{k}: {v}" for k, v in scenario.headers.items())
-            env = {**os.environ, "BENCH_BODY": str(scenario.body), "BENCH_HEADERS": headers}
-            url = base + scenario.path
-            label = row_label(server, scenario)
-            if label not in server.rows:
-                server.rows.append(label)
-            warm = run_wrk(url, 8, 1.0, lua, env)  # warm-up
-            sent += warm.requests - warm.errors
+        for server in servers:  # idle servers cost next to nothing while others are measured
+            port = free_port()
+            proc = start([*server.cmd, "--port", str(port)], port, server.env)
+            running.append(Running(server, proc, f"http://127.0.0.1:{port}"))
+        for run in running:
+            for scenario in run.server.scenarios:
+                label = row_label(run.server, scenario)
+                if label not in run.server.rows:
+                    run.server.rows.append(label)
+                warm = run_wrk(run.base + scenario.path, 8, 1.0, lua, wrk_env(scenario))
+                sent += (warm.requests - warm.errors) if run.server.loopline else 0
+        for _ in range(rounds):
             for c in levels:
-                cpu0 = cpu_seconds(proc.pid)
-                b0 = batch_totals(base) if server.loopline else (0.0, 0.0)
-                r = run_wrk(url, c, seconds, lua, env)
-                r.cpu_ms = (cpu_seconds(proc.pid) - cpu0) * 1000 / max(r.requests, 1)
-                if server.loopline:
-                    b1 = batch_totals(base)
-                    r.batch = (b1[0] - b0[0]) / max(b1[1] - b0[1], 1.0)
-                r.server = label
-                sent += r.requests - r.errors
-                runs.setdefault((label, c), []).append(r)
-                batch = f"  batch {r.batch:4.1f}" if r.batch is not None else ""
-                print(f"  {label:24} c={c:<3} {r.rps:8.0f} req/s  p50 {r.p50_ms:6.2f} ms  "
-                      f"p99 {r.p99_ms:6.2f} ms  cpu {r.cpu_ms:.3f} ms/req{batch}  "
-                      f"errors {r.errors}", flush=True)  # fmt: skip
+                for run in running:
+                    for scenario in run.server.scenarios:
+                        r = measure_one(run, scenario, c, seconds, lua)
+                        sent += (r.requests - r.errors) if run.server.loopline else 0
+                        runs.setdefault((r.server, c), []).append(r)
     finally:
-        stop(proc)
-    return sent if server.loopline else 0
+        for run in running:
+            stop(run.proc)
+    return sent
+
+
+def wrk_env(scenario: Scenario) -> dict[str, str]:
+    headers = "\n".join(f"{k}: {v}" for k, v in scenario.headers.items())
+    return {**os.environ, "BENCH_BODY": str(scenario.body), "BENCH_HEADERS": headers}
+
+
+def measure_one(run: Running, scenario: Scenario, c: int, seconds: float, lua: Path) -> Result:
+    """One wrk run of ``scenario`` at concurrency ``c``, with the server's CPU time and (for
+    Loopline) its mean batch size over the run."""
+    loopline = run.server.loopline
+    cpu0 = cpu_seconds(run.proc.pid)
+    b0 = batch_totals(run.base) if loopline else (0.0, 0.0)
+    r = run_wrk(run.base + scenario.path, c, seconds, lua, wrk_env(scenario))
+    r.cpu_ms = (cpu_seconds(run.proc.pid) - cpu0) * 1000 / max(r.requests, 1)
+    if loopline:
+        b1 = batch_totals(run.base)
+        r.batch = (b1[0] - b0[0]) / max(b1[1] - b0[1], 1.0)
+    r.server = row_label(run.server, scenario)
+    batch = f"  batch {r.batch:4.1f}" if r.batch is not None else ""
+    print(f"  {r.server:24} c={c:<3} {r.rps:8.0f} req/s  p50 {r.p50_ms:6.2f} ms  "
+          f"p99 {r.p99_ms:6.2f} ms  cpu {r.cpu_ms:.3f} ms/req{batch}  errors {r.errors}",
+          flush=True)  # fmt: skip
+    return r
 
 
 def median_ratio(
