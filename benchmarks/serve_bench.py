@@ -157,13 +157,31 @@ def make_project(root: Path) -> tuple[Path, Path, Path]:
         "metadata.json": json.dumps({"name": "vehicles"}).encode(),
         **image_context_files(),
     }
-    write_bundle(files, root / "bundle.tar")
-    ref = ArtifactStore(cfg.artifacts_url()).put_file(root / "bundle.tar")
     store = MetadataStore(cfg.metadata_url())
-    store.models.register(
-        "vehicles", metrics={}, bundle_uri=ref.uri, bundle_sha256=ref.sha256,
-        dataset_version=None, run_id=None, lineage={},
-    )  # fmt: skip
+    # vehicles:1 and vehicles:2: the same model in two bundles (version 2's metadata says
+    # so), for the environments that route between versions.
+    for variant in ("a", "b"):
+        files["metadata.json"] = json.dumps({"name": "vehicles", "variant": variant}).encode()
+        write_bundle(files, root / f"bundle-{variant}.tar")
+        ref = ArtifactStore(cfg.artifacts_url()).put_file(root / f"bundle-{variant}.tar")
+        store.models.register(
+            "vehicles", metrics={}, bundle_uri=ref.uri, bundle_sha256=ref.sha256,
+            dataset_version=None, run_id=None, lineage={},
+        )  # fmt: skip
+    # Two environments served in process: one version alone, and a 50% canary that is never
+    # judged (so it keeps routing for the whole run).
+    policy = "{min_requests: 1000000000, auto_promote: false, max_error_rate: 1.0, share: 0.5}"
+    config.write_text(
+        "project: bench\nmodel: {name: vehicles}\nenvironments:\n"
+        "  bench-direct: {capture: {enabled: false}}\n"
+        f"  bench-canary: {{capture: {{enabled: false}}, canary: {policy}}}\n"
+    )
+    for env in ("bench-direct", "bench-canary"):
+        store.deployments.change(env, expected_generation=0, action="promote", actor="bench",
+                                 model_name="vehicles", stable_version=1)  # fmt: skip
+    store.deployments.change("bench-canary", expected_generation=1, action="canary",
+                             actor="bench", candidate_version=2, strategy="canary",
+                             candidate_share=0.5, candidate_since=None)  # fmt: skip
     store.close()
     return config, onnx_path, weights
 
@@ -348,6 +366,13 @@ def make_servers(
         return Server(label, cmd, {**loop_env, **extra_env}, [scenarios[n] for n in names],
                       loopline=True, variant_of=variant_of)  # fmt: skip
 
+    def environment(label: str, env_name: str, variant_of: str | None) -> Server:
+        cmd = [py, "-m", "loopline.deploy.server", "--env", env_name, "--config", str(config),
+               "--log-level", "warning", "--workers", str(args.workers), *auth,
+               *args.loopline_args.split()]  # fmt: skip
+        return Server(label, cmd, loop_env, [scenarios["v1"]], loopline=True,
+                      variant_of=variant_of)  # fmt: skip
+
     bare = [py, str(HERE / "baselines/bare_onnx_server.py"), "--model", str(onnx_path),
             "--labels", LABELS_JSON]  # fmt: skip
     predict = Scenario("predict", "/predict", scenarios["v1"].body, {"Content-Type": "image/png"})
@@ -356,6 +381,10 @@ def make_servers(
         torch_env["OMP_NUM_THREADS"] = str(args.torch_threads)
     known: dict[str, Server] = {
         "loopline": loopline("loopline", {}, [], chosen),
+        # --env servers: the deployment comes from the store; the canary's cost is read
+        # against the same server serving one version.
+        "env-direct": environment("loopline[env-direct]", "bench-direct", "loopline"),
+        "env-canary": environment("loopline[env-canary]", "bench-canary", "loopline[env-direct]"),
         "bare-onnx-2w": Server("bare-onnx-2w", [*bare, "--workers", "2"], env, [predict]),
         "bare-onnx": Server("bare-onnx", bare, env, [predict]),
         "naive-torch": Server(
