@@ -40,6 +40,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/train_bench.py
 	$(BIN)/python benchmarks/ingest_bench.py
 	$(BIN)/python benchmarks/serve_bench.py
+	$(BIN)/python benchmarks/predict_bench.py
 
 clean:
 	rm -rf .loopline lake .pytest_cache
