@@ -136,7 +136,7 @@ def make_png(path: Path) -> bytes:
     return buf.getvalue()
 
 
-def make_project(root: Path) -> tuple[Path, Path, Path]:
+def make_project(root: Path, canary_share: float = 0.1) -> tuple[Path, Path, Path]:
     """Export the model, register its bundle in a fresh project; return config, onnx, weights."""
     from vehicle_model import LABELS, export
 
@@ -168,9 +168,12 @@ def make_project(root: Path) -> tuple[Path, Path, Path]:
             "vehicles", metrics={}, bundle_uri=ref.uri, bundle_sha256=ref.sha256,
             dataset_version=None, run_id=None, lineage={},
         )  # fmt: skip
-    # Two environments served in process: one version alone, and a 50% canary that is never
+    # Two environments served in process: one version alone, and a canary that is never
     # judged (so it keeps routing for the whole run).
-    policy = "{min_requests: 1000000000, auto_promote: false, max_error_rate: 1.0, share: 0.5}"
+    policy = (
+        "{min_requests: 1000000000, auto_promote: false, max_error_rate: 1.0, "
+        f"share: {canary_share}}}"
+    )
     config.write_text(
         "project: bench\nmodel: {name: vehicles}\nenvironments:\n"
         "  bench-direct: {capture: {enabled: false}}\n"
@@ -181,7 +184,7 @@ def make_project(root: Path) -> tuple[Path, Path, Path]:
                                  model_name="vehicles", stable_version=1)  # fmt: skip
     store.deployments.change("bench-canary", expected_generation=1, action="canary",
                              actor="bench", candidate_version=2, strategy="canary",
-                             candidate_share=0.5, candidate_since=None)  # fmt: skip
+                             candidate_share=canary_share, candidate_since=None)  # fmt: skip
     store.close()
     return config, onnx_path, weights
 
@@ -430,6 +433,12 @@ def main() -> int:
         "--workers", type=int, default=2, help="Loopline server processes (the default)"
     )
     ap.add_argument("--loopline-args", default="", help="extra flags for every Loopline server")
+    ap.add_argument(
+        "--canary-share",
+        type=float,
+        default=0.1,
+        help="share of the env-canary server's canary (default: the config's 0.1)",
+    )
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=SPEC",
                     help="another Loopline server, e.g. 'capture=LOOPLINE_SERVE_CAPTURE=1' "
                     "or 'canary=--some-flag 5'; compared with loopline on v1")  # fmt: skip
@@ -450,7 +459,7 @@ def main() -> int:
     levels = [int(c) for c in args.concurrency.split(",")]
     root = Path(tempfile.mkdtemp(prefix="loopline-bench-"))
     try:
-        config, onnx_path, weights = make_project(root)
+        config, onnx_path, weights = make_project(root, args.canary_share)
         png = make_png(root / "image.png")
         lua = root / "post.lua"
         lua.write_text(LUA)
