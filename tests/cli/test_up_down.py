@@ -176,7 +176,7 @@ def test_a_target_whose_module_is_missing_is_one_line(
         code, _, err = invoke(command, "--env", "edge-a1", "--config", str(cli_project.config))
         assert code == 1
         line = error_line(err)
-        assert "edge target of environment edge-a1 is not available" in line
+        assert "environment edge-a1: the edge target is not available" in line
         assert "loopline.drivers.targets.no_such_module" in line
 
 

@@ -26,20 +26,14 @@ WaitOpt = Annotated[
 def _context(env: str, config: Path | None, **extra: object) -> tuple[Target, TargetContext]:
     """The environment's target and what it needs; a missing target module is one line."""
     from loopline.config import DEFAULT_CONFIG_FILE
-    from loopline.drivers.targets import TARGETS, TargetContext, get_target
+    from loopline.drivers.targets import TargetContext, get_target
 
     cfg = load_config(config, project=True)
     settings = cfg.environment(env)
-    module = TARGETS.get(settings.target, "").partition(":")[0]
     try:
         target = get_target(settings.target)
-    except ModuleNotFoundError as err:
-        if err.name is None or not module.startswith(err.name):
-            raise
-        raise ConfigError(
-            f"the {settings.target} target of environment {env} is not available in this "
-            f"installation ({module} is missing)"
-        ) from None
+    except ConfigError as err:  # a target not installed: say which environment wants it
+        raise ConfigError(f"environment {env}: {err}") from None
     path = (config or Path(DEFAULT_CONFIG_FILE)).resolve()
     return target, TargetContext(
         config=cfg, environment=env, env=settings, extra={"config_path": path, **extra}

@@ -123,7 +123,7 @@ def deployments(
         for s in statuses:
             row = s.to_dict()
             row["history"] = store.deployments.history(s.environment, limit=history)
-            row["devices"] = _devices(store, s.environment)
+            row["devices"] = store.devices.list(s.environment)
             rows.append(row)
     except LooplineError as err:
         fail(err)
@@ -175,20 +175,6 @@ def deployments(
                     cell(str(d.get("last_seen") or "")[:19].replace("T", " ")),
                 )
             console.print(devs)
-
-
-def _devices(store: Any, environment: str) -> list[dict[str, Any]]:
-    repo = getattr(store, "devices", None)
-    if repo is None:
-        return []
-    out = []
-    for d in repo.list(environment):
-        item = dict(d) if isinstance(d, dict) else dict(d.__dict__)
-        for key, value in item.items():
-            if hasattr(value, "isoformat"):
-                item[key] = value.isoformat()
-        out.append(item)
-    return out
 
 
 def status(

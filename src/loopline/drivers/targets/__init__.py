@@ -88,8 +88,28 @@ def get_target(name: str) -> Target:
     except KeyError:
         raise ConfigError(f"unknown target {name!r}; known: {', '.join(TARGETS)}") from None
     module, _, cls = path.partition(":")
-    target: Target = getattr(importlib.import_module(module), cls)()
+    try:
+        loaded = importlib.import_module(module)
+    except ModuleNotFoundError as err:  # this target's module, not one it imports
+        if not err.name or not module.startswith(err.name):
+            raise
+        raise ConfigError(
+            f"the {name} target is not available in this installation ({module} is missing); "
+            f"available: {', '.join(available_targets())}"
+        ) from None
+    target: Target = getattr(loaded, cls)()
     return target
+
+
+def available_targets() -> list[str]:
+    """The targets whose modules are installed."""
+    import importlib.util
+
+    return [
+        name
+        for name, path in TARGETS.items()
+        if importlib.util.find_spec(path.partition(":")[0]) is not None
+    ]
 
 
 def render(

@@ -95,7 +95,7 @@ def render(
     """
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"{out} exists and is not an empty folder; choose another --out")
-    impl = load_target(target)
+    impl = get_target(target)
     config.environment(environment)  # an unknown environment fails before any work
     existed = out.exists()
     try:
@@ -110,34 +110,6 @@ def render(
             else:
                 shutil.rmtree(out, ignore_errors=True)
         raise
-
-
-def load_target(name: str) -> Any:
-    """``get_target(name)``, with a plain error when that target is not installed."""
-    from loopline.drivers import targets
-
-    try:
-        return get_target(name)
-    except ModuleNotFoundError as err:
-        module = targets.TARGETS[name].partition(":")[0]
-        if err.name and module.startswith(err.name):
-            raise ConfigError(
-                f"the {name} target is not available in this installation ({module} is "
-                f"missing); available: {', '.join(available_targets())}"
-            ) from None
-        raise
-
-
-def available_targets() -> list[str]:
-    import importlib.util
-
-    from loopline.drivers import targets
-
-    return [
-        name
-        for name, path in targets.TARGETS.items()
-        if importlib.util.find_spec(path.partition(":")[0]) is not None
-    ]
 
 
 def _remove(path: Path) -> None:
