@@ -25,6 +25,7 @@ from pydantic import (
 from loopline.credentials import expand_url, has_masked_secret, mask_url
 from loopline.environments import EnvironmentConfig, with_defaults
 from loopline.errors import ConfigError
+from loopline.monitor.config import MonitorConfig
 
 DEFAULT_CONFIG_FILE = "loopline.yaml"
 STATE_DIR = ".loopline"
@@ -56,7 +57,7 @@ class StoreConfig(Section):
 class SourceConfig(Section):
     """A data lake (folder or fsspec URL) or a warehouse (SQL query over a SQLAlchemy URL)."""
 
-    kind: Literal["lake", "warehouse"] = "lake"
+    kind: Literal["lake", "warehouse", "captures"] = "lake"
     uri: str = "./lake"
     layout: Literal["auto", "manifest", "folders"] = "auto"
     manifest: str = "manifest.csv"
@@ -65,6 +66,13 @@ class SourceConfig(Section):
     query: str | None = None
     # Root that relative paths returned by a warehouse query are resolved against.
     images_root: str | None = None
+    # captures only: captured production images joined with their feedback labels, from
+    # this store's metadata and artifacts; the environment and model they answered for,
+    # and their prediction times (ISO-8601, ``until`` exclusive).
+    environment: str | None = None
+    model_name: str | None = None
+    since: str | None = None
+    until: str | None = None
 
     # Whatever records the config (a run, a step's params and cache key) gets the URL with
     # its password masked; an ${ENV} reference is kept and expanded only to connect.
@@ -75,6 +83,9 @@ class SourceConfig(Section):
 
 class DataConfig(Section):
     source: SourceConfig = SourceConfig()
+    # More sources whose records are added to ``source``'s (the retrain loop adds labelled
+    # production captures); ``filter`` applies to ``source`` only, as their columns differ.
+    also: list[SourceConfig] = []
     labels: list[str] = ["car", "van", "truck", "bus", "motorcycle"]
     # Only keep records matching these metadata values, e.g. {"condition": ["day"]}.
     filter: dict[str, list[str]] = {}
@@ -162,6 +173,7 @@ class Config(Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     gate: GateConfig = GateConfig()
     package: PackageConfig = PackageConfig()
+    monitor: MonitorConfig = MonitorConfig()
     environments: dict[str, EnvironmentConfig] = Field(
         default_factory=lambda: {
             name: EnvironmentConfig.model_validate(env) for name, env in with_defaults(None).items()

@@ -14,9 +14,12 @@ import typer
 from loopline import __version__
 from loopline.cli import build, evaluate, models, project, records, runs
 from loopline.cli import capture as capture_commands
+from loopline.cli import demo as demo_command
 from loopline.cli import deploy as deploy_command
 from loopline.cli import envs as env_commands
 from loopline.cli import hub as hub_command
+from loopline.cli import metrics as metrics_commands
+from loopline.cli import monitor as monitor_commands
 from loopline.cli import predict as predict_command
 from loopline.cli import release as release_commands
 from loopline.cli import render as render_command
@@ -47,6 +50,9 @@ release_commands.register(app)
 deploy_command.register(app)
 env_commands.register(app)
 hub_command.register(app)
+monitor_commands.register(app)
+metrics_commands.register(app)
+demo_command.register(app)
 
 
 def _version(value: bool) -> None:

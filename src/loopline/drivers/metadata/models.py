@@ -205,7 +205,10 @@ class Feedback(Base):
     )
     label: Mapped[str] = mapped_column(String(200))
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # Monitor reads feedback incrementally by this (ix_feedback_updated_at).
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, index=True
+    )
 
 
 class Deployment(Base):
@@ -341,3 +344,107 @@ class Capture(Base):
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
     dataset_version: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+
+class Alert(Base):
+    """One occurrence of an alert rule for a (version, scope): pending, firing, resolved.
+
+    ``open_key`` is the dedup key (rule, environment, model, version, scope) while the alert
+    is not resolved and NULL after: its unique constraint keeps one open alert per key.
+    """
+
+    __tablename__ = "alerts"
+    __table_args__ = (
+        UniqueConstraint("open_key", name="uq_alerts_open_key"),
+        Index("ix_alerts_rule_scope", "rule", "environment", "model_name", "scope"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    rule: Mapped[str] = mapped_column(String(100))
+    metric: Mapped[str] = mapped_column(String(100))
+    environment: Mapped[str] = mapped_column(String(64))
+    model_name: Mapped[str] = mapped_column(String(200))
+    model_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    scope: Mapped[str] = mapped_column(String(300), default="global")
+    severity: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16))  # pending | firing | resolved
+    op: Mapped[str] = mapped_column(String(4))
+    threshold: Mapped[float] = mapped_column(Float)
+    value: Mapped[float | None] = mapped_column(Float, nullable=True)
+    samples: Mapped[int] = mapped_column(Integer, default=0)
+    action: Mapped[str] = mapped_column(String(16), default="none")
+    open_key: Mapped[str | None] = mapped_column(String(700), nullable=True)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    fired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    resolved_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class AlertEvent(Base):
+    """One transition of an alert (or a note on it: notified, approved, retrain rejected)."""
+
+    __tablename__ = "alert_events"
+    __table_args__ = (Index("ix_alert_events_alert", "alert_id", "at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    alert_id: Mapped[int] = mapped_column(ForeignKey("alerts.id", ondelete="CASCADE"))
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    kind: Mapped[str] = mapped_column(String(32))  # pending, firing, resolved, notified, ...
+    value: Mapped[float | None] = mapped_column(Float, nullable=True)
+    actor: Mapped[str] = mapped_column(String(200), default="loopline (monitor)")
+    message: Mapped[str | None] = mapped_column(Text, nullable=True)
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class LoopRun(Base):
+    """The action an alert started (retrain, notify, approve), as a resumable state machine.
+
+    One per alert (unique ``alert_id``): a monitor restarted mid-loop finds it and resumes
+    it; two monitors never run two loops for one alert. ``owner`` and ``heartbeat_at`` say
+    which process holds it; a stale heartbeat lets another take it over.
+    """
+
+    __tablename__ = "loops"
+    __table_args__ = (UniqueConstraint("alert_id", name="uq_loops_alert"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    alert_id: Mapped[int] = mapped_column(ForeignKey("alerts.id", ondelete="CASCADE"))
+    action: Mapped[str] = mapped_column(String(16))
+    model_name: Mapped[str] = mapped_column(String(200))
+    environment: Mapped[str] = mapped_column(String(64))
+    incumbent_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # waiting_approval | running | succeeded | rejected | failed
+    status: Mapped[str] = mapped_column(String(24))
+    step: Mapped[str] = mapped_column(String(24))
+    owner: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    dataset_version: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    run_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    model_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    replica_test_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    deployment_generation: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    decided_by: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    state: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    timeline: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class MonitorState(Base):
+    """What a monitoring pass carries to the next (cursors, windows, CUSUM statistics).
+
+    ``generation`` grows with each write (compare-and-set), so two monitors never both
+    advance the same cursor.
+    """
+
+    __tablename__ = "monitor_state"
+
+    key: Mapped[str] = mapped_column(String(300), primary_key=True)
+    generation: Mapped[int] = mapped_column(Integer, default=0)
+    state: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -12,13 +12,16 @@ from contextlib import contextmanager
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
+from loopline.drivers.metadata.alerts import AlertRepository
 from loopline.drivers.metadata.audit import AuditLog
 from loopline.drivers.metadata.captures import CaptureRepository
 from loopline.drivers.metadata.database import Database
 from loopline.drivers.metadata.datasets import DatasetRepository
 from loopline.drivers.metadata.deployments import DeploymentRepository
 from loopline.drivers.metadata.devices import DeviceRepository
+from loopline.drivers.metadata.loops import LoopRepository
 from loopline.drivers.metadata.migrate import MIGRATIONS, head_revision, migrate
+from loopline.drivers.metadata.monitor_state import MonitorStateRepository
 from loopline.drivers.metadata.predictions import PredictionRepository
 from loopline.drivers.metadata.registry import ModelRegistry, Registration, parse_model_ref
 from loopline.drivers.metadata.replica_tests import ReplicaTestRepository
@@ -52,6 +55,9 @@ class MetadataStore:
         self.replica_tests = ReplicaTestRepository(self._db)
         self.captures = CaptureRepository(self._db)
         self.devices = DeviceRepository(self._db)
+        self.alerts = AlertRepository(self._db)
+        self.loops = LoopRepository(self._db)
+        self.monitor_state = MonitorStateRepository(self._db)
         if migrate:
             self.migrate()
 
