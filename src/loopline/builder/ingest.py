@@ -3,6 +3,11 @@
 The dataset version is the sha256 of all records (path, label, metadata and the sha256 of
 each file's bytes), so ingesting the same data twice gives the same version. The step only
 returns the records and a description of the version; the recorder stores the version.
+
+With ``data.also`` (e.g. the retrain loop's labelled production captures) the records are
+``data.source``'s, then each extra source's. ``data.filter`` applies to ``data.source``'s
+records only: the extra sources have other columns (a captures source has no
+``condition``), and what they add was chosen by their own settings.
 """
 
 from __future__ import annotations
@@ -25,12 +30,13 @@ def dataset_version(records: pd.DataFrame) -> str:
 
 
 def ingest(ctx: StepContext, params: DataConfig) -> dict[str, Any]:
+    from loopline.drivers.data.union import UnionSource
+
     source = ctx.resources.source
-    records = source.list_records()
-    for column, allowed in params.filter.items():
-        if column not in records.columns:
-            raise_missing(column, records)
-        records = records[records[column].astype(str).isin([str(v) for v in allowed])]
+    if isinstance(source, UnionSource):
+        records = source.combine(apply_filter(source.primary.list_records(), params.filter))
+    else:
+        records = apply_filter(source.list_records(), params.filter)
     records = records.reset_index(drop=True)
     bar = ctx.progress(len(records), "hashing files")
 
@@ -69,6 +75,15 @@ def ingest(ctx: StepContext, params: DataConfig) -> dict[str, Any]:
     }
 
 
+def apply_filter(records: pd.DataFrame, wanted: dict[str, list[str]]) -> pd.DataFrame:
+    """The records whose ``column`` value is one of the allowed, for each filtered column."""
+    for column, allowed in wanted.items():
+        if column not in records.columns:
+            raise_missing(column, records)
+        records = records[records[column].astype(str).isin([str(v) for v in allowed])]
+    return records
+
+
 def raise_missing(column: str, records: pd.DataFrame) -> None:
     from loopline.errors import ConfigError
 
@@ -85,11 +100,13 @@ def source_fingerprint(ctx: StepContext, params: Any) -> str:
 
 
 def source_modules(params: DataConfig) -> list[str]:
-    """Code modules for ingest: the driver of the configured source (``SOURCES[kind]``).
+    """Code modules for ingest: the driver of every configured source (``SOURCES[kind]``,
+    ``data.source``'s and each of ``data.also``'s) and, with ``data.also``, the union's.
 
-    The driver is imported by name from a table, so no import scan reaches it; yet its
-    ``list_records`` decides ingest's output, so its module is part of ingest's code version.
+    The drivers are imported by name from a table, so no import scan reaches them; yet their
+    ``list_records`` decides ingest's output, so their modules are part of ingest's code
+    version.
     """
-    from loopline.drivers.data import source_module
+    from loopline.drivers.data import source_modules as modules
 
-    return [source_module(params.source.kind)]
+    return modules(params)

@@ -1,8 +1,9 @@
 """Package: export to ONNX, prove ONNX Runtime matches torch, write the model bundle.
 
 The bundle (see ``loopline.bundle``) holds the self-contained ONNX model, labels,
-preprocessing spec, metadata, the build context of a torch-free serving image, and a
-sha256 manifest. It is stored in the artifact store by content.
+preprocessing spec, metadata, the monitoring reference (``monitoring.json``, see
+``builder.monitoring``), the build context of a torch-free serving image, and a sha256
+manifest. It is stored in the artifact store by content.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pandas as pd
 
 from loopline import __version__
 from loopline.builder.images import load_images
+from loopline.builder.monitoring import monitoring_file
 from loopline.bundle import PreprocessSpec, to_input, write_bundle
 from loopline.config import PackageConfig
 from loopline.digest import sha256_bytes
@@ -116,6 +118,9 @@ def package(
             "preprocess.json": json.dumps(preprocess.to_dict(), indent=2).encode(),
             "metadata.json": json.dumps(metadata, indent=2, sort_keys=True).encode(),
         }
+        files["monitoring.json"] = monitoring_file(
+            ctx, net, splits, spec.input_size, model["labels"]
+        )
         files.update(image_context_files())
         tar = Path(tmp) / "bundle.tar"
         write_bundle(files, tar)

@@ -453,12 +453,15 @@ def _describe(jobs: list[Job], x: np.ndarray, ready: threading.Event) -> None:
         stats = image_stats(x, channels_last=False).astype(np.float64)  # short decimals
         brightness = np.round(stats[:, :2], 3).tolist()
         rgb = np.round(stats[:, 2:5], 2).tolist()
+        extra = np.round(stats[:, 5:8], 3).tolist()
         start = 0
         for job in jobs:
             sizes = job.sizes or [None] * job.n
             for i, (row, size) in enumerate(zip(job.stats, sizes, strict=True)):
                 b, c = brightness[start + i]
+                sharp, sat, dark = extra[start + i]
                 row.update(brightness=b, contrast=c, mean_rgb=rgb[start + i])
+                row.update(sharpness=sharp, saturation=sat, dark_share=dark)
                 if size is not None:
                     row["bytes"] = size
             start += job.n

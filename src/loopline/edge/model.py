@@ -174,7 +174,9 @@ class ModelSlot:
             "confidence": float(probs[top]),
             "probabilities": [round(float(p), 6) for p in probs],
             "input_stats": {"brightness": round(stats[0], 3), "contrast": round(stats[1], 3),
-                            "mean_rgb": [round(v, 2) for v in stats[2:5]], "bytes": len(data)},
+                            "mean_rgb": [round(v, 2) for v in stats[2:5]], "bytes": len(data),
+                            "sharpness": round(stats[5], 3), "saturation": round(stats[6], 3),
+                            "dark_share": round(stats[7], 3)},
         }  # fmt: skip
 
 

@@ -19,6 +19,7 @@ holds one repository per noun::
     store.audit        record(actor, action, subject, **details), recent(limit)
     store.predictions  log(rows), record_feedback(items, labels), find(...), count(...),
                        feedback(prediction_ids)
+    store.alerts       open_alert(...) -> AlertRecord | None, transition(id, from, to), list, ...
 
 Every change that must not race is one atomic statement or one serialised transaction
 (see ``database``): concurrent callers, in threads or processes, never see an

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import case, func, or_, select
+from sqlalchemy import Row, case, func, or_, select
 from sqlalchemy.exc import IntegrityError
 
 from loopline.drivers.metadata.database import Database
@@ -195,6 +195,186 @@ class PredictionRepository:
                 out.update((fb.prediction_id, fb.label) for fb in s.scalars(q))
         return out
 
+    # Incremental reads for Monitor (``loopline.monitor.stream``). Core selects of the
+    # columns a pass needs, never ORM objects, each on an index: feedback by
+    # ``updated_at`` (ix_feedback_updated_at), predictions by environment and ``at``
+    # (ix_predictions_env_at). Only routed answers: shadow and addressed ones are left out.
+
+    def labelled_rows(
+        self,
+        environment: str,
+        model_name: str,
+        *,
+        after: datetime | None = None,
+        ids: list[str] | None = None,
+        newest: bool = False,
+        limit: int | None = None,
+        metadata: bool = True,
+    ) -> list[Row[Any]]:
+        """Labelled predictions (the log joined with its feedback), by label time.
+
+        ``after`` keeps labels written (or updated) strictly after it; ``ids`` only those
+        predictions; ``newest`` takes the newest ``limit`` instead of the oldest. Rows are
+        ordered by ``labelled_at`` and have ``id, at, labelled_at, model_version, variant,
+        predicted, actual, confidence, camera_id`` and, with ``metadata``,
+        ``request_metadata``.
+        """
+        cols = [*_LABELLED_COLUMNS, *([Prediction.request_metadata] if metadata else [])]
+        q = _routed(
+            select(*cols).join(Prediction, Prediction.id == Feedback.prediction_id),
+            environment,
+            model_name,
+        )
+        if after is not None:
+            q = q.where(Feedback.updated_at > _utc(after))
+        order = (Feedback.updated_at, Feedback.prediction_id)
+        return self._rows(q, order, "labelled_at", Feedback.prediction_id, ids, newest, limit)
+
+    def labelled_keys(
+        self, environment: str, model_name: str, since: datetime, until: datetime
+    ) -> list[tuple[str, datetime]]:
+        """``(prediction_id, labelled_at)`` of the labels written in ``[since, until]``."""
+        q = _routed(
+            select(Feedback.prediction_id, Feedback.updated_at)
+            .join(Prediction, Prediction.id == Feedback.prediction_id)
+            .where(Feedback.updated_at >= _utc(since), Feedback.updated_at <= _utc(until)),
+            environment,
+            model_name,
+        )
+        with self._db.engine.connect() as conn:
+            return [(r[0], r[1]) for r in conn.execute(q)]
+
+    def logged_rows(
+        self,
+        environment: str,
+        model_name: str,
+        *,
+        after: datetime | None = None,
+        ids: list[str] | None = None,
+        newest: bool = False,
+        limit: int | None = None,
+        metadata: bool = True,
+    ) -> list[Row[Any]]:
+        """Logged predictions, labelled or not, by prediction time (as ``labelled_rows``).
+
+        Rows have ``id, at, model_version, variant, predicted, confidence,
+        probabilities, input_stats, camera_id`` and, with ``metadata``,
+        ``request_metadata``.
+        """
+        cols = [*_LOGGED_COLUMNS, *([Prediction.request_metadata] if metadata else [])]
+        q = _routed(select(*cols), environment, model_name)
+        if after is not None:
+            q = q.where(Prediction.at > _utc(after))
+        order = (Prediction.at, Prediction.id)
+        return self._rows(q, order, "at", Prediction.id, ids, newest, limit)
+
+    def logged_keys(
+        self, environment: str, model_name: str, since: datetime, until: datetime
+    ) -> list[tuple[str, datetime]]:
+        """``(id, at)`` of the predictions made in ``[since, until]``."""
+        q = _routed(
+            select(Prediction.id, Prediction.at).where(
+                Prediction.at >= _utc(since), Prediction.at <= _utc(until)
+            ),
+            environment,
+            model_name,
+        )
+        with self._db.engine.connect() as conn:
+            return [(r[0], r[1]) for r in conn.execute(q)]
+
+    def _rows(
+        self,
+        q: Any,
+        order: tuple[Any, ...],
+        sort_key: str,
+        id_col: Any,
+        ids: list[str] | None,
+        newest: bool,
+        limit: int | None,
+    ) -> list[Row[Any]]:
+        if ids is not None:
+            out: list[Row[Any]] = []
+            with self._db.engine.connect() as conn:
+                for i in range(0, len(ids), _CHUNK):
+                    chunk = q.where(id_col.in_(ids[i : i + _CHUNK])).order_by(*order)
+                    out.extend(conn.execute(chunk))
+            return sorted(out, key=lambda r: (r._mapping[sort_key], r.id))
+        q = q.order_by(*(c.desc() for c in order) if newest else order)
+        if limit is not None:
+            q = q.limit(limit)
+        with self._db.engine.connect() as conn:
+            rows = list(conn.execute(q))
+        return rows[::-1] if newest else rows
+
+    def with_feedback(
+        self,
+        environment: str,
+        model_name: str,
+        *,
+        since: datetime | None = None,
+        labelled: bool = False,
+        limit: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """The log joined with its feedback (every variant), the newest ``limit`` made at
+        or after ``since``, oldest first; ``labelled`` keeps only answers with a label."""
+        q = select(
+            *_LOGGED_COLUMNS,
+            Prediction.request_metadata,
+            Prediction.deployment_generation,
+            Feedback.label.label("actual"),
+            Feedback.updated_at.label("labelled_at"),
+        ).where(Prediction.environment == environment, Prediction.model_name == model_name)
+        if labelled:
+            q = q.join(Feedback, Feedback.prediction_id == Prediction.id)
+        else:
+            q = q.outerjoin(Feedback, Feedback.prediction_id == Prediction.id)
+        if since is not None:
+            q = q.where(Prediction.at >= _utc(since))
+        q = q.order_by(Prediction.at.desc(), Prediction.id.desc())
+        if limit is not None:
+            q = q.limit(limit)
+        with self._db.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(q)][::-1]
+
+    def labelled_versions(self, environment: str, model_name: str) -> list[int]:
+        """The versions of ``model_name`` with labelled routed answers in ``environment``."""
+        q = _routed(
+            select(Prediction.model_version)
+            .join(Feedback, Feedback.prediction_id == Prediction.id)
+            .distinct(),
+            environment,
+            model_name,
+        )
+        with self._db.engine.connect() as conn:
+            return sorted(int(v) for (v,) in conn.execute(q))
+
+    def latest_labelled(
+        self,
+        environment: str,
+        model_name: str,
+        version: int,
+        window: int,
+        by: str | None = None,
+    ) -> list[Row[Any]]:
+        """The newest ``window`` labelled routed answers of a version, by prediction time;
+        with ``by`` (``camera_id`` or a request-metadata key), the newest ``window`` of
+        each of its values, each row with its ``segment``. Rows as ``labelled_rows``."""
+        base = _routed(
+            select(*_LABELLED_COLUMNS).join(Prediction, Prediction.id == Feedback.prediction_id),
+            environment,
+            model_name,
+        ).where(Prediction.model_version == version)
+        newest = (Prediction.at.desc(), Prediction.id.desc())
+        if by is None:
+            q = base.order_by(*newest).limit(window)
+        else:
+            seg = segment_column(by)
+            rank = func.row_number().over(partition_by=seg, order_by=newest)
+            sub = base.add_columns(seg.label("segment"), rank.label("rank")).subquery()
+            q = select(sub).where(sub.c.rank <= window)
+        with self._db.engine.connect() as conn:
+            return list(conn.execute(q))
+
 
 def _record_feedback(
     s: Any, items: list[tuple[str, str]], labels: list[str] | None
@@ -250,3 +430,48 @@ def _filter(
     if until is not None:
         q = q.where(Prediction.at < until)
     return q
+
+
+_LABELLED_COLUMNS = (
+    Feedback.prediction_id.label("id"),
+    Prediction.at,
+    Feedback.updated_at.label("labelled_at"),
+    Prediction.model_version,
+    Prediction.variant,
+    Prediction.label.label("predicted"),
+    Feedback.label.label("actual"),
+    Prediction.confidence,
+    Prediction.camera_id,
+)
+_LOGGED_COLUMNS = (
+    Prediction.id,
+    Prediction.at,
+    Prediction.model_version,
+    Prediction.variant,
+    Prediction.label.label("predicted"),
+    Prediction.confidence,
+    Prediction.probabilities,
+    Prediction.input_stats,
+    Prediction.camera_id,
+)
+UNROUTED_VARIANTS = ("shadow", "addressed")
+
+
+def segment_column(name: str) -> Any:
+    """The SQL expression of a segment: the ``camera_id`` column, or a request-metadata
+    key (as text)."""
+    if name == "camera_id":
+        return Prediction.camera_id
+    return Prediction.request_metadata[name].as_string()
+
+
+def _routed(q: Any, environment: str, model_name: str) -> Any:
+    return q.where(
+        Prediction.environment == environment,
+        Prediction.model_name == model_name,
+        or_(Prediction.variant.is_(None), Prediction.variant.not_in(UNROUTED_VARIANTS)),
+    )
+
+
+def _utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)

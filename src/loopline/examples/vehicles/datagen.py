@@ -10,6 +10,10 @@ This module decides what each file is and writes it; :mod:`.scene` draws the pix
 
 Output is a pure function of the arguments: image ``i`` draws only from
 ``numpy.random.default_rng([seed, i])``, so the same seed gives byte-identical files.
+
+:func:`render_image` draws one labelled frame of a lake's camera on demand (the demo's
+simulated CCTV traffic): the same cameras as the lake of that seed, from a random stream of
+its own, so a production frame is never a copy of a lake file.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import csv
 import io
 import os
 import shutil
+import threading
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -40,6 +45,9 @@ _Row = tuple[str, str, str, str, str]  # one manifest row, in MANIFEST_COLUMNS o
 _PROGRESS_EVERY = 50
 _EPOCH = datetime(2024, 6, 3, tzinfo=UTC)
 _HOURS = {"day": (8, 17), "night": (21, 29), "fog": (5, 10), "rain": (7, 20)}
+_STREAM = 0x57EA  # render_image's random stream, apart from the lake's [seed, i]
+_CAMERAS: dict[tuple[int, int, tuple[int, int]], Camera] = {}
+_CAMERAS_LOCK = threading.Lock()
 
 
 @dataclass
@@ -140,6 +148,67 @@ def generate_lake(
         per_condition={c: per_condition[c] for c in conds},
         defects={k: kinds[k] for k in DEFECT_KINDS},
     )
+
+
+def render_image(
+    seed: int,
+    index: int,
+    camera_index: int,
+    condition: str,
+    label: str,
+    size: tuple[int, int] = (96, 72),
+    image_format: str = "PNG",
+) -> bytes:
+    """One encoded frame of ``label`` seen by camera ``camera_index`` in ``condition``.
+
+    The camera is the lake's (``generate_lake(seed=seed)`` names it
+    ``camera_id(camera_index)``); the frame is a pure function of the arguments, drawn from
+    a random stream apart from the lake's, so it never repeats a lake file. Safe to call
+    from several threads (cameras are built once and shared read-only).
+
+    Args:
+        seed: The lake's seed (which cameras).
+        index: Which frame; another index gives another vehicle, pose and noise.
+        camera_index: 0-based camera number.
+        condition: One of ``CONDITIONS``.
+        label: One of ``CLASSES``.
+        size: ``(width, height)`` in pixels.
+        image_format: ``PNG`` or ``JPEG``.
+
+    Raises:
+        ConfigError: An unknown condition, label or format, or an argument out of range.
+    """
+    if camera_index < 0 or index < 0:
+        raise ConfigError(f"camera_index and index must be >= 0, got {camera_index}, {index}")
+    _check_args(1, [condition], camera_index + 1, size, 0.0)
+    if label not in CLASSES:
+        raise ConfigError(f"unknown label {label!r}; allowed: {', '.join(CLASSES)}")
+    if image_format not in ("PNG", "JPEG"):
+        raise ConfigError(f"unknown image format {image_format!r}; allowed: PNG, JPEG")
+    size = (int(size[0]), int(size[1]))
+    camera = _camera(seed, camera_index, size)
+    rng = np.random.default_rng([seed, _STREAM, camera_index, index])
+    buf = io.BytesIO()
+    image = Image.fromarray(render(label, condition, camera, rng, size))
+    if image_format == "PNG":
+        image.save(buf, format="PNG", compress_level=1)
+    else:
+        image.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def camera_id(camera_index: int) -> str:
+    """The lake's name of camera ``camera_index`` (0-based): ``cam01``, ``cam02``, ..."""
+    return _camera_id(camera_index)
+
+
+def _camera(seed: int, k: int, size: tuple[int, int]) -> Camera:
+    key = (int(seed), int(k), size)
+    with _CAMERAS_LOCK:
+        camera = _CAMERAS.get(key)
+        if camera is None:
+            camera = _CAMERAS[key] = make_camera(seed, k, size)
+    return camera
 
 
 def _check_args(

@@ -1,0 +1,304 @@
+"""Rolling windows of one (environment, model): per version and scope, the newest samples.
+
+Each (version, scope) keeps two series, labelled predictions (``Outcome``) and logged
+ones (``Logged``), ordered by *prediction* time ``at``: a label arriving late and out of
+order lands where its prediction was, and a window of "the last 50 labelled" means the 50
+newest predictions that have a label. A series holds at most ``max_count`` samples and
+none older than ``max_age_s`` before the view's ``now``; a sample older than everything a
+full series holds is dropped at once.
+
+A label updated to a different value comes back from the stream as a new ``Outcome`` for
+the same ``prediction_id``: it replaces the previous one in place (same ``at``), so the
+window counts that prediction once, with its latest label. For sequential tests it is a
+new observation (``new_outcomes``, in label-arrival order).
+
+Versions have windows of their own, so a new version taking the traffic starts empty;
+``keep_versions`` forgets versions no longer watched. ``to_state``/``from_state`` carry the
+windows between passes as compact JSON (each sample once per version, times as integer
+microseconds, floats rounded).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from loopline.monitor.types import GLOBAL, Logged, Outcome, scope_name
+
+if TYPE_CHECKING:
+    from loopline.drivers.metadata.store import MetadataStore
+    from loopline.monitor.config import AlertRule, MonitorConfig
+    from loopline.monitor.reference import Reference
+    from loopline.monitor.stream import NewRows
+    from loopline.monitor.types import VersionView
+
+STATE_VERSION = 1
+MIN_COUNT = 500
+DEFAULT_MAX_AGE_S = 7 * 86400.0  # when some window is a count: keep a week of samples
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_US = timedelta(microseconds=1)
+
+S = TypeVar("S", Outcome, Logged)
+
+
+class _Series(Generic[S]):
+    """Samples by (at, prediction_id), at most ``max_count``, oldest first."""
+
+    __slots__ = ("items", "keys")
+
+    def __init__(self) -> None:
+        self.keys: list[tuple[datetime, str]] = []
+        self.items: dict[str, S] = {}
+
+    def put(self, sample: S, max_count: int) -> None:
+        pid = sample.prediction_id
+        old = self.items.get(pid)
+        if old is not None:
+            if old.at != sample.at:  # the same prediction cannot move; keep keys consistent
+                self.keys.remove((old.at, pid))
+                bisect.insort(self.keys, (sample.at, pid))
+            self.items[pid] = sample
+            return
+        key = (sample.at, pid)
+        if len(self.keys) >= max_count and key < self.keys[0]:
+            return  # older than everything a full series holds
+        bisect.insort(self.keys, key)
+        self.items[pid] = sample
+        while len(self.keys) > max_count:
+            _, dropped = self.keys.pop(0)
+            del self.items[dropped]
+
+    def prune(self, oldest: datetime) -> None:
+        cut = bisect.bisect_left(self.keys, (oldest, ""))
+        if cut:
+            for _, pid in self.keys[:cut]:
+                del self.items[pid]
+            del self.keys[:cut]
+
+    def newest(self, count: int | None, since: datetime | None) -> list[S]:
+        start = 0 if since is None else bisect.bisect_left(self.keys, (since, ""))
+        if count is not None:
+            start = max(start, len(self.keys) - count)
+        return [self.items[pid] for _, pid in self.keys[start:]]
+
+
+def _scopes_of(sample: Outcome | Logged) -> list[str]:
+    return [GLOBAL, *(scope_name(c, v) for c, v in sample.segments.items())]
+
+
+def _in_scope(sample: Outcome | Logged, scope: str) -> bool:
+    return scope == GLOBAL or scope in _scopes_of(sample)
+
+
+class Windows:
+    """Bounded windows per (version, scope) of one (environment, model)."""
+
+    def __init__(self, max_count: int, max_age_s: float) -> None:
+        self.max_count = max_count
+        self.max_age_s = max_age_s
+        self._labelled: dict[int, dict[str, _Series[Outcome]]] = {}
+        self._logged: dict[int, dict[str, _Series[Logged]]] = {}
+        self._new_outcomes: dict[int, list[Outcome]] = {}
+        self._new_logged: dict[int, list[Logged]] = {}
+
+    def add(self, new: NewRows) -> None:
+        """Put a pass's new rows in their windows; they become the views' ``new_*``."""
+        self._new_outcomes, self._new_logged = {}, {}
+        for o in new.outcomes:
+            self._put(self._labelled, o)
+            self._new_outcomes.setdefault(o.model_version, []).append(o)
+        for lg in new.logged:
+            self._put(self._logged, lg)
+            self._new_logged.setdefault(lg.model_version, []).append(lg)
+
+    def _put(self, table: dict[int, dict[str, _Series[Any]]], sample: Outcome | Logged) -> None:
+        series = table.setdefault(sample.model_version, {})
+        for scope in _scopes_of(sample):
+            series.setdefault(scope, _Series()).put(sample, self.max_count)
+
+    def versions(self) -> list[int]:
+        """The versions with samples, ascending."""
+        return sorted(set(self._labelled) | set(self._logged))
+
+    def keep_versions(self, versions: Iterable[int]) -> None:
+        """Forget the windows of every version not in ``versions``."""
+        keep = set(versions)
+        for table in (self._labelled, self._logged, self._new_outcomes, self._new_logged):
+            for v in [v for v in table if v not in keep]:
+                del table[v]
+
+    def prune(self, now: datetime) -> None:
+        """Drop samples older than ``max_age_s`` before ``now``."""
+        oldest = now - timedelta(seconds=self.max_age_s)
+        for table in (self._labelled, self._logged):
+            for by_scope in table.values():
+                for series in by_scope.values():
+                    series.prune(oldest)
+
+    def view(
+        self,
+        environment: str,
+        model_name: str,
+        version: int,
+        now: datetime,
+        store: MetadataStore,
+        reference: Reference | None,
+    ) -> VersionView:
+        """The windows of ``version`` at ``now`` (samples past ``max_age_s`` dropped)."""
+        self.prune(now)
+        return WindowView(
+            environment=environment,
+            model_name=model_name,
+            model_version=version,
+            now=now,
+            store=store,
+            reference=reference,
+            _labelled=self._labelled.get(version, {}),
+            _logged=self._logged.get(version, {}),
+            _new_outcomes=self._new_outcomes.get(version, []),
+            _new_logged=self._new_logged.get(version, []),
+        )
+
+    def to_state(self) -> dict[str, Any]:
+        """The windows as compact JSON (the ``new_*`` rows are not kept)."""
+        versions: dict[str, Any] = {}
+        for v in self.versions():
+            outcomes = _union(self._labelled.get(v, {}))
+            logged = _union(self._logged.get(v, {}))
+            versions[str(v)] = {
+                "labelled": [_pack_outcome(o) for o in outcomes],
+                "logged": [_pack_logged(lg) for lg in logged],
+            }
+        return {"v": STATE_VERSION, "versions": versions}
+
+    @classmethod
+    def from_state(cls, d: dict[str, Any] | None, max_count: int, max_age_s: float) -> Windows:
+        """Windows from ``to_state`` (empty for None or another state version)."""
+        w = cls(max_count, max_age_s)
+        if not d or d.get("v") != STATE_VERSION:
+            return w
+        for v, packed in (d.get("versions") or {}).items():
+            version = int(v)
+            for row in packed.get("labelled", []):
+                w._put(w._labelled, _unpack_outcome(row, version))
+            for row in packed.get("logged", []):
+                w._put(w._logged, _unpack_logged(row, version))
+        return w
+
+
+@dataclass
+class WindowView:
+    """``VersionView`` over one version's windows (see ``loopline.monitor.types``)."""
+
+    environment: str
+    model_name: str
+    model_version: int
+    now: datetime
+    store: MetadataStore
+    reference: Reference | None
+    _labelled: dict[str, _Series[Outcome]] = field(repr=False)
+    _logged: dict[str, _Series[Logged]] = field(repr=False)
+    _new_outcomes: list[Outcome] = field(repr=False)
+    _new_logged: list[Logged] = field(repr=False)
+
+    def scopes(self, segment_by: list[str]) -> list[str]:
+        """GLOBAL, then one scope per value seen of each ``segment_by`` column, sorted."""
+        prefixes = tuple(scope_name(c, "") for c in segment_by)
+        seen = {s for s in (*self._labelled, *self._logged) if s.startswith(prefixes)}
+        return [GLOBAL, *sorted(seen)]
+
+    def _since(self, seconds: float | None) -> datetime | None:
+        return None if seconds is None else self.now - timedelta(seconds=seconds)
+
+    def labelled(
+        self, scope: str, count: int | None = None, seconds: float | None = None
+    ) -> list[Outcome]:
+        series = self._labelled.get(scope)
+        return series.newest(count, self._since(seconds)) if series else []
+
+    def logged(
+        self, scope: str, count: int | None = None, seconds: float | None = None
+    ) -> list[Logged]:
+        series = self._logged.get(scope)
+        return series.newest(count, self._since(seconds)) if series else []
+
+    def new_outcomes(self, scope: str) -> list[Outcome]:
+        return [o for o in self._new_outcomes if _in_scope(o, scope)]
+
+    def new_logged(self, scope: str) -> list[Logged]:
+        return [lg for lg in self._new_logged if _in_scope(lg, scope)]
+
+
+def rule_scopes(rule: AlertRule, view: VersionView, config: MonitorConfig) -> list[str]:
+    """The scopes a rule measures: GLOBAL for a global rule, else ``view.scopes`` of its
+    segment columns (``rule.segment_by``, default ``config.segments``)."""
+    if rule.scope == "global":
+        return [GLOBAL]
+    return view.scopes(rule.segment_by or config.segments)
+
+
+def sizes_for(config: MonitorConfig) -> tuple[int, float]:
+    """``(max_count, max_age_s)`` the windows need for ``config``'s rules.
+
+    The count is the largest ``window``/``resolve_window`` (at least ``MIN_COUNT``); the
+    age the largest ``window_s`` when every windowed rule has one, else
+    ``DEFAULT_MAX_AGE_S`` (a count window must not lose samples to age).
+    """
+    counts = [MIN_COUNT]
+    ages: list[float] = []
+    count_only = False
+    for rule in config.rules:
+        counts += [n for n in (rule.window, rule.resolve_window) if n is not None]
+        if rule.window_s is not None:
+            ages.append(rule.window_s)
+        elif rule.window is not None:
+            count_only = True
+    max_age = DEFAULT_MAX_AGE_S if count_only or not ages else max(ages)
+    return max(counts), max_age
+
+
+def _union(by_scope: dict[str, _Series[S]]) -> list[S]:
+    out: dict[str, S] = {}
+    for series in by_scope.values():
+        out.update(series.items)
+    return sorted(out.values(), key=lambda s: (s.at, s.prediction_id))
+
+
+def _us(t: datetime) -> int:
+    return (t - _EPOCH) // _US
+
+
+def _time(us: int) -> datetime:
+    return _EPOCH + us * _US
+
+
+def _pack_outcome(o: Outcome) -> list[Any]:
+    return [o.prediction_id, _us(o.at), _us(o.labelled_at), o.predicted, o.actual,
+            round(o.confidence, 6), o.variant, o.segments]  # fmt: skip
+
+
+def _unpack_outcome(row: list[Any], version: int) -> Outcome:
+    pid, at, labelled_at, predicted, actual, confidence, variant, segments = row
+    return Outcome(pid, _time(at), _time(labelled_at), version, variant, predicted, actual,
+                   float(confidence), dict(segments or {}))  # fmt: skip
+
+
+def _pack_logged(lg: Logged) -> list[Any]:
+    probs = None if lg.probabilities is None else [
+        None if p is None else round(float(p), 5) for p in lg.probabilities
+    ]  # fmt: skip
+    stats = None if lg.input_stats is None else {
+        k: round(float(v), 5) for k, v in lg.input_stats.items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    }  # fmt: skip
+    return [lg.prediction_id, _us(lg.at), lg.predicted, round(lg.confidence, 6), lg.variant,
+            lg.segments, probs, stats]  # fmt: skip
+
+
+def _unpack_logged(row: list[Any], version: int) -> Logged:
+    pid, at, predicted, confidence, variant, segments, probs, stats = row
+    return Logged(pid, _time(at), version, variant, predicted, float(confidence), probs, stats,
+                  dict(segments or {}))  # fmt: skip

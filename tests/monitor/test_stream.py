@@ -1,0 +1,164 @@
+"""The monitor's incremental read, on every metadata backend: new rows once, late rows
+within ``late_s`` once, label updates again, shadow and addressed answers never."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from loopline.drivers.metadata.models import Feedback
+from loopline.drivers.metadata.store import MetadataStore
+from loopline.monitor import stream
+from loopline.monitor.stream import read_new
+
+T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+SEGMENTS = ["camera_id", "site"]
+
+
+def pid(name: str) -> str:
+    return name.ljust(32, "-")
+
+
+def log(store: MetadataStore, *items: tuple[str, float], **kw: Any) -> None:
+    """Log predictions named ``name`` made ``offset`` seconds after T0."""
+    rows = []
+    for name, offset in items:
+        row = {
+            "id": pid(name),
+            "at": T0 + timedelta(seconds=offset),
+            "model_name": "m",
+            "model_version": 1,
+            "source": "v1",
+            "label": "car",
+            "confidence": 0.9,
+            "probabilities": [0.9, 0.1],
+            "request_metadata": {"camera_id": "cam-1", "site": "north"},
+            "input_stats": {"brightness": 100.0},
+            "environment": "production",
+            "variant": "stable",
+            "camera_id": "cam-1",
+        }
+        row.update(kw)
+        rows.append(row)
+    store.predictions.log(rows)
+
+
+def label_at(store: MetadataStore, name: str, label: str, at: datetime) -> None:
+    """A label written with an old ``updated_at``: a transaction that committed late."""
+    with store.session() as s:
+        s.add(Feedback(prediction_id=pid(name), label=label, at=at, updated_at=at))
+
+
+def names(rows: list[Any]) -> list[str]:
+    return [r.prediction_id.rstrip("-") for r in rows]
+
+
+@pytest.fixture
+def store(db_url: str) -> Any:
+    s = MetadataStore(db_url)
+    yield s
+    s.close()
+
+
+def test_new_rows_once_and_late_rows_within_late_s_once(store: MetadataStore) -> None:
+    log(store, ("a", 0), ("b", 1), ("c", 2))
+    first = read_new(store, "production", "m", None, SEGMENTS, late_s=120)
+    assert names(first.logged) == ["a", "b", "c"] and first.outcomes == []
+    assert first.logged[0].segments == {"camera_id": "cam-1", "site": "north"}
+    assert first.logged[0].probabilities == pytest.approx([0.9, 0.1])
+    assert first.logged[0].at == T0 and first.logged[0].at.tzinfo is not None
+
+    # d is new; e was made before the mark but committed only now (within late_s);
+    # f is later than late_s before the mark: lost, by design.
+    log(store, ("d", 10), ("e", 1.5), ("f", 2 - 121))
+    second = read_new(store, "production", "m", first.cursor, SEGMENTS, late_s=120)
+    assert names(second.logged) == ["e", "d"]  # in prediction-time order
+    third = read_new(store, "production", "m", second.cursor, SEGMENTS, late_s=120)
+    assert third.logged == [] and third.outcomes == []
+
+    # Labels: new ones, one committed late with an old time, then one updated.
+    store.predictions.record_feedback([(pid("a"), "car"), (pid("b"), "bus")])
+    fourth = read_new(store, "production", "m", third.cursor, SEGMENTS, late_s=120)
+    assert sorted(names(fourth.outcomes)) == ["a", "b"]
+    b = next(o for o in fourth.outcomes if o.prediction_id == pid("b"))
+    assert (b.predicted, b.actual, b.correct) == ("car", "bus", False)
+    hw = max(o.labelled_at for o in fourth.outcomes)
+    label_at(store, "c", "car", hw - timedelta(seconds=30))
+    store.predictions.record_feedback([(pid("b"), "car")])  # the label corrected
+    fifth = read_new(store, "production", "m", fourth.cursor, SEGMENTS, late_s=120)
+    assert names(fifth.outcomes) == ["c", "b"]  # by label time: c's is older
+    assert fifth.outcomes[1].actual == "car" and fifth.outcomes[1].labelled_at > b.labelled_at
+    sixth = read_new(store, "production", "m", fifth.cursor, SEGMENTS, late_s=120)
+    assert sixth.outcomes == [] and sixth.logged == []
+
+
+def test_shadow_addressed_other_environments_and_models_are_left_out(
+    store: MetadataStore,
+) -> None:
+    log(store, ("s", 0), variant="shadow")
+    log(store, ("x", 1), variant="addressed")
+    log(store, ("o", 2), environment="staging")
+    log(store, ("n", 3), model_name="other")
+    log(store, ("u", 4), variant=None, camera_id=None, request_metadata=None)
+    log(store, ("k", 5), variant="canary", camera_id="cam-2", request_metadata={"site": 7})
+    store.predictions.record_feedback([(pid(n), "car") for n in "sxonuk"])
+    new = read_new(store, "production", "m", None, SEGMENTS, late_s=60)
+    assert names(new.logged) == ["u", "k"]
+    assert sorted(names(new.outcomes)) == ["k", "u"]
+    segs = {o.prediction_id.rstrip("-"): o.segments for o in new.outcomes}
+    assert segs == {"u": {}, "k": {"camera_id": "cam-2", "site": "7"}}
+
+
+def test_the_cursor_is_json_and_a_round_trip_reads_the_same(store: MetadataStore) -> None:
+    log(store, ("a", 0), ("b", 1))
+    store.predictions.record_feedback([(pid("a"), "car")])
+    first = read_new(store, "production", "m", None, ["camera_id"], late_s=120)
+    text = json.dumps(first.cursor)
+    assert json.loads(text) == first.cursor
+    log(store, ("c", 2), ("d", 0.5))
+    store.predictions.record_feedback([(pid("b"), "van")])
+    live = read_new(store, "production", "m", first.cursor, ["camera_id"], late_s=120)
+    again = read_new(store, "production", "m", json.loads(text), ["camera_id"], late_s=120)
+    assert names(live.logged) == names(again.logged) == ["d", "c"]
+    assert names(live.outcomes) == names(again.outcomes) == ["b"]
+    assert live.cursor == again.cursor
+    # A cursor of another format starts afresh instead of failing.
+    assert names(read_new(store, "production", "m", {"v": 99}, [], 120).logged) == list("adbc")
+
+
+def test_a_limit_pages_through_equal_times_exactly_once(store: MetadataStore) -> None:
+    log(store, *((f"r{i}", 0) for i in range(5)), ("z", 1))
+    cursor: dict[str, Any] | None = None
+    got: list[str] = []
+    for _ in range(8):
+        new = read_new(store, "production", "m", cursor, [], late_s=30, limit=2, backfill=2)
+        if cursor is None:  # the first pass reads the newest two only
+            assert names(new.logged) == ["r4", "z"]
+        else:
+            got += names(new.logged)
+        cursor = new.cursor
+    assert got == []  # the rest is older than the first pass: never read as late
+    log(store, *((f"q{i}", 5) for i in range(5)))
+    for _ in range(5):
+        new = read_new(store, "production", "m", cursor, [], late_s=30, limit=2)
+        got += names(new.logged)
+        cursor = new.cursor
+    assert sorted(got) == [f"q{i}" for i in range(5)]
+
+
+def test_a_bounded_seen_set_never_reads_a_row_twice(
+    store: MetadataStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(stream, "MAX_SEEN", 3)
+    log(store, *((f"a{i}", i) for i in range(6)))
+    first = read_new(store, "production", "m", None, [], late_s=100)
+    assert len(first.cursor["logged"]["seen"]) == 3
+    log(store, ("late", 4.5), ("old", 1.5), ("new", 9))
+    second = read_new(store, "production", "m", first.cursor, [], late_s=100)
+    # "late" is within the span the seen set covers; "old" is below it (the bound).
+    assert names(second.logged) == ["late", "new"]
+    third = read_new(store, "production", "m", second.cursor, [], late_s=100)
+    assert third.logged == []
