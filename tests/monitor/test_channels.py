@@ -128,8 +128,11 @@ def test_text_says_what_value_threshold_window_version_and_how_to_approve() -> N
 
 
 def test_subject_names_a_segment_and_a_kind_beyond_the_state() -> None:
-    notice = AlertNotice(alert=_alert(scope="camera_id=cam-2", action="retrain"),
-                         kind="retrain-rejected", message="candidate 0.61 < incumbent 0.64")  # fmt: skip
+    notice = AlertNotice(
+        alert=_alert(scope="camera_id=cam-2", action="retrain"),
+        kind="retrain-rejected",
+        message="candidate 0.61 < incumbent 0.64",
+    )
     subject = render_subject(notice)
     assert subject == (
         "[Loopline] critical accuracy-low firing vehicles:3 camera_id=cam-2 (retrain-rejected)"
@@ -158,8 +161,13 @@ def test_log_channel_logs_by_severity_and_returns_the_line(
 def test_min_severity_skips_a_channel(receiver: Receiver) -> None:
     pager = ChannelConfig(kind="webhook", url=receiver.url, min_severity="critical")
     [result] = notify([pager], _notice(severity="warning"))
-    assert result == {"channel": "webhook", "kind": "webhook", "ok": True, "error": None,
-                      "skipped": True}  # fmt: skip
+    assert result == {
+        "channel": "webhook",
+        "kind": "webhook",
+        "ok": True,
+        "error": None,
+        "skipped": True,
+    }
     assert receiver.requests == []
     [sent] = notify([pager], _notice(severity="critical"))
     assert sent["ok"] and not sent.get("skipped") and len(receiver.requests) == 1
@@ -171,8 +179,12 @@ def test_webhook_posts_the_alert_as_json_with_expanded_headers(
 ) -> None:
     monkeypatch.setenv("HOOK_TOKEN", SECRET)
     monkeypatch.setenv("HOOK_URL", f"{receiver.url}/hooks/qa")
-    channel = ChannelConfig(kind="webhook", name="qa", url="${HOOK_URL}",
-                            headers={"Authorization": "Bearer ${HOOK_TOKEN}", "X-Team": "qa"})  # fmt: skip
+    channel = ChannelConfig(
+        kind="webhook",
+        name="qa",
+        url="${HOOK_URL}",
+        headers={"Authorization": "Bearer ${HOOK_TOKEN}", "X-Team": "qa"},
+    )
     notice = _notice()
     [result] = notify([channel], notice)
     assert result["ok"] and result["error"] is None and result["status"] == 200
@@ -238,9 +250,7 @@ def test_a_4xx_is_not_retried(receiver: Receiver) -> None:
 
 def test_an_unreachable_receiver_is_a_failed_result_not_an_exception() -> None:
     url = f"http://127.0.0.1:{_free_port()}/hook"
-    results = notify(
-        [ChannelConfig(kind="webhook", url=url), ChannelConfig(kind="log")], _notice()
-    )
+    results = notify([ChannelConfig(kind="webhook", url=url), ChannelConfig(kind="log")], _notice())
     assert [r["ok"] for r in results] == [False, True]
     assert "cannot connect" in results[0]["error"] and results[0]["attempts"] == 2
 
@@ -250,10 +260,12 @@ def test_a_missing_environment_variable_fails_that_channel_only(
 ) -> None:
     monkeypatch.delenv("NOT_SET_HOOK_URL", raising=False)
     results = notify(
-        [ChannelConfig(kind="webhook", name="qa", url="${NOT_SET_HOOK_URL}"),
-         ChannelConfig(kind="webhook", url=receiver.url)],
+        [
+            ChannelConfig(kind="webhook", name="qa", url="${NOT_SET_HOOK_URL}"),
+            ChannelConfig(kind="webhook", url=receiver.url),
+        ],
         _notice(),
-    )  # fmt: skip
+    )
     assert [r["ok"] for r in results] == [False, True]
     assert "${NOT_SET_HOOK_URL}" in results[0]["error"]
     assert "not set in the environment" in results[0]["error"]
@@ -277,8 +289,9 @@ class Mailbox:
         )
         return "250 OK"
 
-    def authenticate(self, server: Any, session: Any, envelope: Any, mechanism: str,
-                     auth_data: Any) -> Any:  # fmt: skip
+    def authenticate(
+        self, server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any
+    ) -> Any:
         from aiosmtpd.smtp import AuthResult
 
         login, password = auth_data.login.decode(), auth_data.password.decode()
@@ -296,8 +309,12 @@ def smtp_server(request: pytest.FixtureRequest) -> Iterator[tuple[Mailbox, int]]
     port = _free_port()
     kwargs: dict[str, Any] = {}
     if auth:  # AUTH LOGIN only (smtplib would pick PLAIN first), over plain TCP on loopback
-        kwargs = {"authenticator": mailbox.authenticate, "auth_required": True,
-                  "auth_require_tls": False, "auth_exclude_mechanism": ["PLAIN"]}  # fmt: skip
+        kwargs = {
+            "authenticator": mailbox.authenticate,
+            "auth_required": True,
+            "auth_require_tls": False,
+            "auth_exclude_mechanism": ["PLAIN"],
+        }
     controller = Controller(mailbox, hostname="127.0.0.1", port=port, **kwargs)
     controller.start()
     try:
@@ -307,9 +324,13 @@ def smtp_server(request: pytest.FixtureRequest) -> Iterator[tuple[Mailbox, int]]
 
 
 def _email(port: int, **changes: Any) -> ChannelConfig:
-    fields: dict[str, Any] = {"kind": "email", "host": "127.0.0.1", "port": port,
-                              "sender": "loopline@example.com",
-                              "to": ["qa@example.com", "owner@example.com"]}  # fmt: skip
+    fields: dict[str, Any] = {
+        "kind": "email",
+        "host": "127.0.0.1",
+        "port": port,
+        "sender": "loopline@example.com",
+        "to": ["qa@example.com", "owner@example.com"],
+    }
     return ChannelConfig(**{**fields, **changes})
 
 

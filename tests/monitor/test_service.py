@@ -23,6 +23,7 @@ from loopline.config import Config
 from loopline.drivers.artifacts import ArtifactStore
 from loopline.drivers.metadata.models import utcnow
 from loopline.drivers.metadata.store import MetadataStore
+from loopline.errors import NotFound
 from loopline.monitor import service
 
 MODEL = "m"
@@ -32,10 +33,17 @@ _T0 = utcnow() - timedelta(hours=1)
 _tick = itertools.count()
 
 ACCURACY_RULE: dict[str, Any] = {
-    "name": "accuracy-low", "metric": "accuracy", "op": "<", "threshold": 0.40,
-    "window": 50, "min_samples": 30, "severity": "critical", "action": "none",
-    "resolve_threshold": 0.50, "resolve_window": 100,
-}  # fmt: skip
+    "name": "accuracy-low",
+    "metric": "accuracy",
+    "op": "<",
+    "threshold": 0.40,
+    "window": 50,
+    "min_samples": 30,
+    "severity": "critical",
+    "action": "none",
+    "resolve_threshold": 0.50,
+    "resolve_window": 100,
+}
 
 
 def make_config(
@@ -58,22 +66,36 @@ def make_config(
     )
 
 
-def make_store(url: str, versions: int = 2) -> MetadataStore:
-    """``m:1..versions`` registered, ``m:1`` deployed (direct) to production."""
+def make_store(url: str, versions: int = 2, *, imported: bool = False) -> MetadataStore:
+    """``m:1..versions`` registered, ``m:1`` deployed (direct) to production. ``imported``
+    models were trained elsewhere: their retrain loop waits for a person at once."""
     store = MetadataStore(url)
     for v in range(1, versions + 1):
-        store.models.register(MODEL, bundle_uri="/b", bundle_sha256=f"{v:064x}", aliases=(),
-                              metrics={"accuracy": 0.9})  # fmt: skip
-    store.deployments.change(ENV, expected_generation=0, action="promote", actor="test",
-                             model_name=MODEL, stable_version=1)  # fmt: skip
+        store.models.register(
+            MODEL,
+            bundle_uri="/b",
+            bundle_sha256=f"{v:064x}",
+            aliases=(),
+            metrics={"accuracy": 0.9},
+            lineage={"imported": True} if imported else None,
+        )
+    store.deployments.change(
+        ENV,
+        expected_generation=0,
+        action="promote",
+        actor="test",
+        model_name=MODEL,
+        stable_version=1,
+    )
     return store
 
 
 def deploy(store: MetadataStore, **changes: Any) -> None:
     dep = store.deployments.get(ENV)
     assert dep is not None
-    store.deployments.change(ENV, expected_generation=dep.generation, action="promote",
-                             actor="test", **changes)  # fmt: skip
+    store.deployments.change(
+        ENV, expected_generation=dep.generation, action="promote", actor="test", **changes
+    )
 
 
 def log_predictions(
@@ -91,13 +113,24 @@ def log_predictions(
     for predicted, _actual in pairs:
         pid = uuid.uuid4().hex
         ids.append(pid)
-        rows.append({
-            "id": pid, "at": _T0 + timedelta(milliseconds=next(_tick)), "model_name": MODEL,
-            "model_version": version, "source": "test", "label": predicted, "confidence": 0.9,
-            "probabilities": None, "request_metadata": {"camera_id": camera},
-            "input_stats": None, "environment": ENV, "deployment_generation": 1,
-            "variant": variant, "camera_id": camera,
-        })  # fmt: skip
+        rows.append(
+            {
+                "id": pid,
+                "at": _T0 + timedelta(milliseconds=next(_tick)),
+                "model_name": MODEL,
+                "model_version": version,
+                "source": "test",
+                "label": predicted,
+                "confidence": 0.9,
+                "probabilities": None,
+                "request_metadata": {"camera_id": camera},
+                "input_stats": None,
+                "environment": ENV,
+                "deployment_generation": 1,
+                "variant": variant,
+                "camera_id": camera,
+            }
+        )
     store.predictions.log(rows)
     if label:
         label_predictions(store, ids, [actual for _, actual in pairs])
@@ -378,8 +411,13 @@ def test_a_canarys_alerts_are_recorded_but_start_no_loop(
 def test_a_critical_global_alert_inhibits_the_warnings_of_its_version(
     store: MetadataStore, artifacts: ArtifactStore
 ) -> None:
-    per_camera = {**ACCURACY_RULE, "name": "camera-accuracy-low", "severity": "warning",
-                  "scope": "segment", "segment_by": ["camera_id"]}  # fmt: skip
+    per_camera = {
+        **ACCURACY_RULE,
+        "name": "camera-accuracy-low",
+        "severity": "warning",
+        "scope": "segment",
+        "segment_by": ["camera_id"],
+    }
     cfg = make_config([ACCURACY_RULE, per_camera])
     log_predictions(store, wrong(50), camera="cam-1")
     report = _pass(cfg, store, artifacts)
@@ -390,3 +428,130 @@ def test_a_critical_global_alert_inhibits_the_warnings_of_its_version(
     assert [n["alert_id"] for n in report["notifications"]] == [by_rule["accuracy-low"]["alert_id"]]
     events = store.alerts.events(by_rule["camera-accuracy-low"]["alert_id"])
     assert "inhibited" in [e["kind"] for e in events]
+
+
+def test_alert_report_follows_the_loop_from_alert_to_deployment(
+    store: MetadataStore, artifacts: ArtifactStore
+) -> None:
+    cfg = make_config([{**ACCURACY_RULE, "action": "approve"}])
+    log_predictions(store, wrong(50))
+    [change] = _pass(cfg, store, artifacts)["changes"]
+    alert_id = change["alert_id"]
+    assert [c["kind"] for c in service.alert_report(store, alert_id)["chain"]] == ["alert"]
+    # What the retrain steps record as they go (the steps themselves are the loop's tests):
+    # the dataset, the run, the version it built, its replica test, the canary, promotion.
+    store.datasets.add(
+        version="d" * 64,
+        name="m",
+        source_uri="lake+captures",
+        n_records=120,
+        records_sha256="0" * 64,
+    )
+    store.runs.create(
+        "r" * 32,
+        pipeline="build",
+        project="t",
+        config={},
+        trigger="alert",
+        trigger_ref=f"alert:{alert_id}",
+    )
+    test = store.replica_tests.record(
+        MODEL, 2, environment="staging", passed=True, reasons=[], report={}
+    )
+    deploy(store, candidate_version=2, strategy="canary", candidate_share=0.1)
+    released = store.deployments.get(ENV).generation  # type: ignore[union-attr]
+    deploy(
+        store,
+        stable_version=2,
+        previous_version=1,
+        candidate_version=None,
+        strategy="direct",
+        candidate_share=0.0,
+    )
+    store.loops.create_or_get(alert_id, "retrain", MODEL, ENV, 1, "running", "dataset")
+    rec = store.loops.get_by_alert(alert_id)
+    assert rec is not None
+    store.loops.transition(
+        rec.id,
+        "running",
+        status="succeeded",
+        step="done",
+        dataset_version="d" * 64,
+        run_id="r" * 32,
+        model_version=2,
+        replica_test_id=test.id,
+        deployment_generation=released,
+        event={"step": "canary", "status": "promoted"},
+    )
+    report = service.alert_report(store, alert_id)
+    json.dumps(report)
+    chain = report["chain"]
+    assert [(c["kind"], c["id"]) for c in chain] == [
+        ("alert", alert_id),
+        ("dataset_version", "d" * 64),
+        ("run", "r" * 32),
+        ("model_version", "m:2"),
+        ("replica_test", test.id),
+        ("deployment", f"{ENV}@{released}"),
+        ("deployment", f"{ENV}@{released + 1}"),
+    ]
+    assert all(c.get("at") for c in chain)
+    assert "canary m:2 10%" in chain[5]["text"] and "stable m:2" in chain[6]["text"]
+    assert "trigger alert" in chain[2]["text"]
+    assert report["loop"]["status"] == "succeeded"
+    assert "firing" in [e["kind"] for e in report["events"]]
+    with pytest.raises(NotFound, match="no alert 999"):
+        service.alert_report(store, 999)
+
+
+def test_the_scheduler_runs_passes_tells_what_loops_wait_for_and_stops(
+    db_url: str, artifacts: ArtifactStore
+) -> None:
+    from loopline.monitor import loop
+
+    store = make_store(db_url, imported=True)  # its retrain loop waits for a person at once
+    cfg = make_config([{**ACCURACY_RULE, "action": "approve"}])
+    reports: list[dict[str, Any]] = []
+    stop = threading.Event()
+    told = threading.Event()
+    rejected = threading.Event()
+
+    def on_pass(report: service.PassReport) -> None:
+        reports.append(report.to_dict())
+        kinds = [n["kind"] for n in report.notifications]
+        if "awaiting-approval" in kinds:
+            told.set()
+        if "retrain-rejected" in kinds:
+            rejected.set()
+            stop.set()
+
+    thread = threading.Thread(
+        target=service.run,
+        args=(cfg,),
+        kwargs={
+            "interval_s": 0.05,
+            "stop": stop,
+            "on_pass": on_pass,
+            "store": store,
+            "artifacts": artifacts,
+            "owner": "test:2",
+        },
+    )
+    thread.start()
+    try:
+        log_predictions(store, wrong(50))
+        assert told.wait(60), reports[-1:]
+        [alert] = store.alerts.list()
+        loop.decide(store, alert.id, False, actor="qa", reason="not this week")
+        assert rejected.wait(60), reports[-1:]
+    finally:
+        stop.set()
+        thread.join(60)
+    assert not thread.is_alive()
+    assert all(r["errors"] == [] for r in reports)
+    assert len(reports) >= 2
+    notices = [n["kind"] for r in reports for n in r["notifications"]]
+    assert notices == ["firing", "awaiting-approval", "retrain-rejected"]
+    rec = store.loops.get_by_alert(alert.id)
+    assert rec is not None and rec.status == "rejected"
+    store.close()

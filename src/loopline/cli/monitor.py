@@ -295,14 +295,9 @@ def alerts_show(
             highlight=False,
         )
         for step in loop.get("timeline") or []:
-            note = step.get("message") or step.get("note") or ""
-            console.print(
-                escape(
-                    f"  {_when(step.get('at'))}  {step.get('step', '')}  "
-                    f"{step.get('status', '')}  {note}".rstrip()
-                ),
-                highlight=False,
-            )
+            text = f"  {_when(step.get('at')):<19}  {step.get('step') or '':<9} "
+            text += f"{step.get('status') or '':<9} {step.get('detail') or ''}"
+            console.print(escape(text.rstrip()), highlight=False, soft_wrap=True)
     console.print("events", style="bold")
     for e in report["events"]:
         console.print(

@@ -161,7 +161,11 @@ def _lines(notice: AlertNotice) -> list[tuple[str, str]]:
         lines.append(("Window", str(window)))
     times = [
         f"{name} {_when(a.get(key))}"
-        for name, key in (("started", "started_at"), ("fired", "fired_at"), ("resolved", "resolved_at"))
+        for name, key in (
+            ("started", "started_at"),
+            ("fired", "fired_at"),
+            ("resolved", "resolved_at"),
+        )
         if _when(a.get(key))
     ]
     if times:
@@ -252,6 +256,7 @@ def _post(
 
     assert channel.url is not None  # the config requires one for webhook and slack
     url = secrets.expand(channel.url, "url")
+    secrets.values.append(url)  # an incoming-webhook URL is a secret in itself
     headers = {"Content-Type": "application/json", "User-Agent": _USER_AGENT}
     for key, value in channel.headers.items():
         headers[key] = secrets.expand(value, f"header {key}")
@@ -271,8 +276,8 @@ def _post(
                 break
             else:
                 if response.is_success:
-                    return {"ok": True, "error": None, "status": response.status_code,
-                            "attempts": attempts}  # fmt: skip
+                    status = response.status_code
+                    return {"ok": True, "error": None, "status": status, "attempts": attempts}
                 snippet = _one_line(secrets.scrub(response.text))[:200]
                 error = f"POST {shown} answered {response.status_code}: {snippet}".rstrip(": ")
                 if response.status_code < 500:
@@ -331,7 +336,6 @@ def _send(channel: ChannelConfig, notice: AlertNotice, timeout: float) -> dict[s
     except Exception as err:  # never raise: a channel down must not stop a pass
         text = secrets.scrub(_one_line(str(err)) or type(err).__name__)
         return {"ok": False, "error": f"{channel.kind} channel {channel.label!r}: {text}"}
-
 
 
 def severe_enough(severity: str, min_severity: str) -> bool:

@@ -162,8 +162,8 @@ def default_rules() -> list[AlertRule]:
             metric="estimated_accuracy",
             op="<",
             threshold=0.60,
-            window=100,
-            min_samples=50,
+            window=50,
+            min_samples=30,
             severity="warning",
             action="notify",
         ),
@@ -172,8 +172,8 @@ def default_rules() -> list[AlertRule]:
             metric="drift.predictions",
             op=">",
             threshold=0.0,
-            window=200,
-            min_samples=50,
+            window=25,
+            min_samples=25,
             severity="warning",
             action="notify",
         ),
@@ -182,8 +182,8 @@ def default_rules() -> list[AlertRule]:
             metric="drift.inputs",
             op=">",
             threshold=0.0,
-            window=200,
-            min_samples=50,
+            window=25,
+            min_samples=25,
             severity="warning",
             action="notify",
         ),
@@ -192,8 +192,8 @@ def default_rules() -> list[AlertRule]:
             metric="drift.softmax",
             op=">",
             threshold=0.0,
-            window=200,
-            min_samples=50,
+            window=25,
+            min_samples=25,
             severity="warning",
             action="notify",
         ),
@@ -259,7 +259,9 @@ class DriftConfig(_Section):
     consecutive windows, so large samples do not alarm on trivia.
     """
 
-    alpha: float = Field(0.01, gt=0.0, lt=1.0)
+    # 25-prediction windows, two in a row: a shift shows within 50 predictions, and at
+    # alpha 0.001 a stable stream raises about one false warning per million windows.
+    alpha: float = Field(0.001, gt=0.0, lt=1.0)
     ks_min_effect: float = Field(0.1, ge=0.0, le=1.0, description="KS D floor")
     psi_min: float = Field(0.1, ge=0.0, description="PSI floor for predicted classes")
     persistence: int = Field(2, ge=1, description="consecutive drifting windows to warn")

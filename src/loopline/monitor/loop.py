@@ -13,6 +13,11 @@ Statuses: ``running``, ``waiting_approval``, and the final ``succeeded``, ``reje
 candidate was not good enough, or a person said no: production keeps the incumbent) and
 ``failed`` (something broke, or the canary was rolled back). Nothing here imports torch:
 the build step runs the project's Build pipeline, which needs the train extra.
+
+The steps that make the candidate are in ``loopline.monitor.retrain``; those that release
+it (replica, release, canary) are here. Each is safe to run again after a crash: a replica
+test already recorded for the candidate is reused, and a release already in the deployment
+is not made twice.
 """
 
 from __future__ import annotations
@@ -24,9 +29,17 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from loopline.drivers.data.captures import parse_time
 from loopline.drivers.metadata.loops import OPEN_STATUSES, LoopNotHeld, LoopRecord
 from loopline.errors import ConfigError, Conflict, LooplineError, NotFound, StoreError
-from loopline.monitor.retrain import ACTOR, LoopContext, StepFn, steps
+from loopline.monitor.retrain import (
+    ACTOR,
+    LoopContext,
+    StepFn,
+    build_config,
+    candidate_steps,
+    parse,
+)
 
 if TYPE_CHECKING:
     from loopline.config import Config
@@ -43,6 +56,10 @@ LOOP_ACTIONS = ("retrain", "approve", "notify")
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+def _utc(ts: datetime) -> datetime:
+    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
 
 
 def _incumbent(store: MetadataStore, alert: AlertRecord) -> int | None:
@@ -93,8 +110,11 @@ def start(store: MetadataStore, alert: AlertRecord, config: Config) -> LoopRecor
         with contextlib.suppress(NotFound):
             mv = store.models.get(alert.model_name, incumbent)
             imported = bool((mv.lineage or {}).get("imported"))
-    status, step, reason, state = "running", "dataset", None, {}
-    busy = _busy(store, alert, config.monitor.retrain.cooldown_s) if alert.action != "notify" else None
+    status, step, reason = "running", "dataset", None
+    state: dict[str, Any] = {}
+    busy = (
+        _busy(store, alert, config.monitor.retrain.cooldown_s) if alert.action != "notify" else None
+    )
     if alert.action == "notify":
         status, step = "succeeded", "done"
         detail = f"{who} told of alert {alert.id} ({alert.condition}); no retrain (action notify)"
@@ -116,15 +136,25 @@ def start(store: MetadataStore, alert: AlertRecord, config: Config) -> LoopRecor
     else:
         detail = f"retrain {ref} for {alert.environment} (alert {alert.id}: {alert.condition})"
     loop, created = store.loops.create_or_get(
-        alert.id, alert.action, alert.model_name, alert.environment, incumbent, status, step,
-        event={"step": "start", "status": status, "detail": detail}, reason=reason,
-        state=state, finished_at=_now() if status == "succeeded" else None,
-    )  # fmt: skip
+        alert.id,
+        alert.action,
+        alert.model_name,
+        alert.environment,
+        incumbent,
+        status,
+        step,
+        event={"step": "start", "status": status, "detail": detail},
+        reason=reason,
+        state=state,
+        finished_at=_now() if status == "succeeded" else None,
+    )
     if created:
         kind = "loop.waiting_approval" if status == "waiting_approval" else "loop.started"
         store.alerts.add_event(alert.id, kind, detail, ACTOR, {"loop_id": loop.id})
         if status == "succeeded":
             store.alerts.add_event(alert.id, "loop.succeeded", detail, ACTOR, {"loop_id": loop.id})
+        if reason:
+            store.alerts.set_reason(alert.id, reason)
     return loop
 
 
@@ -178,7 +208,7 @@ def advance(
     if loop is None:
         return store.loops.get(loop_id)
     ctx = LoopContext(config, store, artifacts, owner, reporter, config_path)
-    table: dict[str, StepFn] = steps()
+    table = steps()
     try:
         with _Heartbeat(store, loop_id, owner, max(0.2, stale_after_s / 4)).running():
             while loop.status == "running":
@@ -230,11 +260,20 @@ def decide(
     else:
         why = reason or f"rejected by {actor}"
         detail = f"rejected by {actor}: {why}"
-        fields = {"status": "rejected", "decided_by": actor, "reason": why, "finished_at": now,
-                  "state": {**loop.state, "rejected_by": actor}}  # fmt: skip
+        fields = {
+            "status": "rejected",
+            "decided_by": actor,
+            "reason": why,
+            "finished_at": now,
+            "state": {**loop.state, "rejected_by": actor},
+        }
         kind = "loop.rejected"
-    event = {"step": "approval", "status": "approved" if approve else "rejected",
-             "detail": detail, "actor": actor}  # fmt: skip
+    event = {
+        "step": "approval",
+        "status": "approved" if approve else "rejected",
+        "detail": detail,
+        "actor": actor,
+    }
     done = store.loops.transition(loop.id, "waiting_approval", event=event, **fields)
     if done is None:
         raise Conflict(f"the loop of alert {alert_id} was decided or changed meanwhile")
@@ -247,3 +286,152 @@ def decide(
 def open_loops(store: MetadataStore) -> list[LoopRecord]:
     """Loops still running or waiting for approval, oldest first."""
     return store.loops.list(OPEN_STATUSES)
+
+
+# -- replica -------------------------------------------------------------------------------
+def replica(ctx: LoopContext, loop: LoopRecord) -> LoopRecord | None:
+    """The replica test in ``retrain.replica_environment`` (one recorded already is reused)."""
+    from loopline.deploy.preprod import deploy
+
+    env, name, version = ctx.policy.replica_environment, loop.model_name, loop.model_version
+    assert version is not None
+    began = loop.state.get("replica_started_at")
+    test = ctx.store.replica_tests.latest(name, version, [env])
+    reuse = test is not None and (
+        test.passed or (began is not None and _utc(test.started_at) >= _utc(parse(began)))
+    )
+    if test is None or not reuse:
+        loop = ctx.save(
+            loop,
+            event={
+                "step": "replica",
+                "status": "running",
+                "detail": f"replica test of {name}:{version} in {env}",
+            },
+            state={**loop.state, "replica_started_at": _now().isoformat()},
+        )
+        result = deploy(
+            build_config(ctx, loop),
+            ctx.store,
+            f"{name}:{version}",
+            env=env,
+            actor=ACTOR,
+            config_path=ctx.config_path,
+            artifacts=ctx.artifacts,
+            reporter=ctx.reporter,
+            reason=f"alert {loop.alert_id}",
+        )
+        test = result.record
+    if not test.passed:
+        why = "; ".join(test.reasons) or "see its report"
+        return ctx.finish(
+            loop,
+            "rejected",
+            f"{name}:{version} failed its replica test in {env} ({test.id[:12]}): {why}",
+            replica_test_id=test.id,
+        )
+    detail = f"replica test {test.id[:12]} in {env} passed"
+    return ctx.save(
+        loop,
+        event={"step": "replica", "status": "succeeded", "detail": detail},
+        step="release",
+        replica_test_id=test.id,
+    )
+
+
+# -- release and canary ----------------------------------------------------------------------
+def release(ctx: LoopContext, loop: LoopRecord) -> LoopRecord | None:
+    """Promote the candidate (canary or direct); a release already made is not made again."""
+    from loopline.deploy import release as rel
+
+    env, name, version = loop.environment, loop.model_name, loop.model_version
+    dep = ctx.store.deployments.get(env)
+    if (
+        dep is not None
+        and dep.model_name == name
+        and version in (dep.stable_version, dep.candidate_version)
+    ):
+        state, how = dep, "already released"  # resumed after the promote was written
+    else:
+        strategy = ctx.policy.strategy
+        if dep is None or dep.stable_version is None or dep.model_name != name:
+            strategy = "direct"  # nothing stable to run a canary against
+        state = rel.promote(
+            ctx.store,
+            f"{name}:{version}",
+            to=env,
+            strategy=strategy,
+            env=ctx.config.environment(env),
+            actor=ACTOR,
+            reason=f"alert {loop.alert_id}",
+            replica_envs=rel.replica_environments(ctx.config, env),
+        )
+        how = strategy if state.candidate_version == version else "direct"
+    detail = f"{name}:{version} released to {env} ({how}, generation {state.generation})"
+    extra = {**loop.state, "released_at": _now().isoformat(), "strategy": how}
+    return ctx.save(
+        loop,
+        event={"step": "release", "status": "succeeded", "detail": detail},
+        step="canary",
+        deployment_generation=state.generation,
+        state=extra,
+    )
+
+
+def canary(ctx: LoopContext, loop: LoopRecord) -> LoopRecord | None:
+    """Wait for the verdict the servers apply: promoted, rolled back, or too slow."""
+    from loopline.deploy import release as rel
+    from loopline.drivers.metadata.deployments import DeploymentConflict
+
+    env, name, version = loop.environment, loop.model_name, loop.model_version
+    ref = f"{name}:{version}"
+    dep = ctx.store.deployments.get(env)
+    if dep is not None and dep.model_name == name and dep.stable_version == version:
+        return ctx.finish(
+            loop, "succeeded", f"{ref} serves all of {env}'s traffic (generation {dep.generation})"
+        )
+    if dep is not None and dep.model_name == name and dep.candidate_version == version:
+        released = parse_time(loop.state.get("released_at"), "released_at") or _now()
+        timeout = ctx.policy.release_timeout_s
+        if (_now() - released).total_seconds() <= timeout:
+            return ctx.wait(
+                loop,
+                f"canary of {ref} at {dep.candidate_share:.0%} of {env}: waiting for its verdict",
+            )
+        why = f"the canary of {ref} was not promoted within {timeout:g} s (release_timeout_s)"
+        try:
+            rel.rollback(
+                ctx.store,
+                name,
+                env=env,
+                actor=ACTOR,
+                reason=f"alert {loop.alert_id}: {why}",
+                expected_generation=dep.generation,
+            )
+        except DeploymentConflict:
+            return None  # the servers acted meanwhile: look again next time
+        return ctx.finish(loop, "failed", f"{why}; rolled back")
+    return ctx.finish(loop, "failed", f"canary rolled back: {_why_gone(ctx, loop, ref)}")
+
+
+def _why_gone(ctx: LoopContext, loop: LoopRecord, ref: str) -> str:
+    """What the deployment's history says took the candidate away."""
+    after = loop.deployment_generation or 0
+    changes = [
+        e
+        for e in ctx.store.deployments.history(loop.environment, limit=200)
+        if e["generation"] > after
+    ]
+    for event in reversed(changes):  # oldest first: the change that removed it
+        if loop.model_version in (event["candidate_version"], event["stable_version"]):
+            continue
+        reason = (event.get("reason") or "").removeprefix(f"{ref}: ")
+        if "rollback" in event["action"]:
+            return reason or f"{event['action']} by {event['actor']}"
+        return f"{event['action']} by {event['actor']}: {reason or 'no reason given'}"
+    return "the candidate is no longer deployed"
+
+
+def steps() -> dict[str, StepFn]:
+    """Each step of a running loop by name."""
+    return {**candidate_steps(), "replica": replica, "release": release, "canary": canary}

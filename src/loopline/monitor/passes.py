@@ -21,7 +21,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from loopline.drivers.metadata.models import utcnow
@@ -65,8 +65,10 @@ LOOP_NOTICE_HORIZON_S = 86_400.0
 _UNREFERENCED: set[tuple[str, str, int]] = set()  # versions whose reference failed to load
 # Reads of the stream per pass at most (each up to its limit); the rest waits a pass.
 MAX_READS = 10
-# Actions that retrain, and so respect ``monitor.retrain.cooldown_s`` per model.
+# Actions whose loop retrains (and so may end in a redeploy).
 RETRAINING = ("retrain", "approve")
+# The event that marks a (canary's) alert as one that starts no loop.
+NOT_STARTED = "loop.not_started"
 
 
 def default_owner() -> str:
@@ -360,47 +362,26 @@ def _act(ctx: _Pass, dep: DeploymentState, changes: list[AlertChange]) -> None:
 
 
 def _start_loop(ctx: _Pass, dep: DeploymentState, alert: Any) -> None:
+    """The loop of a firing alert, once (``loop.start`` is idempotent and applies the
+    retrain cooldown); a canary's alert is marked never to start one."""
     from loopline.monitor import loop
 
     if any(item.get("alert_id") == alert.id for item in ctx.report.loops):
         return
     if ctx.store.loops.get_by_alert(alert.id) is not None:
         return
-    events = ctx.store.alerts.events(alert.id)
-    if any(e["kind"] == "loop_skipped" for e in events):
-        return
-    reason = None
     if alert.model_version != dep.stable_version:
+        if any(e["kind"] == NOT_STARTED for e in ctx.store.alerts.events(alert.id)):
+            return
         reason = (
-            f"{alert.model_name}:{alert.model_version} is a canary: its alerts never "
-            "start a loop (the canary verdict decides it)"
+            f"{alert.model_name}:{alert.model_version} is a canary: its alerts start no loop "
+            "(the canary's verdict promotes or rolls it back)"
         )
-    elif alert.action in RETRAINING:
-        reason = _cooldown(ctx, alert.model_name)
-    if reason is not None:
-        ctx.store.alerts.add_event(alert.id, "loop_skipped", reason, ctx.actor, {})
+        ctx.store.alerts.add_event(alert.id, NOT_STARTED, reason, ctx.actor, {})
         ctx.report.loops.append({"alert_id": alert.id, "event": "skipped", "reason": reason})
         return
     rec = loop.start(ctx.store, alert, ctx.config)
     ctx.report.loops.append({"alert_id": alert.id, "event": "started", **_loop_summary(rec)})
-
-
-def _cooldown(ctx: _Pass, model: str) -> str | None:
-    """Why a new retrain of ``model`` must wait, or None."""
-    cooldown = ctx.config.monitor.retrain.cooldown_s
-    for rec in ctx.store.loops.list():
-        if rec.model_name != model or rec.action not in RETRAINING:
-            continue
-        if rec.status in ("running", "waiting_approval"):
-            return f"loop {rec.id} (alert {rec.alert_id}) is still {rec.status} for {model}"
-        if rec.started_at is not None and ctx.now - _aware(rec.started_at) < timedelta(
-            seconds=cooldown
-        ):
-            return (
-                f"loop {rec.id} (alert {rec.alert_id}) retrained {model} less than "
-                f"{cooldown:g} s ago (monitor.retrain.cooldown_s)"
-            )
-    return None
 
 
 def _aware(ts: datetime) -> datetime:
@@ -420,66 +401,95 @@ def _loop_summary(rec: Any) -> dict[str, Any]:
 
 
 def notify(
-    config: Config, store: MetadataStore, alert: Any, kind: str, message: str, *, actor: str
+    config: Config,
+    store: MetadataStore,
+    alert: Any,
+    kind: str,
+    message: str,
+    *,
+    actor: str,
+    loop: Any = None,
 ) -> dict[str, Any]:
     """Send one notice to every channel and record it as a ``notified`` alert event."""
     from loopline.monitor import channels
 
+    details: dict[str, Any] = {}
+    if loop is not None:
+        details = {
+            "loop_id": loop.id,
+            "loop_status": loop.status,
+            "step": loop.step,
+            "candidate_version": loop.model_version,
+        }
     notice = channels.AlertNotice(
-        alert=alert.to_dict(), kind=kind, message=message, owner=config.monitor.owner
+        alert=alert.to_dict(),
+        kind=kind,
+        message=message,
+        owner=config.monitor.owner,
+        details=details,
     )
     results = channels.notify(config.monitor.channels, notice)
     line = channels.render_line(notice)
-    store.alerts.add_event(alert.id, "notified", line, actor, {"kind": kind, "channels": results})
+    store.alerts.add_event(
+        alert.id, "notified", line, actor, {"kind": kind, "channels": results, **details}
+    )
     return {"alert_id": alert.id, "kind": kind, "message": line, "channels": results}
 
 
 def notify_loop_events(
     config: Config, store: MetadataStore, *, now: datetime | None = None, owner: str | None = None
 ) -> list[dict[str, Any]]:
-    """Tell the channels what loops reported (awaiting approval, rejected, redeployed,
-    failed), once per loop and status: a ``loop_notified`` alert event marks it told."""
+    """Tell the channels what loops reported: awaiting approval, rejected, redeployed,
+    failed; once per loop and status (the ``notified`` event's ``loop_status`` marks it)."""
     now = now or utcnow()
     actor = f"loopline (monitor {owner or default_owner()})"
     out: list[dict[str, Any]] = []
     for rec in store.loops.list():
-        kind = LOOP_NOTICES.get(rec.status)
-        if kind is None or (kind == "redeployed" and rec.action not in RETRAINING):
+        kind = loop_notice(rec)
+        if kind is None:
             continue
         if rec.finished_at is not None and (now - _aware(rec.finished_at)).total_seconds() > (
             LOOP_NOTICE_HORIZON_S
         ):
             continue
-        events = store.alerts.events(rec.alert_id)
         if any(
-            e["kind"] == "loop_notified" and e["details"].get("status") == rec.status
-            for e in events
+            e["kind"] == "notified" and e["details"].get("loop_status") == rec.status
+            for e in store.alerts.events(rec.alert_id)
         ):
             continue
         alert = store.alerts.get(rec.alert_id)
-        if alert is None:
-            continue
-        message = loop_message(alert, rec)
-        store.alerts.add_event(
-            alert.id, "loop_notified", message, actor, {"status": rec.status, "loop_id": rec.id}
-        )
-        out.append(notify(config, store, alert, kind, message, actor=actor))
+        if alert is not None:
+            out.append(
+                notify(config, store, alert, kind, loop_message(alert, rec), actor=actor, loop=rec)
+            )
     return out
 
 
+def loop_notice(rec: Any) -> str | None:
+    """The notice a loop's status calls for, or None (a notify loop, a skipped retrain and
+    a closed imported model's loop have nothing more to say)."""
+    if rec.status == "succeeded" and (
+        rec.action not in RETRAINING or rec.state.get("skipped") or rec.state.get("imported")
+    ):
+        return None
+    return LOOP_NOTICES.get(rec.status)
+
+
 def loop_message(alert: Any, rec: Any) -> str:
-    """The line people get when a loop waits for them, or ends."""
+    """The sentence people get when a loop waits for them, or ends."""
     name, ver = alert.model_name, rec.model_version
     cand = f"{name}:{ver}" if ver is not None else "the candidate"
-    head = f"alert {alert.id} ({alert.rule} on {alert.environment} {name}:{alert.model_version})"
     if rec.status == "waiting_approval":
+        if rec.state.get("imported"):
+            return str(rec.reason)
         return (
-            f"{head}: {cand} is ready; approve with `loopline approve {alert.id}` or "
-            f"reject with `loopline reject {alert.id} --reason TEXT`"
+            f"{cand} passed the gate against {name}:{rec.incumbent_version}; approve with "
+            f"`loopline approve {alert.id}` or reject with `loopline reject {alert.id} "
+            "--reason TEXT`."
         )
     if rec.status == "rejected":
         why = rec.reason or "no reason given"
-        return f"{head}: {cand} rejected ({why}); production stays on the incumbent"
+        return f"{cand} was rejected ({why}); {rec.environment} stays on the incumbent."
     if rec.status == "succeeded":
-        return f"{head}: {cand} now serves {rec.environment}; the loop is closed"
-    return f"{head}: the loop failed at step {rec.step}: {rec.reason or 'see the loop timeline'}"
+        return f"{cand} now serves {rec.environment}; the loop of alert {alert.id} is closed."
+    return f"The loop failed at step {rec.step}: {rec.reason or 'see its timeline'}."

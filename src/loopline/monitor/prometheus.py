@@ -81,8 +81,8 @@ def alert_name(rule_name: str) -> str:
 
 
 def _window_text(rule: AlertRule) -> str:
-    unit = {"labelled": "labelled predictions", "sequential": "labelled predictions",
-            "unlabelled": "predictions"}.get(rule.kind, "samples")  # fmt: skip
+    units = {"labelled": "labelled predictions", "unlabelled": "predictions"}
+    unit = units.get(rule.kind, "samples")
     if rule.kind == "sequential":
         return f"the labelled predictions so far (CUSUM, p1 = {rule.cusum_p1})"
     parts = []
@@ -93,15 +93,19 @@ def _window_text(rule: AlertRule) -> str:
     return " within ".join(parts) or f"the latest {unit}"
 
 
+def _resolve_at(rule: AlertRule) -> float:
+    return rule.threshold if rule.resolve_threshold is None else rule.resolve_threshold
+
+
 def _monitor_rule(rule: AlertRule, name: str) -> str:
     matcher = f"{{rule={_string(rule.name)}}}"
     expr = f"{exposition.METRIC}{matcher} {rule.op} {_number(rule.threshold)}"
-    resolve_at = rule.resolve_threshold if rule.resolve_threshold is not None else rule.threshold
+    resolve_at = _resolve_at(rule)
     windowed = rule.resolve_window is not None and rule.resolve_window != rule.window
     if resolve_at == rule.threshold and not windowed:
         return expr
     resolve = exposition.RESOLVE_METRIC if windowed else exposition.METRIC
-    firing = f"ALERTS{{alertname={_string(name)}, alertstate=\"firing\"}}"
+    firing = f'ALERTS{{alertname={_string(name)}, alertstate="firing"}}'
     return (
         f"({expr}) or ({resolve}{matcher} {rule.op} {_number(resolve_at)} "
         f"and on({_SERIES}) {firing})"
@@ -129,9 +133,9 @@ def _annotations(rule: AlertRule, on_server: bool) -> dict[str, str]:
     value = '{{ $value | printf "%.4g" }}'
     if on_server:
         over = f"the last {duration(rule.window_s or SERVING_WINDOW_S)} of predict requests"
-        what = "5xx responses per request" if rule.metric == "serving.error_rate" else (
-            "95th-percentile request latency (ms, from the histogram's buckets)"
-        )  # fmt: skip
+        what = "95th-percentile request latency (ms, from the histogram's buckets)"
+        if rule.metric == "serving.error_rate":
+            what = "5xx responses per request"
         sample = f"at least {rule.min_samples} requests"
     else:
         over, what = _window_text(rule), rule.metric
@@ -144,10 +148,7 @@ def _annotations(rule: AlertRule, on_server: bool) -> dict[str, str]:
         description += f", for {duration(rule.for_s)}"
     description += ")"
     if rule.resolve_threshold is not None or rule.resolve_window is not None:
-        resolve_at = rule.resolve_threshold if rule.resolve_threshold is not None else (
-            rule.threshold
-        )  # fmt: skip
-        description += f" and resolves once it is no longer {rule.op} {_number(resolve_at)}"
+        description += f" and resolves once it is no longer {rule.op} {_number(_resolve_at(rule))}"
         if rule.resolve_window:
             description += f" over the last {rule.resolve_window}"
     description += f". Action: {rule.action}"
@@ -194,8 +195,7 @@ def export_rules(config: Config) -> str:
         "expr": f"time() - {exposition.LAST_PASS} > {_number(stalled)}",
         "labels": {"severity": "warning"},
         "annotations": {
-            "summary": "the Loopline monitor has not completed a pass for "
-            f"{duration(stalled)}",
+            "summary": f"the Loopline monitor has not completed a pass for {duration(stalled)}",
             "description": "alerts on loopline_monitor_metric are stale until "
             "`loopline monitor` runs again; last pass {{ $value | humanizeDuration }} ago.",
         },
@@ -225,7 +225,7 @@ _METRIC_NAME = re.compile(r"^[A-Za-z_:][A-Za-z0-9_:]*$")
 _STRING = re.compile(r'"(?:\\.|[^"\\])*"|\'(?:\\.|[^\'\\])*\'|`[^`]*`')
 _MATCHER = re.compile(r'^\s*[A-Za-z_]\w*\s*(=~|!~|!=|=)\s*""\s*$')
 _CALL = re.compile(r"([A-Za-z_:][\w:]*)\s*\(")
-FUNCTIONS = frozenset(
+_NAMES = (
     "abs absent absent_over_time acos acosh asin asinh atan atanh avg_over_time ceil changes "
     "clamp clamp_max clamp_min cos cosh count_over_time day_of_month day_of_week day_of_year "
     "days_in_month deg delta deriv exp floor histogram_count histogram_fraction "
@@ -236,8 +236,9 @@ FUNCTIONS = frozenset(
     "stddev_over_time stdvar_over_time sum_over_time tan tanh time timestamp vector year "
     # aggregations, and the keywords a parenthesis may follow
     "sum min max avg group stddev stdvar count count_values bottomk topk quantile "
-    "by without on ignoring group_left group_right and or unless bool".split()
+    "by without on ignoring group_left group_right and or unless bool"
 )
+FUNCTIONS = frozenset(_NAMES.split())
 _GROUP_KEYS = {"name", "interval", "rules", "limit", "query_offset", "labels"}
 _RULE_KEYS = {"alert", "record", "expr", "for", "keep_firing_for", "labels", "annotations"}
 
@@ -270,7 +271,9 @@ def check_expr(expr: str) -> list[str]:
                 problems += [f"bad label matcher {m.strip()!r} in {expr!r}" for m in bad]
             if opening == "[":
                 start_, _, step = inside.partition(":")
-                if not _is_duration(start_.strip()) or (step.strip() and not _is_duration(step.strip())):
+                if not _is_duration(start_.strip()) or (
+                    step.strip() and not _is_duration(step.strip())
+                ):
                     problems.append(f"bad range [{inside}] in {expr!r}")
     if stack:
         return [f"unclosed {stack[-1][0]!r} in {expr!r}"]

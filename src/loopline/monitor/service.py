@@ -265,20 +265,11 @@ def alert_report(store: MetadataStore, alert_id: int) -> dict[str, Any]:
     rec = store.loops.get_by_alert(alert_id)
     out: dict[str, Any] = {
         "alert": alert.to_dict(),
-        "events": [_event(e) for e in store.alerts.events(alert_id)],
+        "events": store.alerts.events(alert_id),
         "loop": rec.to_dict() if rec is not None else None,
     }
     out["chain"] = _chain(store, alert, rec)
     return out
-
-
-def _event(e: Any) -> dict[str, Any]:
-    if hasattr(e, "to_dict"):
-        d: dict[str, Any] = e.to_dict()
-        return d
-    return {
-        k: _iso(getattr(e, k, None)) for k in ("at", "kind", "value", "actor", "message", "details")
-    }
 
 
 def _iso(value: Any) -> Any:
@@ -351,14 +342,36 @@ def _chain(store: MetadataStore, alert: Any, rec: Any) -> list[dict[str, Any]]:
             }
         chain.append(link)
     if rec.deployment_generation is not None:
-        link = {"kind": "deployment", "id": f"{rec.environment}@{rec.deployment_generation}"}
-        for h in store.deployments.history(rec.environment, limit=500):
-            if h["generation"] == rec.deployment_generation:
-                link |= {
-                    "at": h["at"],
-                    "text": f"{h['action']} {h['model_name']}:"
-                    f"{h['stable_version']} (candidate {h['candidate_version']})",
-                }
-                break
-        chain.append(link)
+        chain += _deployment_links(store, rec)
     return chain
+
+
+def _deployment_links(store: MetadataStore, rec: Any) -> list[dict[str, Any]]:
+    """The release the loop made (generation ``deployment_generation``) and, when it was a
+    canary, the change after it that made the candidate the stable version."""
+    history = sorted(
+        store.deployments.history(rec.environment, limit=1000), key=lambda h: h["generation"]
+    )
+    out: list[dict[str, Any]] = []
+    for h in history:
+        if h["generation"] < rec.deployment_generation:
+            continue
+        released = h["generation"] == rec.deployment_generation
+        serves = rec.model_version is not None and h["stable_version"] == rec.model_version
+        if not (released or serves):
+            continue
+        text = f"{h['action']}: stable {h['model_name']}:{h['stable_version']}"
+        if h["candidate_version"] is not None:
+            text += f", {h['strategy']} {h['model_name']}:{h['candidate_version']}"
+            text += f" {h['candidate_share']:.0%}"
+        out.append(
+            {
+                "kind": "deployment",
+                "id": f"{rec.environment}@{h['generation']}",
+                "at": h["at"],
+                "text": text,
+            }
+        )
+        if serves:
+            break
+    return out or [{"kind": "deployment", "id": f"{rec.environment}@{rec.deployment_generation}"}]

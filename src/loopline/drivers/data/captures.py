@@ -32,9 +32,15 @@ if TYPE_CHECKING:
 
 PREFIX = "captures/"
 COLUMNS = (
-    "path", "label", "camera_id", "captured_at", "predicted_at", "environment",
-    "model_version", "sha256",
-)  # fmt: skip
+    "path",
+    "label",
+    "camera_id",
+    "captured_at",
+    "predicted_at",
+    "environment",
+    "model_version",
+    "sha256",
+)
 
 
 def parse_time(value: str | datetime | None, what: str) -> datetime | None:
@@ -99,8 +105,11 @@ class CapturesSource:
         self._metadata_url, self._artifacts_url = metadata_url, artifacts_url
         self._lock = threading.RLock()
         self._listed: dict[str, str] | None = None  # path -> sha256, from the last listing
-        query = {k: v for k, v in (("model", model_name), ("since", self.since),
-                                   ("until", self.until)) if v is not None}  # fmt: skip
+        query = {
+            k: v
+            for k, v in (("model", model_name), ("since", self.since), ("until", self.until))
+            if v is not None
+        }
         shown = {k: v.isoformat() if isinstance(v, datetime) else v for k, v in query.items()}
         # Names the source (recorded with a dataset version): no store URL, so no password.
         self.uri = f"captures://{environment}" + (f"?{urlencode(shown)}" if shown else "")
@@ -143,9 +152,15 @@ class CapturesSource:
 
         q = (
             select(
-                Capture.prediction_id, Capture.sha256, Capture.at, Capture.environment,
-                Prediction.at, Prediction.model_version, Prediction.camera_id, Feedback.label,
-            )  # fmt: skip
+                Capture.prediction_id,
+                Capture.sha256,
+                Capture.at,
+                Capture.environment,
+                Prediction.at,
+                Prediction.model_version,
+                Prediction.camera_id,
+                Feedback.label,
+            )
             .join(Prediction, Prediction.id == Capture.prediction_id)
             .join(Feedback, Feedback.prediction_id == Capture.prediction_id)
             .where(Capture.environment == self.environment)

@@ -26,10 +26,19 @@ from loopline.errors import Conflict, NotFound
 STATUSES = ("running", "waiting_approval", "succeeded", "rejected", "failed")
 OPEN_STATUSES = ("running", "waiting_approval")
 FIELDS = (
-    "status", "step", "dataset_version", "run_id", "model_version", "replica_test_id",
-    "deployment_generation", "decided_by", "reason", "state", "finished_at",
+    "status",
+    "step",
+    "dataset_version",
+    "run_id",
+    "model_version",
+    "replica_test_id",
+    "deployment_generation",
+    "decided_by",
+    "reason",
+    "state",
+    "finished_at",
     "incumbent_version",
-)  # fmt: skip
+)
 
 
 class LoopNotHeld(Conflict):
@@ -87,23 +96,40 @@ class LoopRecord:
 
 def _record(row: LoopRun) -> LoopRecord:
     return LoopRecord(
-        id=row.id, alert_id=row.alert_id, action=row.action, model_name=row.model_name,
-        environment=row.environment, incumbent_version=row.incumbent_version,
-        status=row.status, step=row.step, owner=row.owner,
-        heartbeat_at=_utc(row.heartbeat_at), attempts=row.attempts or 0,
-        dataset_version=row.dataset_version, run_id=row.run_id,
-        model_version=row.model_version, replica_test_id=row.replica_test_id,
-        deployment_generation=row.deployment_generation, decided_by=row.decided_by,
-        reason=row.reason, state=dict(row.state or {}), timeline=list(row.timeline or []),
-        started_at=_utc(row.started_at), updated_at=_utc(row.updated_at),
+        id=row.id,
+        alert_id=row.alert_id,
+        action=row.action,
+        model_name=row.model_name,
+        environment=row.environment,
+        incumbent_version=row.incumbent_version,
+        status=row.status,
+        step=row.step,
+        owner=row.owner,
+        heartbeat_at=_utc(row.heartbeat_at),
+        attempts=row.attempts or 0,
+        dataset_version=row.dataset_version,
+        run_id=row.run_id,
+        model_version=row.model_version,
+        replica_test_id=row.replica_test_id,
+        deployment_generation=row.deployment_generation,
+        decided_by=row.decided_by,
+        reason=row.reason,
+        state=dict(row.state or {}),
+        timeline=list(row.timeline or []),
+        started_at=_utc(row.started_at),
+        updated_at=_utc(row.updated_at),
         finished_at=_utc(row.finished_at),
-    )  # fmt: skip
+    )
 
 
 def _event(event: dict[str, Any], now: datetime) -> dict[str, Any]:
     """A timeline entry: ``{step, status, at, detail}`` (``at`` now unless given)."""
-    out = {"step": event.get("step"), "status": event.get("status"),
-           "at": event.get("at") or now.isoformat(), "detail": event.get("detail")}  # fmt: skip
+    out = {
+        "step": event.get("step"),
+        "status": event.get("status"),
+        "at": event.get("at") or now.isoformat(),
+        "detail": event.get("detail"),
+    }
     out.update({k: v for k, v in event.items() if k not in out})
     return out
 
@@ -158,12 +184,20 @@ class LoopRepository:
         _check({"status": status, **fields})
         now = utcnow()
         values = {
-            "alert_id": alert_id, "action": action, "model_name": model_name,
-            "environment": environment, "incumbent_version": incumbent_version,
-            "status": status, "step": step, "attempts": 0, "state": {},
-            "timeline": [_event(event, now)] if event else [], "started_at": now,
-            "updated_at": now, **fields,
-        }  # fmt: skip
+            "alert_id": alert_id,
+            "action": action,
+            "model_name": model_name,
+            "environment": environment,
+            "incumbent_version": incumbent_version,
+            "status": status,
+            "step": step,
+            "attempts": 0,
+            "state": {},
+            "timeline": [_event(event, now)] if event else [],
+            "started_at": now,
+            "updated_at": now,
+            **fields,
+        }
         stmt = (
             self._db.insert(LoopRun)
             .values(**values)
