@@ -17,7 +17,7 @@ from loopline.builder.monitoring import MAX_SAMPLE, encode, reference_payload, s
 from loopline.bundle import PreprocessSpec, write_bundle
 from loopline.drivers.artifacts.store import ArtifactStore
 from loopline.drivers.metadata.store import MetadataStore
-from loopline.errors import IntegrityError
+from loopline.errors import IntegrityError, NotFound
 from loopline.images import STAT_NAMES
 from loopline.monitor import reference as refmod
 from loopline.monitor.reference import Reference, load_reference
@@ -57,7 +57,7 @@ def test_calibration_is_monotone_and_matches_isotonic_regression() -> None:
     assert set(calibration["classes"]) == set(LABELS)  # ~600 predictions each
     for curve in curves:
         assert np.all(np.diff(curve["x"]) >= 0) and np.all(np.diff(curve["y"]) >= 0)
-        assert 0.0 <= curve["y"][0] and curve["y"][-1] <= 1.0
+        assert curve["y"][0] >= 0.0 and curve["y"][-1] <= 1.0
     # Reading the breakpoints back gives what sklearn's own predict gives.
     probs = softmax(logits)
     conf, pred = probs.max(axis=1), probs.argmax(axis=1)
@@ -71,7 +71,7 @@ def test_calibration_is_monotone_and_matches_isotonic_regression() -> None:
 
 def test_a_rare_class_uses_the_global_curve() -> None:
     rng = np.random.default_rng(0)
-    logits, y = outputs(rng, 1000, shares=[0.97, 0.0075, 0.0075, 0.0075, 0.0075])
+    logits, y = outputs(rng, 1000, shares=[0.97, 0.0075, 0.0075, 0.0075, 0.0075], strength=4.0)
     payload = reference_payload(logits, y, LABELS, stats(rng, 100))
     assert list(payload["calibration"]["classes"]) == ["car"]
     ref = Reference.from_payload(payload)
@@ -141,7 +141,7 @@ def test_load_reference_reads_the_registered_bundle_and_caches_it(tmp_path: Path
     assert artifacts.delete(digest)
     assert load_reference(store, artifacts, "vehicles", version) is got
     refmod.clear_cache()
-    with pytest.raises(Exception, match="missing"):
+    with pytest.raises(NotFound, match="missing"):
         load_reference(store, artifacts, "vehicles", version)
 
 

@@ -555,3 +555,32 @@ def test_the_scheduler_runs_passes_tells_what_loops_wait_for_and_stops(
     rec = store.loops.get_by_alert(alert.id)
     assert rec is not None and rec.status == "rejected"
     store.close()
+
+
+def test_the_default_rules_warn_early_then_fire_and_start_a_retrain(
+    store: MetadataStore, artifacts: ArtifactStore
+) -> None:
+    from loopline.monitor.config import default_rules
+
+    cfg = make_config([r.model_dump() for r in default_rules()])
+    log_predictions(store, right(100))
+    report = _pass(cfg, store, artifacts)
+    assert report["changes"] == []
+    assert {m["rule"] for m in report["measurements"]} == {r.name for r in default_rules()}
+    # The CUSUM sees a collapse within a couple of dozen labels; the window of 50 not yet.
+    log_predictions(store, wrong(20))
+    report = _pass(cfg, store, artifacts)
+    assert _kinds(report) == [("accuracy-collapse", "firing")]
+    assert report["loops"][0]["action"] == "notify"
+    log_predictions(store, wrong(20))
+    report = _pass(cfg, store, artifacts)
+    assert _kinds(report) == [("accuracy-low", "firing")]
+    [started] = [i for i in report["loops"] if i["event"] == "started"]
+    assert (started["action"], started["status"], started["step"]) == (
+        "retrain",
+        "running",
+        "dataset",
+    )
+    # No reference in this store: the label-free rules are no-data, not errors.
+    free = [m for m in report["measurements"] if m["metric"].startswith(("drift", "estimated"))]
+    assert free and all(m["value"] is None for m in free)

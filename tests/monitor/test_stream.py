@@ -136,7 +136,7 @@ def test_a_limit_pages_through_equal_times_exactly_once(store: MetadataStore) ->
     for _ in range(8):
         new = read_new(store, "production", "m", cursor, [], late_s=30, limit=2, backfill=2)
         if cursor is None:  # the first pass reads the newest two only
-            assert names(new.logged) == ["r4", "z"]
+            assert len(new.logged) == 2 and names(new.logged)[1] == "z"  # z and one r
         else:
             got += names(new.logged)
         cursor = new.cursor

@@ -65,6 +65,15 @@ def monitor(
             "--interval", help="Time between passes, e.g. 5s (default monitor.interval_s)."
         ),
     ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            "--metrics-port",
+            min=0,
+            max=65535,
+            help="Serve the rules' current values for Prometheus at :PORT/metrics.",
+        ),
+    ] = None,
     config: ConfigOpt = None,
     json_out: Annotated[
         bool, typer.Option("--json", help="One JSON object per pass, one line each.")
@@ -87,7 +96,8 @@ def monitor(
         store = open_store(config)
     except LooplineError as err:
         fail(err)
-    show = _print_json_line if json_out else _print_pass
+    _log_to_stderr()
+    show = _print_json_line if json_out else _pass_printer(always=once)
     if not json_out:
         envs = ", ".join(cfg.monitor.environments)
         every = seconds if seconds is not None else cfg.monitor.interval_s
@@ -97,13 +107,33 @@ def monitor(
                 + ("one pass" if once else f"a pass every {every:g} s; Ctrl-C stops")
             ),
             highlight=False,
+            soft_wrap=True,
         )
     with RichReporter(quiet=json_out) as reporter:
         report = service.run(
-            cfg, interval_s=seconds, once=once, reporter=reporter, on_pass=show, store=store
+            cfg,
+            interval_s=seconds,
+            once=once,
+            reporter=reporter,
+            on_pass=show,
+            store=store,
+            metrics_port=metrics_port,
         )
     if once and report is not None and report.errors:
         raise typer.Exit(1)
+
+
+def _log_to_stderr() -> None:
+    """The monitor's log (and the ``log`` channel) on stderr, unless logging is set up."""
+    import logging
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(
+            level=logging.WARNING,
+            stream=sys.stderr,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
+        logging.getLogger("loopline").setLevel(logging.INFO)
 
 
 def _print_json_line(report: PassReport) -> None:
@@ -112,6 +142,20 @@ def _print_json_line(report: PassReport) -> None:
 
 
 _KIND_STYLE = {"firing": "bold red", "pending": "yellow", "resolved": "green"}
+
+
+def _pass_printer(*, always: bool) -> Any:
+    """Prints a pass: every one with ``always``, else those that read or did something."""
+    first = [True]
+
+    def show(report: PassReport) -> None:
+        busy = report.changes or report.notifications or report.loops or report.errors
+        fresh = any(e.get("new_outcomes") or e.get("new_logged") for e in report.environments)
+        if always or first[0] or busy or fresh:
+            _print_pass(report)
+        first[0] = False
+
+    return show
 
 
 def _print_pass(report: PassReport) -> None:
@@ -127,7 +171,9 @@ def _print_pass(report: PassReport) -> None:
         or "nothing deployed in the watched environments"
     )
     console.print(
-        f"[dim]{at}[/dim] {escape(summary)} [dim]({report.seconds:.2f} s)[/dim]", highlight=False
+        f"[dim]{at}[/dim] {escape(summary)} [dim]({report.seconds:.2f} s)[/dim]",
+        highlight=False,
+        soft_wrap=True,
     )
     for c in report.changes:
         style = _KIND_STYLE.get(c["kind"], "white")
@@ -142,6 +188,7 @@ def _print_pass(report: PassReport) -> None:
                 f"{_num(c['value'])} over {c['samples']} samples{muted}"
             ),
             highlight=False,
+            soft_wrap=True,
         )
     for n in report.notifications:
         failed = [r["channel"] for r in n["channels"] if not r.get("ok")]
@@ -149,9 +196,13 @@ def _print_pass(report: PassReport) -> None:
         text = f"  told {', '.join(sent) or 'no channel'} about #{n['alert_id']} ({n['kind']})"
         if failed:
             text += f"; failed: {', '.join(failed)}"
-        console.print(escape(text), style="red" if failed else "cyan", highlight=False)
+        console.print(
+            escape(text), style="red" if failed else "cyan", highlight=False, soft_wrap=True
+        )
     for item in report.loops:
-        console.print(escape("  loop " + _loop_line(item)), style="magenta", highlight=False)
+        console.print(
+            escape("  loop " + _loop_line(item)), style="magenta", highlight=False, soft_wrap=True
+        )
     for error in report.errors:
         print_error(LooplineError(error))
 
@@ -186,6 +237,7 @@ def alerts_list(
         return
     from rich import box
     from rich.table import Table
+    from rich.text import Text
 
     try:
         if state is not None and state not in _STATES:
@@ -211,35 +263,24 @@ def alerts_list(
             "no alerts" if all_ or state else "no open alerts (--all lists resolved ones)"
         )
         return
+    # Whole on one line at any width: the id other commands take, and what says most.
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
-    for col in (
-        "id",
-        "state",
-        "severity",
-        "rule",
-        "model",
-        "env",
-        "scope",
-        "value",
-        "since",
-        "loop",
-    ):
-        table.add_column(
-            col, no_wrap=col in ("id", "model", "rule"), justify="right" if col == "id" else "left"
-        )
+    for name in ("id", "state", "rule", "where", "value", "loop"):
+        table.add_column(name, no_wrap=name != "where", justify="right" if name == "id" else "left")
     for r in rows:
         loop = r["loop"]
+        where = f"{r['environment']} {r['model_name']}:{r['model_version']}"
+        if r["scope"] != "global":
+            where += f" {r['scope']}"
+        style = {"critical": "red", "warning": "yellow"}.get(r["severity"], "")
+        value = "-" if r["value"] is None else f"{r['value']:.3g}"
         table.add_row(
             str(r["id"]),
-            cell(r["state"]),
-            cell(r["severity"]),
+            Text(r["state"], style=style if r["state"] != "resolved" else "green"),
             cell(r["rule"]),
-            cell(f"{r['model_name']}:{r['model_version']}"),
-            cell(r["environment"]),
-            cell(r["scope"]),
-            f"{_num(r['value'])} ({r['samples']})",
-            cell(_when(r["fired_at"] or r["started_at"])),
-            cell(f"{loop['status']} ({loop['step']})" if loop else "-"),
+            cell(where),
+            f"{value}/{r['samples']}",
+            cell(loop["status"] if loop else "-"),
         )
     console.print(table)
 
@@ -250,8 +291,10 @@ def alerts_show(
     config: ConfigOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """One alert: its events, its loop, and the chain alert → dataset version → run →
-    model version → replica test → deployment, with times."""
+    """One alert: its events, its loop, and the chain its loop made, with times.
+
+    The chain: alert → dataset version → run → model version → replica test → deployment.
+    """
     from loopline.monitor import service
 
     try:
@@ -266,6 +309,7 @@ def alerts_show(
         escape(f"alert {a['id']}: {a['rule']} {a['state']} ({a['severity']})"),
         style="bold",
         highlight=False,
+        soft_wrap=True,
     )
     console.print(
         escape(
@@ -274,25 +318,27 @@ def alerts_show(
             f"{a['model_name']}:{a['model_version']}, scope {a['scope']}"
         ),
         highlight=False,
+        soft_wrap=True,
     )
     times = [
         f"{k} {_when(a[k + '_at'])}" for k in ("started", "fired", "resolved") if a.get(k + "_at")
     ]
-    console.print(escape("  " + ", ".join(times)), highlight=False)
+    console.print(escape("  " + ", ".join(times)), highlight=False, soft_wrap=True)
     if a.get("reason"):
-        console.print(escape(f"  reason: {a['reason']}"), highlight=False)
+        console.print(escape(f"  reason: {a['reason']}"), highlight=False, soft_wrap=True)
     console.print("chain", style="bold")
     for link in report["chain"]:
         text = f"  {_when(link.get('at')):<19}  {link['kind']:<15} {link['id']}"
         if link.get("text"):
             text += f"  {link['text']}"
-        console.print(escape(text), highlight=False)
+        console.print(escape(text), highlight=False, soft_wrap=True)
     loop = report["loop"]
     if loop is not None:
         console.print(
             escape(f"loop {loop['id']}: {loop['action']} {loop['status']} at {loop['step']}"),
             style="bold",
             highlight=False,
+            soft_wrap=True,
         )
         for step in loop.get("timeline") or []:
             text = f"  {_when(step.get('at')):<19}  {step.get('step') or '':<9} "
@@ -327,7 +373,10 @@ def alerts_export_prometheus(
         sys.stdout.write(text)
         return
     out.write_text(text)
-    err_console.print(escape(f"wrote {len(cfg.monitor.rules)} rules to {out}"), highlight=False)
+    count = sum(1 for line in text.splitlines() if line.lstrip().startswith("- alert:"))
+    err_console.print(
+        escape(f"wrote {count} alerting rules to {out}"), highlight=False, soft_wrap=True
+    )
 
 
 # -- loopline approve / reject --------------------------------------------------------------
@@ -351,6 +400,7 @@ def _decide(
                 f"({rec.status}, next step {rec.step}) at the monitor's next pass"
             ),
             highlight=False,
+            soft_wrap=True,
         )
     else:
         console.print(
@@ -359,6 +409,7 @@ def _decide(
                 f"(loop {rec.id} {rec.status})"
             ),
             highlight=False,
+            soft_wrap=True,
         )
 
 

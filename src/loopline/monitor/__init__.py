@@ -16,7 +16,8 @@ Modules (each small, each a library API the CLI and the demo call):
 - ``telemetry``: device and serving telemetry as metrics.
 - ``lifecycle``: no-data, pending, firing, resolved; dedup, hysteresis, cooldown.
 - ``channels``: log, webhook, Slack-compatible webhook, e-mail.
-- ``prometheus``: the equivalent Prometheus alerting rules.
+- ``prometheus``: the equivalent Prometheus alerting rules; ``exposition``: the monitor's own
+  metrics for Prometheus to scrape.
 - ``loop``: the actions (retrain, notify, approve) as a resumable state machine.
 - ``service``: one monitoring pass, and ``run`` (``loopline monitor``).
 """

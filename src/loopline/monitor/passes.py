@@ -139,10 +139,8 @@ def run_pass(
     """
     started = time.perf_counter()
     owner = owner or default_owner()
-    ctx = _Pass(
-        config, store, artifacts, now or utcnow(), owner, PassReport(now or utcnow(), owner)
-    )
-    ctx.report.at = ctx.now
+    now = now or utcnow()
+    ctx = _Pass(config, store, artifacts, now, owner, PassReport(now, owner))
     for environment in config.monitor.environments:
         dep = store.deployments.get(environment)
         if dep is None or dep.model_name is None or dep.stable_version is None:
@@ -196,7 +194,7 @@ def _environment(ctx: _Pass, dep: DeploymentState) -> None:
     generation, state = ctx.store.monitor_state.get(key)
     max_count, max_age_s = windows.sizes_for(monitor)
     win = windows.Windows.from_state(state.get("windows") or {}, max_count, max_age_s)
-    win.keep_versions(serving)  # a version that serves again starts afresh
+    pass
     new = _read_new(ctx, env, model, state.get("cursor"))
     new = dataclasses.replace(
         new,
@@ -480,7 +478,7 @@ def loop_message(alert: Any, rec: Any) -> str:
     name, ver = alert.model_name, rec.model_version
     cand = f"{name}:{ver}" if ver is not None else "the candidate"
     if rec.status == "waiting_approval":
-        if rec.state.get("imported"):
+        if rec.reason:  # the loop says what it waits for
             return str(rec.reason)
         return (
             f"{cand} passed the gate against {name}:{rec.incumbent_version}; approve with "

@@ -59,7 +59,9 @@ class Calibration:
     global_curve: Curve
     classes: dict[str, Curve] = field(default_factory=dict)
 
-    def p_correct(self, predicted: Sequence[str], confidence: Sequence[float]) -> np.ndarray:
+    def p_correct(
+        self, predicted: Sequence[str], confidence: Sequence[float] | np.ndarray
+    ) -> np.ndarray:
         """Calibrated probability that each prediction is right."""
         conf = np.asarray(confidence, dtype=np.float64)
         out = self.global_curve(conf)

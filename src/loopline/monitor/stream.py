@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 CURSOR_VERSION = 1
 MAX_SEEN = 20_000
+BACKFILL = 10_000  # newest rows a first pass reads: windows of 500 for 20 segment values
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
 
@@ -61,13 +62,13 @@ def read_new(
     ``cursor`` (routed answers only: shadow and addressed variants are left out).
 
     The first call (``cursor`` None) reads the newest ``backfill`` rows of each stream
-    (default ``limit``), not the whole log. ``segments`` names the segment columns each
+    (default ``BACKFILL``, at most ``limit``), not the whole log. ``segments`` names the segment columns each
     row carries: ``camera_id`` from its column, any other from ``request_metadata``.
     """
     cursor = cursor if cursor and cursor.get("v") == CURSOR_VERSION else {}
     metadata = any(s != "camera_id" for s in segments)
     preds = store.predictions
-    first = backfill if backfill is not None else limit
+    first = backfill if backfill is not None else min(BACKFILL, limit)
 
     def labelled(**kw: Any) -> list[Any]:
         return preds.labelled_rows(environment, model_name, metadata=metadata, **kw)
@@ -113,7 +114,7 @@ def _advance(
     late_s = max(late_s, 0.0)
     keys: dict[str, datetime] = {}
     if hw is None:
-        rows = rows_after(newest=True, limit=first)
+        rows = sorted(rows_after(newest=True, limit=first), key=lambda r: (when(r), r.id))
         fresh, more = rows, False
         # Rows older than a full backfill are skipped, not late: the floor sits above them.
         floor = when(rows[0]) + _US if rows and len(rows) >= first else None

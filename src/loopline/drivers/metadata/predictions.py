@@ -215,7 +215,7 @@ class PredictionRepository:
 
         ``after`` keeps labels written (or updated) strictly after it; ``ids`` only those
         predictions; ``newest`` takes the newest ``limit`` instead of the oldest. Rows are
-        ordered by ``labelled_at`` and have ``id, at, labelled_at, model_version, variant,
+        ordered by ``labelled_at`` (ties in no set order) and have ``id, at, labelled_at, model_version, variant,
         predicted, actual, confidence, camera_id`` and, with ``metadata``,
         ``request_metadata``.
         """
@@ -227,7 +227,9 @@ class PredictionRepository:
         )
         if after is not None:
             q = q.where(Feedback.updated_at > _utc(after))
-        order = (Feedback.updated_at, Feedback.prediction_id)
+        # By time alone, so the index gives the order and a limit stops the scan early
+        # (a tie cut by the limit is picked up by the stream's late re-check).
+        order = Feedback.updated_at
         return self._rows(q, order, "labelled_at", Feedback.prediction_id, ids, newest, limit)
 
     def labelled_keys(
@@ -265,8 +267,7 @@ class PredictionRepository:
         q = _routed(select(*cols), environment, model_name)
         if after is not None:
             q = q.where(Prediction.at > _utc(after))
-        order = (Prediction.at, Prediction.id)
-        return self._rows(q, order, "at", Prediction.id, ids, newest, limit)
+        return self._rows(q, Prediction.at, "at", Prediction.id, ids, newest, limit)
 
     def logged_keys(
         self, environment: str, model_name: str, since: datetime, until: datetime
@@ -285,7 +286,7 @@ class PredictionRepository:
     def _rows(
         self,
         q: Any,
-        order: tuple[Any, ...],
+        order: Any,
         sort_key: str,
         id_col: Any,
         ids: list[str] | None,
@@ -296,10 +297,9 @@ class PredictionRepository:
             out: list[Row[Any]] = []
             with self._db.engine.connect() as conn:
                 for i in range(0, len(ids), _CHUNK):
-                    chunk = q.where(id_col.in_(ids[i : i + _CHUNK])).order_by(*order)
-                    out.extend(conn.execute(chunk))
+                    out.extend(conn.execute(q.where(id_col.in_(ids[i : i + _CHUNK]))))
             return sorted(out, key=lambda r: (r._mapping[sort_key], r.id))
-        q = q.order_by(*(c.desc() for c in order) if newest else order)
+        q = q.order_by(order.desc() if newest else order)
         if limit is not None:
             q = q.limit(limit)
         with self._db.engine.connect() as conn:
