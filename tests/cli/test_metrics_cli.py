@@ -129,7 +129,9 @@ def test_mistakes_are_one_line_errors(project: Path, args: list[str], message: s
     assert code == 1 and message in one_line_error(err)
 
 
-def test_outside_a_project_nothing_is_created(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_outside_a_project_nothing_is_created(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     code, _, err = invoke("metrics", "m")
     assert code == 1 and one_line_error(err)

@@ -151,7 +151,7 @@ def test_a_worse_candidate_is_rejected_by_the_gate_and_production_keeps_the_incu
 
     # Held out: test-split images labelled with what tiny:1 answers (it scores 1.0 there).
     held_images, _ = lp.images(24)
-    train_images, _ = lp.images(150, offset=24)
+    train_images, _ = lp.images(56, offset=24)  # 80 labelled: the newest 24 held out
     tmp = seed_captures(lp.store, lp.artifacts, held_images, labels=["car"] * 24,
                         environment="scratch")  # fmt: skip
     src = captures_of(lp, "scratch")
@@ -161,7 +161,7 @@ def test_a_worse_candidate_is_rejected_by_the_gate_and_production_keeps_the_incu
     answers = [lp.config.data.labels[i] for i in pred]
     # Trained on the rest labelled all as the class tiny:1 answers least: a worse model.
     rare = min(lp.config.data.labels, key=answers.count)
-    seed(lp, (train_images, [rare] * 150), (held_images, answers))
+    seed(lp, (train_images, [rare] * 56), (held_images, answers))
     assert tmp and captures is not None
     before = lp.store.deployments.get("production")
 
@@ -180,7 +180,7 @@ def test_a_worse_candidate_is_rejected_by_the_gate_and_production_keeps_the_incu
     run = lp.store.runs.get(done.run_id)
     assert (run.trigger, run.trigger_ref, run.status) == ("alert", str(alert.id), "succeeded")
     assert done.dataset_version == run.dataset_version
-    assert lp.store.captures.count(dataset_version=done.dataset_version) == 150
+    assert lp.store.captures.count(dataset_version=done.dataset_version) == 56
     assert [e["step"] for e in done.timeline] == ["start", "dataset", "build", "build", "gate"]
 
 
@@ -191,7 +191,7 @@ def captures_of(lp: LoopProject, environment: str) -> Any:
 
 
 def test_approval_rejection_then_approval_replica_canary_and_promotion(lp: LoopProject) -> None:
-    seed(lp, lp.images(60), lp.images(24, offset=60))
+    seed(lp, lp.images(56), lp.images(24, offset=56))
     before = lp.store.deployments.get("production")
 
     # A person rejects the first retrain: production keeps tiny:1.
@@ -254,7 +254,7 @@ def test_a_monitor_killed_mid_build_is_resumed_and_the_loop_completes(
     lp = make_project(tmp_path / "k", tiny_lake, production_images, strategy="direct",
                       sets='"gate.max_regression=1.0", "train.epochs=12", "train.patience=12"')  # fmt: skip
     try:
-        seed(lp, lp.images(60), lp.images(24, offset=60))
+        seed(lp, lp.images(56), lp.images(24, offset=56))
         alert = lp.alert("retrain")
         loop = loops.start(lp.store, alert, lp.config)
         proc = subprocess.Popen(

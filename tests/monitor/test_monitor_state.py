@@ -11,8 +11,9 @@ def test_get_put_compare_and_set(db_url: str) -> None:
     store = MetadataStore(db_url)
     states = store.monitor_state
     assert states.get("monitor|production|m") == (0, {})
-    assert states.put("monitor|production|m", {"cursor": {"hw": "2026-01-01T00:00:00+00:00"}}, 0)
-    assert states.get("monitor|production|m") == (1, {"cursor": {"hw": "2026-01-01T00:00:00+00:00"}})
+    first = {"cursor": {"hw": "2026-01-01T00:00:00+00:00"}}
+    assert states.put("monitor|production|m", first, 0)
+    assert states.get("monitor|production|m") == (1, first)
     assert not states.put("monitor|production|m", {"x": 1}, 0)  # a second first write loses
     assert not states.put("monitor|production|m", {"x": 1}, 2)  # a generation never read
     assert states.put("monitor|production|m", {"x": 2}, 1)

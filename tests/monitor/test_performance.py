@@ -21,7 +21,8 @@ T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 #   accuracy 7/10; precision car 3/4, bus 2/4, van 2/2; recall car 3/4, bus 2/3, van 2/3;
 #   F1 car 0.75, bus 4/7, van 0.8.
 PAIRS = [("car", "car"), ("car", "car"), ("car", "car"), ("car", "bus"), ("bus", "bus"),
-         ("bus", "bus"), ("bus", "car"), ("van", "van"), ("van", "bus"), ("van", "van")]  # fmt: skip
+         ("bus", "bus"), ("bus", "car"), ("van", "van"), ("van", "bus"),
+         ("van", "van")]  # fmt: skip
 MACRO_P = (0.75 + 0.5 + 1.0) / 3
 MACRO_R = (0.75 + 2 / 3 + 2 / 3) / 3
 MACRO_F1 = (0.75 + 4 / 7 + 0.8) / 3
@@ -29,8 +30,17 @@ MACRO_F1 = (0.75 + 4 / 7 + 0.8) / 3
 
 def outcomes(pairs: list[tuple[str, str]] = PAIRS) -> list[Outcome]:
     return [
-        Outcome(f"p{i}", T0 + timedelta(seconds=i), T0 + timedelta(seconds=60 + i), 1, None,
-                pred, actual, 0.9, {"camera_id": "c1" if i < 5 else "c2"})  # fmt: skip
+        Outcome(
+            f"p{i}",
+            T0 + timedelta(seconds=i),
+            T0 + timedelta(seconds=60 + i),
+            1,
+            None,
+            pred,
+            actual,
+            0.9,
+            {"camera_id": "c1" if i < 5 else "c2"},
+        )  # fmt: skip
         for i, (actual, pred) in enumerate(pairs)
     ]
 
@@ -50,8 +60,12 @@ def rule(metric: str = "accuracy", **kw: Any) -> AlertRule:
 
 @pytest.mark.parametrize(
     ("metric", "expected"),
-    [("accuracy", 0.7), ("macro_precision", MACRO_P), ("macro_recall", MACRO_R),
-     ("macro_f1", MACRO_F1)],  # fmt: skip
+    [
+        ("accuracy", 0.7),
+        ("macro_precision", MACRO_P),
+        ("macro_recall", MACRO_R),
+        ("macro_f1", MACRO_F1),
+    ],  # fmt: skip
 )
 def test_metrics_over_the_window(metric: str, expected: float) -> None:
     [m] = performance.measure(rule(metric), view(), {}, MonitorConfig())
@@ -115,18 +129,22 @@ def test_a_rule_of_another_kind_is_refused() -> None:
 
 def test_current_metrics_from_the_store(db_url: str) -> None:
     store = MetadataStore(db_url)
-    rows = []
+
+    def row(pid: str, i: int, version: int, label: str, variant: str = "stable") -> dict[str, Any]:
+        return {"id": pid, "at": T0 + timedelta(seconds=i), "model_name": "m",
+                "model_version": version, "source": "v1", "label": label, "confidence": 0.9,
+                "environment": "production", "variant": variant,
+                "camera_id": "c1" if i % 10 < 5 else "c2",
+                "request_metadata": {"site": "n" if i < 10 else "s"}}  # fmt: skip
+
+    rows, truth = [], []
     for i, (actual, pred) in enumerate(PAIRS * 2):  # 20 answers of version 1
-        rows.append({"id": f"a{i:031d}", "at": T0 + timedelta(seconds=i), "model_name": "m",
-                     "model_version": 1, "source": "v1", "label": pred, "confidence": 0.9,
-                     "environment": "production", "variant": "stable",
-                     "camera_id": "c1" if i % 10 < 5 else "c2",
-                     "request_metadata": {"site": "n" if i < 10 else "s"}, "_actual": actual})  # fmt: skip
+        rows.append(row(f"a{i:031d}", i, 1, pred))
+        truth.append((f"a{i:031d}", actual))
     for i in range(4):  # version 2: always right; a shadow answer, always wrong
-        rows.append({**rows[i], "id": f"b{i:031d}", "model_version": 2, "label": rows[i]["_actual"]})
-        rows.append({**rows[i], "id": f"s{i:031d}", "model_version": 2, "variant": "shadow",
-                     "label": "truck"})  # fmt: skip
-    truth = [(r["id"], r.pop("_actual")) for r in rows]
+        actual = PAIRS[i][0]
+        rows += [row(f"b{i:031d}", i, 2, actual), row(f"s{i:031d}", i, 2, "truck", "shadow")]
+        truth += [(f"b{i:031d}", actual), (f"s{i:031d}", actual)]
     store.predictions.log(rows)
     store.predictions.record_feedback(truth)
 

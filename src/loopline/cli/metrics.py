@@ -69,8 +69,9 @@ def metrics(
     ] = 200,
     by: Annotated[
         str | None,
-        typer.Option("--by", help="Also per value of a segment: camera_id or a request-"
-                     "metadata key."),
+        typer.Option(
+            "--by", help="Also per value of a segment: camera_id or a request-metadata key."
+        ),
     ] = None,  # fmt: skip
     version: Annotated[int | None, typer.Option("--version", help="Only this version.")] = None,
     config: ConfigOpt = None,
@@ -126,8 +127,10 @@ def predictions(
     ] = False,
     limit: Annotated[
         int | None,
-        typer.Option("--limit", help=f"At most the newest N (default {DEFAULT_ROWS} shown, "
-                     "all written with --out)."),
+        typer.Option(
+            "--limit",
+            help=f"At most the newest N (default {DEFAULT_ROWS} shown, all written with --out).",
+        ),
     ] = None,  # fmt: skip
     out: Annotated[
         Path | None, typer.Option("--out", help="Write a Parquet file (all or nothing).")

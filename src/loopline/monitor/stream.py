@@ -62,8 +62,9 @@ def read_new(
     ``cursor`` (routed answers only: shadow and addressed variants are left out).
 
     The first call (``cursor`` None) reads the newest ``backfill`` rows of each stream
-    (default ``BACKFILL``, at most ``limit``), not the whole log. ``segments`` names the segment columns each
-    row carries: ``camera_id`` from its column, any other from ``request_metadata``.
+    (default ``BACKFILL``, at most ``limit``), not the whole log. ``segments`` names
+    the segment columns each row carries: ``camera_id`` from its column, any other from
+    ``request_metadata``.
     """
     cursor = cursor if cursor and cursor.get("v") == CURSOR_VERSION else {}
     metadata = any(s != "camera_id" for s in segments)

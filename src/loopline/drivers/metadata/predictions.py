@@ -215,9 +215,9 @@ class PredictionRepository:
 
         ``after`` keeps labels written (or updated) strictly after it; ``ids`` only those
         predictions; ``newest`` takes the newest ``limit`` instead of the oldest. Rows are
-        ordered by ``labelled_at`` (ties in no set order) and have ``id, at, labelled_at, model_version, variant,
-        predicted, actual, confidence, camera_id`` and, with ``metadata``,
-        ``request_metadata``.
+        ordered by ``labelled_at`` (ties in no set order) and have ``id, at,
+        labelled_at, model_version, variant, predicted, actual, confidence, camera_id``
+        and, with ``metadata``, ``request_metadata``.
         """
         cols = [*_LABELLED_COLUMNS, *([Prediction.request_metadata] if metadata else [])]
         q = _routed(
