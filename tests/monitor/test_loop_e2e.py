@@ -214,6 +214,16 @@ def test_approval_rejection_then_approval_replica_canary_and_promotion(lp: LoopP
     assert released.status == "running" and released.step == "canary", released.reason
     test = lp.store.replica_tests.latest("tiny", 2, ["staging"])
     assert test is not None and test.passed and released.replica_test_id == test.id
+    assert test.report["server"]["started"] == "temporary"  # a real server served tiny:2
+    assert test.actor == "loopline (monitor)"
+    # Its test split holds production captures, which the replica test read and passed on.
+    assert [p["status"] for p in test.report["phases"]][0] == "passed"
+    from loopline.pipeline import codecs
+
+    split = next(s for s in lp.store.steps.for_run(loop.run_id) if s.step == "split")
+    splits = codecs.decode("parquet", lp.artifacts.get_bytes(split.outputs["splits"]["sha256"]))
+    test_paths = splits.loc[splits["split"] == "test", "path"]
+    assert test_paths.str.startswith("captures/").any()
     dep = lp.store.deployments.get("production")
     assert (dep.stable_version, dep.candidate_version, dep.strategy) == (1, 2, "canary")
 

@@ -134,6 +134,8 @@ class LiveDisplay:
             )
 
     def event(self, e: Event) -> None:
+        if e.quiet:
+            return
         with self._lock:
             self._events.append(e)
         if not self.live:

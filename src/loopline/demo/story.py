@@ -109,6 +109,22 @@ def run_demo(
     return doc
 
 
+@contextlib.contextmanager
+def _quiet_alert_log() -> Iterator[None]:
+    """The log channel's lines are on the timeline already (as ``notified`` events)."""
+    import logging
+
+    log = logging.getLogger("loopline.monitor.alerts")
+    handler, saved = logging.NullHandler(), log.propagate
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.propagate = saved
+
+
 class Story:
     """Plays the scenario in ``root``; ``run`` returns what happened (see ``DemoRun``)."""
 
@@ -134,7 +150,7 @@ class Story:
     def run(self) -> DemoRun:
         ok, reason = False, None
         project: DemoProject | None = None
-        with _own_stores(), self.display:
+        with _own_stores(), _quiet_alert_log(), self.display:
             try:
                 project = self._setup()
                 ok, reason = self._play(project)

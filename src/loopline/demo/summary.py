@@ -160,7 +160,6 @@ def _versions(
                 "trigger": run.trigger if run is not None else None,
                 "dataset_version": mv.dataset_version,
                 "test": {
-                    "n": metrics.get("n"),
                     "accuracy": _num(metrics.get("accuracy")),
                     "macro_f1": _num(metrics.get("macro_f1")),
                     "by_condition": by_condition,

@@ -41,12 +41,17 @@ class Clock:
 
 @dataclass
 class Event:
-    """One thing that happened: ``t`` demo seconds, a ``kind`` and words for people."""
+    """One thing that happened: ``t`` demo seconds, a ``kind`` and words for people.
+
+    A ``quiet`` event (a notify-only loop, an alert resolved because its version retired)
+    is kept in the timeline but not shown live.
+    """
 
     t: float
     kind: str
     text: str
     data: dict[str, Any] = field(default_factory=dict)
+    quiet: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {"t": round(self.t, 3), "kind": self.kind, "text": self.text, **self.data}
@@ -64,8 +69,10 @@ class Timeline:
     def listen(self, fn: Callable[[Event], None]) -> None:
         self._listeners.append(fn)
 
-    def mark(self, kind: str, text: str, *, t: float | None = None, **data: Any) -> Event:
-        event = Event(self.clock() if t is None else t, kind, text, data)
+    def mark(
+        self, kind: str, text: str, *, t: float | None = None, quiet: bool = False, **data: Any
+    ) -> Event:
+        event = Event(self.clock() if t is None else t, kind, text, data, quiet)
         with self._lock:
             self._events.append(event)
         for fn in self._listeners:

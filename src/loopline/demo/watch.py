@@ -57,6 +57,7 @@ class MonitorFeed:
             self.timeline.mark(
                 "notified",
                 f"told ({channels}): {notice.get('message', '')}",
+                quiet=notice.get("kind") == "resolved",
                 alert_id=notice.get("alert_id"),
                 notice=notice.get("kind"),
             )
@@ -86,6 +87,7 @@ class MonitorFeed:
             what,
             text,
             t=t,
+            quiet=what in ("pending", "resolved"),
             alert_id=alert_id,
             rule=change["rule"],
             metric=change["metric"],
@@ -163,6 +165,7 @@ class StoreWatcher:
                     "loop",
                     f"loop {rec.id} {step}: {status}" + (f": {detail}" if detail else ""),
                     t=self.timeline.clock.at(entry.get("at")),
+                    quiet=rec.action not in RETRAINING,
                     loop_id=rec.id,
                     alert_id=rec.alert_id,
                     step=step,

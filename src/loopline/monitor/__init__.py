@@ -19,5 +19,6 @@ Modules (each small, each a library API the CLI and the demo call):
 - ``prometheus``: the equivalent Prometheus alerting rules; ``exposition``: the monitor's own
   metrics for Prometheus to scrape.
 - ``loop``: the actions (retrain, notify, approve) as a resumable state machine.
-- ``service``: one monitoring pass, and ``run`` (``loopline monitor``).
+- ``passes``: one monitoring pass (``run_pass``); ``service``: the scheduler ``run``
+  (``loopline monitor``), loop advancing and the alert report (``loopline alerts show``).
 """

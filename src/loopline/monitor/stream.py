@@ -155,7 +155,8 @@ def _advance(
 def segment_values(row: Any, segments: list[str]) -> dict[str, str]:
     """A row's segment values: ``camera_id`` from its column, others from its metadata."""
     out: dict[str, str] = {}
-    meta = getattr(row, "request_metadata", None) or {}
+    meta = getattr(row, "request_metadata", None)
+    meta = meta if isinstance(meta, dict) else {}
     for col in segments:
         value = row.camera_id if col == "camera_id" else meta.get(col)
         if value is not None and value != "":
