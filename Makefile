@@ -14,19 +14,23 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-## Generate the example data lake, build a model from it, then show the domain shift:
-## a model trained on daytime images only, scored on every condition.
+## The README's first command: the whole closed loop on the example, unattended (a few
+## minutes): build v1 on day images, serve it, drift to fog and night, alert, retrain,
+## canary, recover. Live timeline here; report in loopline-demo/report.html.
 demo: $(STAMP)
-	@test -f loopline.yaml || $(BIN)/loopline init
-	test -f lake/manifest.csv || $(BIN)/loopline datagen --out lake --images 5000
-	$(BIN)/loopline build
-	$(BIN)/loopline build --set 'data.filter={condition: [day]}' --set model.name=vehicles-day
-	$(BIN)/loopline evaluate vehicles-day@candidate
-	$(BIN)/loopline models
+	$(BIN)/loopline demo
+
+## promtool checks the exported Prometheus alerting rules in the tests: taken from Debian's
+## prometheus package where apt can fetch it (only the one binary is unpacked into .venv).
+$(BIN)/promtool: | $(STAMP)
+	@command -v apt-get >/dev/null && tmp=$$(mktemp -d) && \
+	  (cd $$tmp && apt-get download -qq prometheus >/dev/null 2>&1 && \
+	   dpkg-deb -x prometheus_*.deb x && cp x/usr/bin/promtool $(abspath $(BIN))/promtool); \
+	  rm -rf "$$tmp"; test -x $@ || echo "promtool not installed: the rules are checked by parsing only"
 
 ## The whole test suite (PostgreSQL tests included; they never skip in CI).
-test: $(STAMP)
-	$(BIN)/python -m pytest -q
+test: $(STAMP) $(BIN)/promtool
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -129,9 +129,7 @@ class Pools:
     after: np.ndarray
 
     @classmethod
-    def render(
-        cls, n: int, input_size: int, after: tuple[str, ...] = ("fog", "night")
-    ) -> Pools:
+    def render(cls, n: int, input_size: int, after: tuple[str, ...] = ("fog", "night")) -> Pools:
         return cls(
             reference=frame_stats("day", n, REF_INDEX, input_size),
             before=frame_stats("day", n, PROD_INDEX, input_size),
@@ -162,8 +160,8 @@ class Scenario:
     max_after: int = 400  # predictions after the onset at most
     pass_every: int = 5
     label_delay: int = 0  # labels arrive this many predictions after their prediction
-    val_size: int = 1000  # validation images behind the reference
-    pool: int = 2000  # frames per pool
+    val_size: int = 2000  # validation predictions behind the reference
+    pool: int = 1000  # frames per pool
     input_size: int = 64
 
 
@@ -266,9 +264,7 @@ class StreamResult:
 class _Stream:
     """Logs and labels predictions the way the server and a labeller would."""
 
-    def __init__(
-        self, sim: Simulation, store: Any, rng: np.random.Generator, total: int
-    ) -> None:
+    def __init__(self, sim: Simulation, store: Any, rng: np.random.Generator, total: int) -> None:
         self.sim, self.store, self.rng = sim, store, rng
         # Stamped SPACING_S apart, all in the past: the cameras' pace, not the benchmark's
         # (the stream re-reads ``monitor.late_s`` of stamps on every pass).

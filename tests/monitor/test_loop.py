@@ -136,7 +136,7 @@ def test_a_second_retrain_of_the_same_model_only_notifies(env: Env) -> None:
 def test_dataset_waits_for_labels_then_holds_the_newest_out(env: Env) -> None:
     (v1,) = env.register()
     created = env.store.models.get("tiny", v1).created_at
-    start = (created.replace(tzinfo=UTC) if created.tzinfo is None else created)
+    start = created.replace(tzinfo=UTC) if created.tzinfo is None else created
     # Captures before the incumbent was registered are not new.
     seed_captures(env.store, env.artifacts, [png(100)], labels=["car"],
                   start=start - timedelta(hours=1))  # fmt: skip
@@ -292,3 +292,37 @@ def test_another_holder_keeps_the_loop(env: Env) -> None:
     env.store.loops.claim(loop.id, "other-monitor", stale_after_s=60)
     seen = env.advance(loop.id)
     assert seen.owner == "other-monitor" and seen.step == "dataset" and seen.reason is None
+
+
+def test_a_release_already_written_before_a_crash_is_not_made_again(env: Env) -> None:
+    env.register(2)
+    _production(env, 1)
+    _passed_test(env, 2)
+    # The monitor promoted tiny:2 as a canary, then died before recording it.
+    state = release.promote(env.store, "tiny:2", to="production", strategy="canary",
+                            env=env.config.environment("production"), actor="loopline")  # fmt: skip
+    loop = env.at(env.alert(), "release", model_version=2)
+    resumed = env.advance(loop.id)
+    assert resumed.step == "canary" and resumed.deployment_generation == state.generation
+    assert env.store.deployments.get("production").generation == state.generation
+    assert "already released" in resumed.timeline[-2]["detail"]
+    # Had the servers promoted it meanwhile, a canary promote would be refused: not made.
+    env.config.monitor.retrain.cooldown_s = 0.0
+    promoted = release.promote(env.store, "tiny:2", to="production", actor="loopline (canary)")
+    assert env.advance(loop.id).status == "succeeded"
+    again = env.at(env.alert(rule="other"), "release", model_version=2)
+    done = env.advance(again.id)
+    assert (done.status, done.deployment_generation) == ("succeeded", promoted.generation)
+    assert done.timeline[1]["detail"].endswith("(already released, generation 3)")
+
+
+def test_the_loop_imports_no_torch() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, loopline.monitor.loop, loopline.drivers.data.captures; "
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

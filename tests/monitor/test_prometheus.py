@@ -5,6 +5,7 @@ is on PATH, by promtool (check and unit tests of the rules' behaviour)."""
 from __future__ import annotations
 
 import re
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -279,8 +280,10 @@ def test_exposition_is_served_over_http() -> None:
 
 
 # -- promtool, where it is installed ----------------------------------------------------------
+# `make test` unpacks Debian's promtool into .venv/bin; in CI it must be there.
 needs_promtool = pytest.mark.skipif(
-    shutil.which("promtool") is None, reason="promtool is not on PATH (Prometheus is not installed)"
+    shutil.which("promtool") is None and os.environ.get("CI") != "true",
+    reason="promtool is not on PATH (Prometheus is not installed; `make test` fetches it)",
 )
 
 

@@ -86,8 +86,9 @@ def accuracy_svg(doc: dict[str, Any]) -> str:
     parts.append(
         f'<line class="threshold" x1="{LEFT}" x2="{LEFT + plot_w}" y1="{yt:.1f}" '
         f'y2="{yt:.1f}" stroke="#dc2626" stroke-dasharray="6 4"/>'
-        f'<text x="{LEFT + plot_w - 4}" y="{yt - 5:.1f}" text-anchor="end" '
-        f'font-size="11" fill="#dc2626">alert threshold {threshold:.0%}</text>'
+        f'<rect x="{LEFT + 2}" y="{yt - 16:.1f}" width="118" height="13" fill="#fff" '
+        f'opacity="0.85"/><text x="{LEFT + 6}" y="{yt - 5:.1f}" font-size="11" '
+        f'fill="#dc2626">alert threshold {threshold:.0%}</text>'
     )
     for row, (kind, t) in enumerate(sorted(marks.items(), key=lambda kv: kv[1])):
         colour, label = MARKERS[kind]
@@ -101,6 +102,8 @@ def accuracy_svg(doc: dict[str, Any]) -> str:
             f'fill="{colour}">{escape(label)}</text>'
         )
     for _t, version, a, _n in monitor:
+        if not t0 <= float(_t) <= t1:
+            continue
         colour = VERSION_COLOURS[(int(version) - 1) % len(VERSION_COLOURS)]
         parts.append(
             f'<circle class="monitor v{int(version)}" cx="{x(float(_t)):.1f}" '
@@ -112,11 +115,11 @@ def accuracy_svg(doc: dict[str, Any]) -> str:
             f'<polyline class="accuracy" points="{points}" fill="none" '
             f'stroke="#111827" stroke-width="1.8"/>'
         )
+    window = (doc.get("accuracy") or {}).get("window", 50)
     parts.append(
         f'<text x="{LEFT}" y="{HEIGHT - 6}" font-size="11" fill="#6b7280">'
-        f"line: accuracy of the last {doc.get('accuracy', {}).get('window', 50)} "
-        "labelled frames as production answered them; dots: the monitor's accuracy "
-        "rule per version (blue v1, green v2); shaded: fog and night</text>"
+        f"line: accuracy of the last {window} labelled frames as answered; dots: what the "
+        "monitor measured (v1 blue, v2 green); shaded: fog and night</text>"
     )
     parts.append("</svg>")
     return "".join(parts)

@@ -123,14 +123,12 @@ class Scenario:
 
     @classmethod
     def fast(cls) -> Scenario:
-        """A reduced scenario for the end-to-end test: a smaller lake, fewer epochs, fewer
-        labels to wait for; the same story."""
+        """A reduced scenario for the end-to-end test: a smaller lake, fewer labels to wait
+        for and to judge the recovery on; the same story (and as sure to recover)."""
         return cls(
-            lake_images=700,
-            epochs=6,
-            retrain_epochs=10,
+            lake_images=1000,
             day_s=8.0,
-            retrain_new_labels=350,
+            retrain_new_labels=450,
             recovery_labels=100,
             canary_min_requests=40,
             canary_min_labels=12,

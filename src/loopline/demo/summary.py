@@ -67,6 +67,7 @@ def summarize(run: DemoRun) -> dict[str, Any]:
             "skipped": stats.skipped if stats else 0,
         },
         "versions": versions,
+        "monitor": _monitor(run),
         "lineage": lineage,
         "scenario": run.scenario.to_dict(),
         "timeline": [e.to_dict() for e in events],
@@ -168,6 +169,17 @@ def _versions(
             }
         )
     return out
+
+
+def _monitor(run: DemoRun) -> dict[str, Any]:
+    """How many passes the monitor made, and how long they took."""
+    seconds = sorted(run.feed.seconds) if run.feed is not None else []
+    return {
+        "interval_s": run.scenario.monitor_interval_s,
+        "passes": len(seconds),
+        "pass_s_median": round(seconds[len(seconds) // 2], 4) if seconds else None,
+        "pass_s_max": round(seconds[-1], 4) if seconds else None,
+    }
 
 
 def _num(value: Any) -> float | None:

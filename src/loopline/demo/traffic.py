@@ -29,7 +29,9 @@ Clock = Callable[[], float]  # seconds since the demo began
 
 @dataclass
 class Sample:
-    """One frame sent, and what production answered. Times are demo seconds."""
+    """One frame sent, and what production answered. Times are demo seconds: ``t`` when
+    the frame was taken (its condition is the schedule's at ``t``), ``labelled_t`` when
+    its ground truth was posted."""
 
     prediction_id: str
     t: float
@@ -165,7 +167,7 @@ class Traffic:
     # -- control ---------------------------------------------------------------------------
     def start(self) -> None:
         self.started_t = self.clock()
-        self.log.phase = self.schedule.phase_at(0.0).name
+        self.log.phase = ", ".join(sorted(self.schedule.phase_at(0.0).conditions))
         for k in range(self.cameras):
             thread = threading.Thread(
                 target=self._camera, args=(k,), daemon=True, name=f"demo-camera-{k + 1}"
@@ -224,17 +226,28 @@ class Traffic:
                     self.log.skip(missed)
                     next_at += missed * period
                 next_at += period
-                t_traffic = self.traffic_seconds()
-                phase = self.schedule.phase_at(t_traffic)
-                self.log.phase = phase.name
-                condition = self.schedule.condition_at(t_traffic, rng)
+                taken = self.clock()  # the frame's time: its condition is the schedule's then
+                phase = self.schedule.phase_at(taken - self._started())
+                self.log.phase = ", ".join(sorted(phase.conditions))
+                condition = self.schedule.condition_at(taken - self._started(), rng)
                 label = CLASSES[int(rng.integers(len(CLASSES)))]
                 image = render_image(self.seed, index, k, condition, label, self.image_size)
                 index += 1
-                self._send(client, url, cam, condition, label, image)
+                self._send(client, url, cam, taken, condition, label, image)
+
+    def _started(self) -> float:
+        assert self.started_t is not None
+        return self.started_t
 
     def _send(
-        self, client: httpx.Client, url: str, cam: str, condition: str, label: str, image: bytes
+        self,
+        client: httpx.Client,
+        url: str,
+        cam: str,
+        taken: float,
+        condition: str,
+        label: str,
+        image: bytes,
     ) -> None:
         sent = self.clock()
         try:
@@ -253,7 +266,7 @@ class Traffic:
         done = self.clock()
         sample = Sample(
             prediction_id=str(answer["prediction_id"]),
-            t=sent,
+            t=taken,
             camera=cam,
             condition=condition,
             truth=label,

@@ -32,6 +32,7 @@ class MonitorFeed:
     latest: dict[str, dict[str, Any]] = field(default_factory=dict)  # rule -> measurement
     accuracy: list[tuple[float, int, float, int]] = field(default_factory=list)
     passes: int = 0
+    seconds: list[float] = field(default_factory=list)  # each pass's duration
     errors: list[str] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -39,6 +40,7 @@ class MonitorFeed:
         now = self.timeline.clock()
         with self._lock:
             self.passes += 1
+            self.seconds.append(float(report.seconds))
             for m in report.measurements:
                 if m.get("scope") != "global":
                     continue

@@ -14,6 +14,7 @@ path that the listing does not hold is refused, whatever its name.
 from __future__ import annotations
 
 import threading
+import weakref
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
@@ -134,6 +135,7 @@ class CapturesSource:
 
             assert self._metadata_url is not None
             self._store = MetadataStore(self._metadata_url)
+            weakref.finalize(self, self._store.close)  # the engine this source opened
         return self._store
 
     @property
