@@ -147,16 +147,47 @@ def run_demo(root: Path, fast: bool) -> dict[str, Any] | None:
     for key in ("before_drift", "lowest", "after_recovery"):
         info(f"demo accuracy {key}", acc.get(key))
     info("versions deployed", doc.get("versions_deployed"))
-    alert = doc.get("alert_at") or {}
-    if alert:
-        n = alert.get("labelled")
-        figure("demo: labelled predictions from drift onset to the 40% accuracy alert",
-               n, "<= 60", n is not None and n <= 60)  # fmt: skip
-        info("demo: seconds from drift onset to the alert", alert.get("seconds"))
-    for w in doc.get("warnings") or []:
-        info(f"demo: {w.get('rule')} after (labelled / predictions / s)",
-             f"{w.get('labelled')} / {w.get('predictions')} / {w.get('seconds')}")  # fmt: skip
+    demo_detection(doc)
     return doc
+
+
+def demo_detection(doc: dict[str, Any]) -> None:
+    """The detection figures of the demo's own run (one seed; its monitor passes every
+    ``monitor_interval_s`` at ``rate`` frames/s, labels ``label_delay_s`` late)."""
+    sc = doc.get("scenario") or {}
+    print(
+        f"  (demo traffic: {sc.get('rate')} frames/s, a pass every "
+        f"{sc.get('monitor_interval_s')} s, labels {sc.get('label_delay_s')} s late)"
+    )
+    alert = doc.get("alert_at") or {}
+    n = alert.get("labelled")
+    what = "demo: labelled predictions from drift onset to"
+    figure(f"{what} the 40% accuracy alert", n, "<= 60", n is not None and n <= 60)
+    info("demo: seconds from drift onset to the alert", alert.get("seconds"))
+    warnings = [w for w in doc.get("warnings") or [] if (w.get("seconds") or 0) >= 0]
+    cusum = next((w for w in warnings if w.get("metric") == "cusum"), None)
+    n = cusum.get("labelled") if cusum else None
+    figure(f"{what} the CUSUM warning", n, "<= 20", n is not None and n <= 20)
+    free = [
+        w["predictions"] for w in warnings
+        if str(w.get("metric")).startswith("drift.") or w.get("metric") == "estimated_accuracy"
+    ]  # fmt: skip
+    n = min(free, default=None)
+    figure(
+        "demo: unlabelled predictions from drift onset to a drift or label-free warning",
+        n, "<= 50", n is not None and n <= 50,
+    )  # fmt: skip
+    for w in doc.get("warnings") or []:
+        info(f"demo: {w.get('rule')} (labelled / predictions / s after the onset)",
+             f"{w.get('labelled')} / {w.get('predictions')} / {w.get('seconds')}")  # fmt: skip
+    onset = doc.get("drift_onset_s")
+    early = [
+        f"{e.get('t'):.1f} s {e.get('text', '')}" for e in doc.get("timeline") or []
+        if e.get("kind") in ("warning", "alert") and onset is not None and e.get("t") < onset
+    ]  # fmt: skip
+    figure("demo: alerts and warnings before the drift onset", len(early), "0", not early)
+    for line in early:
+        info("before the onset", line)
 
 
 def _heldout_lake(out: Path, scenario: dict[str, Any], n: int) -> None:

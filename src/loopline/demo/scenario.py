@@ -17,7 +17,9 @@ import numpy as np
 from loopline.errors import ConfigError
 
 DAY: dict[str, float] = {"day": 1.0}
-FOG_AND_NIGHT: dict[str, float] = {"fog": 0.5, "night": 0.5}
+# Night weighs more than fog: a day-only model gets night frames 19-29% right over seeds
+# 0-4, and fog frames 35-66% (fog alone would not always take it under 40%).
+FOG_AND_NIGHT: dict[str, float] = {"fog": 0.25, "night": 0.75}
 
 
 @dataclass(frozen=True)
@@ -97,18 +99,18 @@ class Scenario:
     image_size: tuple[int, int] = (96, 72)
     input_size: int = 32
     epochs: int = 8
-    retrain_epochs: int = 12  # the retrain sees a harder mix (day + fog + night)
+    retrain_epochs: int = 14  # the retrain learns a harder mix (day, fog and night)
     rate: float = 40.0  # frames per second over all cameras
     label_delay_s: float = 2.0  # ground truth arrives this long after the prediction
     day_s: float = 12.0  # seconds of day traffic before the drift onset
     after: dict[str, float] = field(default_factory=lambda: dict(FOG_AND_NIGHT))
-    retrain_new_labels: int = 550  # labelled fog/night captures the retrain trains on
+    retrain_new_labels: int = 700  # labelled fog/night captures the retrain trains on
     holdout_share: float = 0.2  # newest labelled captures kept to gate v2 against v1
     canary_min_requests: int = 60
     canary_min_labels: int = 20
     recovery_labels: int = 200  # labelled v2 answers, once v2 serves all, to end the story
     max_traffic_s: float = 240.0  # the story gives up after this much traffic
-    monitor_interval_s: float = 1.0
+    monitor_interval_s: float = 0.5  # a pass takes ~0.1 s here; labels come at `rate`
     window: int = 50  # rolling accuracy in the timeline and the report (the alert rule's)
 
     def __post_init__(self) -> None:

@@ -74,6 +74,11 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _is_reference(value: str) -> bool:
+    """Whether ``value`` is wholly an ``${ENV}`` reference (expanded only when sending)."""
+    return value.startswith("${") and value.endswith("}") and len(value) > 3
+
+
 class AlertRule(_Section):
     """One alert rule: ``metric op threshold`` over a window, with its lifecycle settings.
 
@@ -117,11 +122,12 @@ class AlertRule(_Section):
     @model_validator(mode="after")
     def _consistent(self) -> AlertRule:
         kind = metric_kind(self.metric)
-        if kind in ("unlabelled", "sequential") and self.action == "retrain":
+        # approve retrains too (once a person says so): only labelled metrics may.
+        if kind != "labelled" and self.action in ("retrain", "approve"):
             raise ValueError(
                 f"rule {self.name!r}: {self.metric} is a warning signal; it may notify "
-                "(action: notify or none) but never retrain: retrain on a labelled metric "
-                "such as accuracy"
+                f"(action: notify or none) but never {self.action}: retrain on a labelled "
+                "metric such as accuracy"
             )
         if kind == "labelled" and self.window is None and self.window_s is None:
             self.window = 50
@@ -236,9 +242,18 @@ class ChannelConfig(_Section):
                     "an email channel needs host, sender and to (a list of addresses); "
                     f"missing: {', '.join(missing + ([] if self.to else ['to']))}"
                 )
-        if self.password is not None and not (
-            self.password.startswith("${") and self.password.endswith("}")
-        ):
+        for header, value in self.headers.items():
+            if not _is_reference(value):
+                raise ValueError(
+                    f"header {header!r}: write its value as an environment reference, e.g. "
+                    "${WEBHOOK_TOKEN}: a literal would be stored with every run's config"
+                )
+        if self.kind == "slack" and self.url and not _is_reference(self.url):
+            raise ValueError(
+                "a Slack webhook URL is itself a secret: write it as an environment "
+                "reference, e.g. ${SLACK_WEBHOOK_URL}"
+            )
+        if self.password is not None and not _is_reference(self.password):
             raise ValueError(
                 "write the password as an environment reference, e.g. ${SMTP_PASSWORD}: "
                 "a literal password would be stored with every run's config"

@@ -4,6 +4,7 @@ a metric produces (``Measurement``), and the view of one deployed version a rule
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
@@ -15,9 +16,20 @@ if TYPE_CHECKING:
 GLOBAL = "global"
 
 
+MAX_SCOPE_VALUE = 120  # characters of a segment value kept in a scope's name
+
+
 def scope_name(column: str, value: str) -> str:
-    """The scope of one segment value, as alerts and metrics name it: ``camera_id=cam-2``."""
-    return f"{column}={value}"
+    """The scope of one segment value, as alerts and metrics name it: ``camera_id=cam-2``.
+
+    Request metadata is the client's: a value longer than ``MAX_SCOPE_VALUE`` is cut and
+    suffixed with a digest of the whole, so distinct values stay distinct and the name
+    always fits the alert's scope column.
+    """
+    if len(value) > MAX_SCOPE_VALUE:
+        digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+        value = f"{value[: MAX_SCOPE_VALUE - 13]}~{digest}"
+    return f"{column[:MAX_SCOPE_VALUE]}={value}"
 
 
 @dataclass(frozen=True)
