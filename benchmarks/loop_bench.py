@@ -190,6 +190,25 @@ def demo_detection(doc: dict[str, Any]) -> None:
         info("before the onset", line)
 
 
+def demo_accuracies(doc: dict[str, Any]) -> tuple[float, float] | None:
+    """v1's production accuracy before the drift and on the drifted conditions."""
+    versions = doc.get("versions") or []
+    prod = (versions[0].get("production") or {}) if versions else {}
+    after = [
+        c for name, c in (prod.get("by_condition") or {}).items()
+        if name in ((doc.get("scenario") or {}).get("after") or {})
+    ]  # fmt: skip
+    before = (doc.get("accuracy") or {}).get("before_drift")
+    n = sum(c["labelled"] for c in after)
+    if before is None or not n:
+        return None
+    p_after = sum(c["accuracy"] * c["labelled"] for c in after) / n
+    info(
+        "demo's v1 accuracy before / after the drift (simulated below)", f"{before} / {p_after:.3f}"
+    )
+    return float(before), round(p_after, 3)
+
+
 def _heldout_lake(out: Path, scenario: dict[str, Any], n: int) -> None:
     """``n`` fog/night frames of the demo's cameras (its ``after`` weights), as a lake;
     drawn apart from the demo's traffic and lakes (indices from 10,000,000)."""
@@ -329,6 +348,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="5 seeds, 2,000 stable, demo --fast")
     p.add_argument("--no-demo", action="store_true")
     p.add_argument("--demo-fast", action="store_true")
+    p.add_argument(
+        "--p-from-demo", action="store_true",
+        help="run the demo first and simulate its v1's accuracy before and after the drift",
+    )  # fmt: skip
     p.add_argument("--no-oracle", action="store_true")
     p.add_argument("--heldout", type=int, default=600, help="held-out frames for the oracle")
     p.add_argument("--json", type=Path, help="write the figures here")
@@ -343,6 +366,12 @@ def main(argv: list[str] | None = None) -> int:
         input_size = DemoScenario().input_size  # the statistics at the demo model's size
     except ImportError:
         input_size = 64
+    doc = None
+    if args.p_from_demo and not args.no_demo:  # the demo first: its accuracies drive the seeds
+        doc = run_demo(root, args.demo_fast)
+        measured = demo_accuracies(doc) if doc is not None else None
+        if measured is not None:
+            args.p_before, args.p_after = measured
     sc = loop_sim.Scenario(
         p_before=args.p_before, p_after=args.p_after, pass_every=args.pass_every,
         label_delay=args.label_delay, pool=args.pool, input_size=input_size,
@@ -352,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         sim = loop_sim.Simulation.create(root / "sim", sc)
         if args.cusum_h is not None:
             rule = sim.config.monitor.rule(loop_sim.CUSUM_RULE)
+            assert rule is not None
             rule.threshold = args.cusum_h  # this run's config only; the defaults stay
         print(f"simulation ready in {time.perf_counter() - started:.1f} s ({root})", flush=True)
         if args.seeds:
@@ -359,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.stable:
             false_alarms(sim, args.stable, args.stable_every)
     if not args.no_demo:
-        doc = run_demo(root, args.demo_fast)
+        doc = doc or run_demo(root, args.demo_fast)
         if doc is not None and not args.no_oracle:
             oracle(root, doc, args.heldout)
     if args.json:

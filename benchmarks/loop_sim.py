@@ -153,6 +153,8 @@ def stats_row(s: np.ndarray, size: int) -> dict[str, Any]:
 # -- the project --------------------------------------------------------------------------
 @dataclass
 class Scenario:
+    """What one simulated stream looks like, and how often the monitor looks at it."""
+
     p_before: float = 0.90
     p_after: float = 0.30
     after_bias: float = 1.0  # logit bias towards one class after the onset

@@ -78,7 +78,18 @@ class ReplicaTestPolicy(_Section):
     )
     max_test_images: int | None = Field(None, ge=1, description="test-split images at most")
     replay: int = Field(200, ge=0, description="recorded production requests to replay at most")
-    min_agreement: float = Field(0.8, ge=0.0, le=1.0, description="agreement with production")
+    min_agreement: float = Field(
+        0.8, ge=0.0, le=1.0, description="agreement with production on replayed requests "
+        "without ground truth"
+    )  # fmt: skip
+    max_accuracy_drop: float = Field(
+        0.02, ge=0.0, le=1.0, description="how far the candidate's accuracy on replayed "
+        "requests with ground truth may trail production's"
+    )  # fmt: skip
+    min_replay_requests: int = Field(
+        20, ge=1, description="replayed requests a replay check needs: with ground truth for "
+        "accuracy, without for agreement"
+    )  # fmt: skip
     load_requests: int = Field(400, ge=0, description="requests in the load phase")
     concurrency: int = Field(8, ge=1, le=256, description="clients in the load phase")
     max_error_rate: float = Field(0.0, ge=0.0, le=1.0)

@@ -15,6 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from loopline.monitor import channels
 from loopline.monitor.channels import AlertNotice, notify, render_subject, render_text
@@ -177,13 +178,14 @@ def test_min_severity_skips_a_channel(receiver: Receiver) -> None:
 def test_webhook_posts_the_alert_as_json_with_expanded_headers(
     receiver: Receiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("HOOK_TOKEN", SECRET)
+    monkeypatch.setenv("HOOK_AUTH", f"Bearer {SECRET}")
+    monkeypatch.setenv("HOOK_TEAM", "qa")
     monkeypatch.setenv("HOOK_URL", f"{receiver.url}/hooks/qa")
     channel = ChannelConfig(
         kind="webhook",
         name="qa",
         url="${HOOK_URL}",
-        headers={"Authorization": "Bearer ${HOOK_TOKEN}", "X-Team": "qa"},
+        headers={"Authorization": "${HOOK_AUTH}", "X-Team": "${HOOK_TEAM}"},
     )
     notice = _notice()
     [result] = notify([channel], notice)
@@ -202,10 +204,12 @@ def test_webhook_posts_the_alert_as_json_with_expanded_headers(
     assert SECRET not in json.dumps(result)
 
 
-def test_slack_posts_mrkdwn_text(receiver: Receiver) -> None:
-    channel = ChannelConfig(kind="slack", url=f"{receiver.url}/services/T0/B0/XYZ")
+def test_slack_posts_mrkdwn_text(receiver: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLACK_URL", f"{receiver.url}/services/T0/B0/XYZ")
+    channel = ChannelConfig(kind="slack", url="${SLACK_URL}")
     [result] = notify([channel], _notice(rule="p95 <fast> & cheap"))
     assert result["ok"], result
+    assert receiver.requests[0]["path"] == "/services/T0/B0/XYZ"
     body = json.loads(receiver.requests[0]["body"])
     assert list(body) == ["text"]
     text = body["text"]
@@ -239,13 +243,52 @@ def test_two_500s_fail_without_the_secret_in_the_error(monkeypatch: pytest.Monke
     assert SECRET not in json.dumps(result)  # not even the receiver's echo of it
 
 
-def test_a_4xx_is_not_retried(receiver: Receiver) -> None:
-    receiver.statuses = [404]
-    [result] = notify([ChannelConfig(kind="slack", url=receiver.url + "/T0/B0/XYZ")], _notice())
-    assert not result["ok"] and result["attempts"] == 1 and len(receiver.requests) == 1
-    # A literal incoming-webhook URL is a secret in itself: only its origin is shown.
-    assert f"POST {receiver.url}/… answered 404" in result["error"]
-    assert "XYZ" not in result["error"]
+def test_a_4xx_is_not_retried(receiver: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
+    receiver.statuses = [404, 404]
+    monkeypatch.setenv("SLACK_URL", receiver.url + "/services/T0/B0/XYZ")
+    hooks = [
+        ChannelConfig(kind="slack", url="${SLACK_URL}"),
+        ChannelConfig(kind="webhook", url=receiver.url + "/T0/B0/XYZ"),
+    ]
+    slack, webhook = notify(hooks, _notice())
+    assert len(receiver.requests) == 2
+    for result in (slack, webhook):
+        assert not result["ok"] and result["attempts"] == 1
+        assert "XYZ" not in result["error"]
+    # The URL is shown as configured: by its reference, never its value.
+    assert "POST ${SLACK_URL} answered 404" in slack["error"]
+    # A literal URL with a path may be a secret in itself: only its origin is shown.
+    assert f"POST {receiver.url}/… answered 404" in webhook["error"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        (
+            {"kind": "webhook", "url": "http://127.0.0.1/h", "headers": {"X-Token": "abc"}},
+            "header 'X-Token': write its value as an environment reference, e.g. "
+            "${WEBHOOK_TOKEN}: a literal would be stored with every run's config",
+        ),
+        (  # a reference inside a literal is still a literal around it
+            {"kind": "webhook", "url": "http://h/", "headers": {"Authorization": "Bearer ${T}"}},
+            "header 'Authorization': write its value as an environment reference",
+        ),
+        (
+            {"kind": "slack", "url": "https://hooks.slack.com/services/T0/B0/XYZ"},
+            "a Slack webhook URL is itself a secret: write it as an environment "
+            "reference, e.g. ${SLACK_WEBHOOK_URL}",
+        ),
+    ],
+)
+def test_a_literal_header_value_or_slack_url_is_refused(
+    fields: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValidationError) as caught:
+        ChannelConfig(**fields)
+    [error] = caught.value.errors()
+    assert error["msg"].startswith(f"Value error, {message}")
+    assert "\n" not in error["msg"]
+    assert "XYZ" not in error["msg"] and "abc" not in error["msg"]
 
 
 def test_an_unreachable_receiver_is_a_failed_result_not_an_exception() -> None:
@@ -394,3 +437,67 @@ def test_email_failures_are_results(
     assert "${NOT_SET_SMTP_PASSWORD}" in results[1]["error"]
     assert results[2]["error"].startswith("email channel 'email': ")
     assert len(mailbox.messages) == 1
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.8.9.10", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("::ffff:127.0.0.1", True),
+        ("localhost", True),
+        ("LocalHost.", True),
+        ("10.0.0.1", False),
+        ("128.0.0.1", False),
+        ("::2", False),
+        ("smtp.example.com", False),
+        ("localhost.example.com", False),
+        ("127.0.0.1.nip.io", False),
+    ],
+)
+def test_loopback_hosts(host: str, loopback: bool) -> None:
+    assert channels._is_loopback(host) is loopback
+
+
+def test_email_refuses_to_log_in_in_clear_text_to_a_remote_host(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SMTP_PASSWORD", SECRET)
+    login = {"username": "loopline", "password": "${SMTP_PASSWORD}"}
+    # smtp.invalid never resolves: an error about it other than the refusal would mean a
+    # connection was attempted before refusing.
+    plain, anonymous, tls = notify(
+        [
+            _email(25, host="smtp.invalid", name="plain", **login),
+            _email(25, host="smtp.invalid", name="anonymous"),
+            _email(587, host="smtp.invalid", name="tls", starttls=True, **login),
+        ],
+        _notice(),
+    )
+    assert not plain["ok"]
+    assert plain["error"] == (
+        "email channel 'plain': refusing to log in to smtp.invalid:25 in clear text; set "
+        "ssl: true (usually port 465) or starttls: true (usually port 587); only a loopback "
+        "host (localhost, 127.0.0.0/8, ::1) may log in without them"
+    )
+    assert SECRET not in json.dumps(plain)
+    # Without a login, or with STARTTLS, it goes on to connect (and fails on the name).
+    for result in (anonymous, tls):
+        assert not result["ok"] and "refusing" not in result["error"]
+        assert result["error"].startswith(f"email channel {result['channel']!r}: ")
+
+
+@pytest.mark.parametrize("smtp_server", [True], indirect=True)
+@pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
+def test_email_logs_in_in_clear_text_to_a_loopback_relay(
+    smtp_server: tuple[Mailbox, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mailbox, port = smtp_server
+    monkeypatch.setenv("SMTP_PASSWORD", SECRET)
+    channel = _email(port, username="loopline", password="${SMTP_PASSWORD}")
+    assert not channel.ssl and not channel.starttls and channel.host == "127.0.0.1"
+    [result] = notify([channel], _notice())
+    assert result["ok"], result
+    assert mailbox.logins == [("LOGIN", "loopline")] and len(mailbox.messages) == 1

@@ -3,14 +3,18 @@ production requests whose images were captured.
 
 The test split is the build's own: the ``split`` step's output of the run that built the
 model, read back from the artifact store. When that is gone (or the model has no build
-run: an imported model), it is recomputed exactly as a build computes it: the configured
-source ingested and validated with the build's params, then split by content hash with the
-run's split config (the project's when there is no run). Each image is read from the
-source and checked against the sha256 recorded at ingest.
+run: an imported model), it is recomputed exactly as a build computes it: the source
+ingested and validated with the build's params, then split by content hash with the run's
+split config. The records' source is the one the build read, from the build run's config
+(a model the retrain loop built reads ``data.also``'s labelled captures, which the
+project's config does not list), with the project's stores and credentials; the project's
+config when there is no run. Each image is read from the source and checked against the
+sha256 recorded at ingest.
 
 Production requests can be replayed only when their image was captured (table
 ``captures``); a prediction logged without an image keeps only its input statistics, which
-no model can be run on, so those are counted and reported, never replayed.
+no model can be run on, so those are counted and reported, never replayed. Each carries
+its feedback label when one arrived, so the replay can judge it by ground truth.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ if TYPE_CHECKING:
     from loopline.config import Config
     from loopline.drivers.artifacts import ArtifactStore
     from loopline.drivers.data import DataSource
-    from loopline.drivers.metadata.models import ModelVersion
+    from loopline.drivers.metadata.models import ModelVersion, PipelineRun
     from loopline.drivers.metadata.store import MetadataStore
     from loopline.pipeline.step import Reporter
 
@@ -82,6 +86,25 @@ class TestSplit:
         }
 
 
+def build_config(config: Config, run: PipelineRun | None) -> tuple[Config, str | None]:
+    """The config ``run`` was built with, over the project's stores, credentials taken
+    from ``config``; ``config`` itself when there is no run. Returns (config, note): the
+    note says why the run's config could not be used."""
+    from loopline.config import parse_config
+    from loopline.errors import ConfigError
+
+    if run is None or not run.config:
+        return config, None
+    # The stores are the project's: the model and its captures are in them, wherever the
+    # build's config said the stores were at the time.
+    raw = {**run.config, "store": config.to_dict()["store"]}
+    try:
+        stored = parse_config(raw, config.root, f"the config of build run {run.id}")
+    except ConfigError as err:
+        return config, f"{err}; the project's data source is read instead"
+    return stored.with_credentials_from(config), None
+
+
 def _context(config: Config, artifacts: ArtifactStore, reporter: Reporter | None) -> Any:
     from loopline.builder.resources import StepResources
     from loopline.drivers.data import open_source
@@ -119,19 +142,21 @@ def dataset_splits(
     from loopline.builder.split import split
     from loopline.builder.validate import validate
 
-    ctx = _context(config, artifacts, reporter)
-    notes: list[str] = []
     run = None
     if mv.run_id:
-        found = _build_split(store, artifacts, mv.run_id)
-        if found is not None:
-            return found, ctx, f"the split of build run {mv.run_id}", notes
         try:
             run = store.runs.get(mv.run_id)
         except NotFound:
             run = None
+    built_with, note = build_config(config, run)
+    ctx = _context(built_with, artifacts, reporter)
+    notes = [note] if note else []
+    if mv.run_id:
+        found = _build_split(store, artifacts, mv.run_id)
+        if found is not None:
+            return found, ctx, f"the split of build run {mv.run_id}", notes
         notes.append(f"the split of build run {mv.run_id} is no longer stored; recomputed")
-    steps, raw = build_pipeline(), config.to_dict()
+    steps, raw = build_pipeline(), built_with.to_dict()
     ingested = ingest(ctx, steps.step("ingest").select_params(raw))
     version = ingested["dataset"]["version"]
     clean = validate(ctx, ingested["records"], steps.step("validate").select_params(raw))["clean"]
@@ -187,6 +212,7 @@ class ReplayItem:
     media_type: str
     label: str  # what production answered
     model: str  # the version that answered, NAME:VERSION
+    truth: str | None = None  # the feedback label (ground truth), when one arrived
 
 
 @dataclass
@@ -210,8 +236,8 @@ def replay_sample(
     store: MetadataStore, artifacts: ArtifactStore, live: str | None, limit: int
 ) -> ReplaySample:
     """The ``limit`` latest captured requests that ``live`` answered (its stable version:
-    canary and shadow answers are not production's)."""
-    from loopline.drivers.metadata.models import Capture, Prediction
+    canary and shadow answers are not production's), each with its feedback label if any."""
+    from loopline.drivers.metadata.models import Capture, Feedback, Prediction
 
     if live is None:
         return ReplaySample(None, [], 0, artifacts, "the environment replicates none "
@@ -221,8 +247,9 @@ def replay_sample(
     answered = or_(Prediction.variant.is_(None), Prediction.variant == "stable")
     q = (
         select(Capture.prediction_id, Capture.sha256, Capture.media_type, Prediction.label,
-               Prediction.model_name, Prediction.model_version)
+               Prediction.model_name, Prediction.model_version, Feedback.label)
         .join(Prediction, Prediction.id == Capture.prediction_id)
+        .outerjoin(Feedback, Feedback.prediction_id == Capture.prediction_id)
         .where(Prediction.environment == live, answered)
         .order_by(Capture.at.desc(), Capture.prediction_id)
         .limit(limit)
@@ -234,8 +261,8 @@ def replay_sample(
         .where(Prediction.environment == live, answered, Capture.prediction_id.is_(None))
     )
     with Session(store.engine) as s:
-        items = [ReplayItem(pid, sha, mt, label, f"{name}:{ver}")
-                 for pid, sha, mt, label, name, ver in s.execute(q)]  # fmt: skip
+        items = [ReplayItem(pid, sha, mt, label, f"{name}:{ver}", truth or None)
+                 for pid, sha, mt, label, name, ver, truth in s.execute(q)]  # fmt: skip
         without = int(s.scalar(blind) or 0)
     reason = None
     if not items:

@@ -6,11 +6,13 @@ Slack-compatible incoming webhook, or e-mail over SMTP.
 never stops a monitoring pass. ``${ENV}`` references in URLs, header values, the user name
 and the password are expanded only when sending, and no secret appears in a result, an
 error or the log: errors name the URL as configured (its references, not their values) or
-only its origin.
+only its origin. E-mail logs in only over ``ssl`` or ``starttls``, or to a loopback relay;
+otherwise the channel fails before connecting, so no password crosses the network in clear.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
@@ -287,10 +289,35 @@ def _post(
     return {"ok": False, "error": f"{error} (after {attempts} attempt(s))", "attempts": attempts}
 
 
+def _is_loopback(host: str) -> bool:
+    """Whether ``host`` is this machine: ``localhost``, 127.0.0.0/8 or ``::1``."""
+    name = host.strip().strip("[]").rstrip(".").lower()
+    if name == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return address.is_loopback or bool(mapped and mapped.is_loopback)
+
+
 def _email(
     channel: ChannelConfig, notice: AlertNotice, timeout: float, secrets: _Secrets
 ) -> dict[str, Any]:
     assert channel.host is not None and channel.sender is not None
+    logs_in = bool(channel.username and channel.password)
+    if logs_in and not (channel.ssl or channel.starttls) and not _is_loopback(channel.host):
+        # Refused before connecting: the password would cross the network in clear text.
+        return {
+            "ok": False,
+            "error": (
+                f"email channel {channel.label!r}: refusing to log in to "
+                f"{channel.host}:{channel.port} in clear text; set ssl: true (usually port "
+                "465) or starttls: true (usually port 587); only a loopback host "
+                "(localhost, 127.0.0.0/8, ::1) may log in without them"
+            ),
+        }
     username = secrets.expand(channel.username, "username") if channel.username else None
     password = secrets.expand(channel.password, "password") if channel.password else None
     msg = EmailMessage()

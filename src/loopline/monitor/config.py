@@ -211,9 +211,10 @@ class ChannelConfig(_Section):
 
     ``log`` writes a line to the monitor's log; ``webhook`` POSTs the alert as JSON;
     ``slack`` POSTs a Slack-compatible ``{"text": ...}`` message to an incoming-webhook
-    URL; ``email`` sends a plain-text message over SMTP. URLs, header values and the
-    password may be ``${ENV}`` references (the password must be one), expanded only when
-    sending and never printed.
+    URL; ``email`` sends a plain-text message over SMTP. Header values, a Slack URL and
+    the password are secrets and must be ``${ENV}`` references (a webhook URL may be one),
+    expanded only when sending and never printed; a login to a host other than loopback
+    needs ``ssl`` or ``starttls``.
     """
 
     kind: Literal["log", "webhook", "slack", "email"]
