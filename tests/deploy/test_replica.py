@@ -258,18 +258,21 @@ def test_replay_measures_agreement_with_production(
 
     sample = replay_sample(prod, artifacts, "production", 50)
     assert len(sample.items) == 6 and sample.without_image == 3
+    # None has ground truth: all six are judged by agreement (enough of them, here).
     report = run_replica_test(served.url, "tiny", 1, policy=_policy(rp, min_agreement=0.8,
-                              load_requests=0), rules=[RULE], test_split=split,
-                              replay=sample)  # fmt: skip
+                              load_requests=0, min_replay_requests=5), rules=[RULE],
+                              test_split=split, replay=sample)  # fmt: skip
     replay = report.phase("replay")
     assert replay.status == "failed"
     assert (replay.details["compared"], replay.details["agreed"]) == (6, 4)
+    assert (replay.details["unlabelled"], replay.details["unlabelled_agreed"]) == (6, 4)
+    assert replay.details["labelled"] == 0 and replay.details["agreement_checked"] is True
     assert replay.details["without_image"] == 3
     assert report.reasons == ["agreement with production 0.667 < 0.8 (replica_test.min_agreement)"]
     assert "cannot be replayed" in replay.details["note"]
     lenient = run_replica_test(served.url, "tiny", 1, policy=_policy(rp, min_agreement=0.6,
-                               load_requests=0), rules=[RULE], test_split=split,
-                               replay=sample)  # fmt: skip
+                               load_requests=0, min_replay_requests=5), rules=[RULE],
+                               test_split=split, replay=sample)  # fmt: skip
     assert lenient.phase("replay").status == "passed" and lenient.passed
     prod.close()
 

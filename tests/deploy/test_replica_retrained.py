@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -200,7 +200,7 @@ def _wrong(label: str) -> str:
 
 
 def _record(
-    prod: MetadataStore, artifacts: ArtifactStore, items: list[tuple[bytes, str, str | None]],
+    prod: MetadataStore, artifacts: ArtifactStore, items: Sequence[tuple[bytes, str, str | None]],
     start: datetime,
 ) -> None:  # fmt: skip
     """Production answered ``answer`` for each image; ``truth`` came back as feedback."""

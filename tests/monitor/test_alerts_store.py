@@ -79,9 +79,9 @@ def test_open_then_duplicate_returns_none_and_resolve_frees_the_key(store: Metad
     kinds = [(e["kind"], e["value"]) for e in store.alerts.events(alert.id)]
     assert kinds == [("pending", 0.31), ("firing", 0.30), ("resolved", 0.55)]
     assert store.alerts.events(alert.id)[1]["message"] == "fired"
-    assert store.alerts.last_resolved("accuracy-low", "production", "vehicles", "global") == (
-        store.alerts.get(alert.id)
-    )
+    assert store.alerts.last_resolved(*KEY) == store.alerts.get(alert.id)
+    # The cooldown is per version: version 2's key has resolved nothing.
+    assert store.alerts.last_resolved("accuracy-low", "production", "vehicles", 2, "global") is None
 
 
 def test_transition_is_compare_and_set(store: MetadataStore) -> None:
@@ -135,13 +135,40 @@ def test_last_resolved_counts_only_fired_alerts(store: MetadataStore) -> None:
     never = _open(store)
     assert never is not None
     store.alerts.transition(never.id, "pending", "resolved", at=T0 + timedelta(seconds=5))
-    assert store.alerts.last_resolved("accuracy-low", "production", "vehicles", "global") is None
-    assert (
-        store.alerts.last_resolved(
-            "accuracy-low", "production", "vehicles", "global", fired_only=False
-        ).id  # type: ignore[union-attr]
-        == never.id
-    )
+    assert store.alerts.last_resolved(*KEY) is None
+    assert store.alerts.last_resolved(*KEY, fired_only=False).id == never.id  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("flag", ["retired", "expired"])
+def test_a_retired_or_expired_resolution_starts_no_cooldown(
+    store: MetadataStore, flag: str
+) -> None:
+    counted = _open(store, "firing")
+    assert counted is not None
+    store.alerts.transition(counted.id, "firing", "resolved", at=T0 + timedelta(seconds=10))
+    retired = _open(store, "firing", at=T0 + timedelta(seconds=20))
+    assert retired is not None
+    done = store.alerts.transition(retired.id, "firing", "resolved", message="no longer serves",
+                                   at=T0 + timedelta(seconds=30), details={flag: True})  # fmt: skip
+    assert done is not None and done.details[flag] is True and not done.starts_cooldown
+    assert done.details["window"] == "last 50"  # the flag is added to what was there
+    assert store.alerts.events(retired.id)[-1]["details"][flag] is True
+    # The newer, retired resolution is skipped: the cooldown is the older one's.
+    assert store.alerts.last_resolved(*KEY).id == counted.id  # type: ignore[union-attr]
+    assert store.alerts.last_resolved(*KEY, fired_only=False).id == retired.id  # type: ignore[union-attr]
+
+
+def test_open_for_returns_the_open_alerts_of_a_model_by_key(store: MetadataStore) -> None:
+    a = _open(store)
+    b = _open(store, "firing", version=2, scope="camera_id=cam-1")
+    gone = _open(store, version=3)
+    assert a is not None and b is not None and gone is not None
+    store.alerts.transition(gone.id, "pending", "resolved")
+    store.alerts.open_alert("accuracy-low", "accuracy", "staging", "vehicles", 1, "global",
+                            "critical", "<", 0.4, 0.3, 50, "none")  # fmt: skip
+    got = store.alerts.open_for("production", "vehicles")
+    assert got == {a.open_key: a, b.open_key: b}
+    assert store.alerts.open_for("production", "other") == {}
 
 
 def test_sixteen_threads_open_one_alert(store: MetadataStore) -> None:

@@ -129,6 +129,80 @@ def test_cooldown_after_a_resolve(store: MetadataStore) -> None:
     assert kinds(second) == [("firing", None)] and second[0].alert.id != first.id
 
 
+def test_the_cooldown_is_per_version_and_a_retirement_starts_none(store: MetadataStore) -> None:
+    """The loop promotes v2: v1's alert, resolved or retired, never mutes v2's."""
+    v1 = evaluate(store, ACCURACY, m(0.3), at(0))[0].alert
+    evaluate(store, ACCURACY, m(0.6), at(100))  # v1 recovers: v1's key cools down
+    assert kinds(evaluate(store, ACCURACY, m(0.3, version=2), at(101))) == [("firing", None)]
+    assert evaluate(store, ACCURACY, m(0.3), at(102)) == []  # v1 still cooling down
+    # A version that stops serving is retired by the pass: that starts no cooldown.
+    v3 = evaluate(store, ACCURACY, m(0.3, version=3), at(200))[0].alert
+    store.alerts.transition(v3.id, "firing", "resolved", message="no longer serves",
+                            at=at(210), details={"retired": True})  # fmt: skip
+    again = evaluate(store, ACCURACY, m(0.3, version=3), at(220))
+    assert kinds(again) == [("firing", None)] and again[0].alert.id != v3.id
+    assert store.alerts.get(v1.id).state == "resolved"  # type: ignore[union-attr]
+
+
+def _count_updates(store: MetadataStore) -> list[str]:
+    """The UPDATE statements on the alerts table the store runs from now on."""
+    from sqlalchemy import event
+
+    seen: list[str] = []
+
+    def before(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.lstrip().upper().startswith("UPDATE ALERTS"):
+            seen.append(statement)
+
+    event.listen(store.engine, "before_cursor_execute", before)
+    return seen
+
+
+def test_open_alerts_of_a_pass_and_no_write_when_nothing_changed(store: MetadataStore) -> None:
+    rule = ACCURACY.model_copy(update={"for_s": 120.0})
+    open_alerts = store.alerts.open_for("production", "vehicles")
+    assert open_alerts == {}
+    opened = evaluate(store, rule, m(0.3), at(0), open_alerts=open_alerts)[0].alert
+    assert list(open_alerts.values()) == [opened]  # kept up to date
+    updates = _count_updates(store)
+    assert evaluate(store, rule, m(0.3), at(10), open_alerts=open_alerts) == []
+    assert updates == []  # same value and samples: nothing written
+    assert evaluate(store, rule, m(0.31, 51), at(20), open_alerts=open_alerts) == []
+    assert len(updates) == 1  # the value changed: one UPDATE
+    got = store.alerts.get(opened.id)
+    assert got is not None and (got.value, got.samples) == (0.31, 51)
+    assert got.details["evidence"] == {}  # within EVIDENCE_EVERY_S: evidence left as it was
+    assert open_alerts[opened.open_key or ""].value == 0.31
+    evaluate(store, rule, m(0.32, 52, note="x"), at(61), open_alerts=open_alerts)
+    got = store.alerts.get(opened.id)
+    assert got is not None and got.details["evidence"] == {"note": "x"}  # 61 s on: rewritten
+    # A state change rewrites the evidence and moves the dict's entry.
+    changes = evaluate(store, rule, m(0.33, 53, note="y"), at(120), open_alerts=open_alerts)
+    assert kinds(changes) == [("firing", "pending")]
+    assert changes[0].alert.details["evidence"] == {"note": "y"}
+    assert open_alerts[opened.open_key or ""].state == "firing"
+    assert kinds(evaluate(store, rule, m(0.9), at(130), open_alerts=open_alerts)) == [
+        ("resolved", "firing")
+    ]  # fmt: skip
+    assert open_alerts == {}
+
+
+def test_a_stale_open_alerts_entry_loses_the_compare_and_set(store: MetadataStore) -> None:
+    """Another monitor resolved the alert after this pass read its open alerts."""
+    alert = evaluate(store, ACCURACY, m(0.3), at(0))[0].alert
+    open_alerts = store.alerts.open_for("production", "vehicles")
+    store.alerts.transition(alert.id, "firing", "resolved", at=at(5))  # the other monitor
+    assert evaluate(store, ACCURACY, m(0.9), at(10), open_alerts=open_alerts) == []
+    assert open_alerts == {}  # read again: nothing open now
+    assert [e["kind"] for e in store.alerts.events(alert.id)] == ["pending", "firing", "resolved"]
+    # And one opened by another monitor meanwhile is not opened twice.
+    other = evaluate(store, ACCURACY.model_copy(update={"cooldown_s": 0}), m(0.3), at(20))
+    assert evaluate(store, ACCURACY.model_copy(update={"cooldown_s": 0}), m(0.3), at(21),
+                    open_alerts=open_alerts) == []  # fmt: skip
+    assert open_alerts == {other[0].alert.open_key: other[0].alert}
+    assert len(store.alerts.list(state="open")) == 1
+
+
 def test_cusum_rule_lifecycle(store: MetadataStore) -> None:
     rule = AlertRule(name="accuracy-collapse", metric="cusum", op=">", threshold=9.2,
                      min_samples=1, action="notify", cooldown_s=0)  # fmt: skip

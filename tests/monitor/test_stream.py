@@ -3,6 +3,7 @@ within ``late_s`` once, label updates again, shadow and addressed answers never.
 
 from __future__ import annotations
 
+import base64
 import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -54,6 +55,11 @@ def label_at(store: MetadataStore, name: str, label: str, at: datetime) -> None:
 
 def names(rows: list[Any]) -> list[str]:
     return [r.prediction_id.rstrip("-") for r in rows]
+
+
+def seen_count(state: dict[str, Any]) -> int:
+    """How many keys a stream's cursor holds digests of (8 bytes each)."""
+    return len(base64.b64decode(state["seen"])) // 8
 
 
 @pytest.fixture
@@ -155,10 +161,45 @@ def test_a_bounded_seen_set_never_reads_a_row_twice(
     monkeypatch.setattr(stream, "MAX_SEEN", 3)
     log(store, *((f"a{i}", i) for i in range(6)))
     first = read_new(store, "production", "m", None, [], late_s=100)
-    assert len(first.cursor["logged"]["seen"]) == 3
+    assert seen_count(first.cursor["logged"]) == 3
     log(store, ("late", 4.5), ("old", 1.5), ("new", 9))
     second = read_new(store, "production", "m", first.cursor, [], late_s=100)
     # "late" is within the span the seen set covers; "old" is below it (the bound).
     assert names(second.logged) == ["late", "new"]
     third = read_new(store, "production", "m", second.cursor, [], late_s=100)
     assert third.logged == []
+
+
+def test_a_batch_bigger_than_the_seen_set_and_the_limit_is_read_whole_once(
+    store: MetadataStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One feedback POST stamps all its labels with one updated_at (and one batch of
+    # predictions may share one time): a group of equal times larger than both the read
+    # limit and the seen set must still be read whole, once.
+    monkeypatch.setattr(stream, "MAX_SEEN", 3)
+    log(store, ("z", 0))
+    store.predictions.record_feedback([(pid("z"), "car")])
+    cursor = read_new(store, "production", "m", None, [], late_s=60).cursor
+    log(store, *((f"b{i}", 5) for i in range(10)))
+    store.predictions.record_feedback([(pid(f"b{i}"), "car") for i in range(10)])
+    labels: list[str] = []
+    logged: list[str] = []
+    for _ in range(5):
+        new = read_new(store, "production", "m", cursor, [], late_s=60, limit=4)
+        labels += names(new.outcomes)
+        logged += names(new.logged)
+        cursor = new.cursor
+        assert seen_count(cursor["labels"]) <= 3 and seen_count(cursor["logged"]) <= 3
+    want = sorted(f"b{i}" for i in range(10))
+    assert sorted(labels) == sorted(logged) == want  # all ten, none twice
+
+
+def test_an_empty_first_pass_reads_everything_that_comes_after(store: MetadataStore) -> None:
+    cursor = read_new(store, "production", "m", None, [], late_s=60).cursor
+    log(store, *((f"r{i}", i) for i in range(7)))
+    got: list[str] = []
+    for _ in range(4):
+        new = read_new(store, "production", "m", cursor, [], late_s=60, limit=3, backfill=3)
+        got += names(new.logged)
+        cursor = new.cursor
+    assert got == [f"r{i}" for i in range(7)]  # not just the newest backfill

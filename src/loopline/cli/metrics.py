@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -15,14 +14,13 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from loopline.cli.common import ConfigOpt, JsonOpt, fail, load_config
+from loopline.cli.durations import parse_duration
 from loopline.cli.output import cell, console, escape, print_json
 from loopline.errors import ConfigError, LooplineError, NotFound
 
 if TYPE_CHECKING:
     from loopline.drivers.metadata.store import MetadataStore
 
-_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
 DEFAULT_ROWS = 1000
 COLUMNS = ("id", "at", "model_version", "variant", "deployment_generation", "camera_id",
            "predicted", "confidence", "actual", "correct", "labelled_at", "probabilities",
@@ -30,22 +28,6 @@ COLUMNS = ("id", "at", "model_version", "variant", "deployment_generation", "cam
 
 NameArg = Annotated[str, typer.Argument(help="Model NAME.")]
 EnvOpt = Annotated[str, typer.Option("--env", help="Environment.")]
-
-
-def parse_since(text: str) -> float:
-    """Seconds in ``30s``, ``5m``, ``1h``, ``2d`` or ``1h30m``; ConfigError otherwise."""
-    raw, pos, seconds = text.strip().lower(), 0, 0.0
-    for match in _DURATION.finditer(raw):
-        if match.start() != pos:
-            break
-        seconds += float(match.group(1)) * _UNITS[match.group(2)]
-        pos = match.end()
-    if not raw or pos != len(raw) or seconds <= 0:
-        raise ConfigError(
-            f"invalid --since {text!r}: use a number and a unit s, m, h or d, e.g. 30s, 5m, "
-            "1h or 2d"
-        )
-    return seconds
 
 
 def _open(config: Path | None, env: str) -> MetadataStore:
@@ -152,7 +134,7 @@ def predictions(
             raise ConfigError(f"--out {out} is a folder; give a file such as log.parquet")
         start = None
         if since is not None:
-            start = datetime.now(UTC) - timedelta(seconds=parse_since(since))
+            start = datetime.now(UTC) - timedelta(seconds=parse_duration(since, "--since"))
         store = _open(config, env)
         _known_model(store, name)
         rows = store.predictions.with_feedback(

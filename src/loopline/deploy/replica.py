@@ -5,9 +5,14 @@
 - **bulk**: the held-out test split, in multipart batches, scored with the build's own
   metric functions (``loopline.metrics``) and checked against the rules (the gate's by
   default, parsed by the gate's parser);
-- **replay**: recorded production requests whose images were captured, sent again; the
-  candidate must agree with production's logged answers often enough (skipped, not failed,
-  when there is nothing to replay);
+- **replay**: recorded production requests whose images were captured, sent again
+  (skipped, not failed, when there is nothing to replay). Those whose ground truth came
+  back (feedback) are judged by accuracy: the candidate's may trail production's by
+  ``max_accuracy_drop`` at most. Agreement with production's logged answers is checked
+  on the others only, and not when the labelled ones show production clearly less
+  accurate than the candidate: the loop retrains because production fails, and a good
+  candidate then disagrees with it on purpose. Each check needs ``min_replay_requests``;
+  one not made is reported with the reason;
 - **load**: ``load_requests`` single-image requests from ``concurrency`` clients: error
   rate and p95 latency under their budgets;
 - **memory**: the peak resident memory of the server's processes (children included,
@@ -31,7 +36,15 @@ import numpy as np
 
 from loopline.deploy.replica_inputs import ReplaySample, TestSplit, media_type
 from loopline.deploy.replica_procs import MemorySampler
-from loopline.deploy.replica_report import Check, PhaseReport, ReplicaTestReport, check, fmt
+from loopline.deploy.replica_report import (
+    Check,
+    PhaseReport,
+    ReplayTally,
+    ReplicaTestReport,
+    check,
+    fmt,
+    judge_replay,
+)
 from loopline.errors import ConfigError, LooplineError, NotFound
 
 if TYPE_CHECKING:
@@ -144,7 +157,7 @@ def _replay(
             items.append(item)
         except NotFound:  # purged since it was listed
             missing += 1
-    compared = agreed = failed = 0
+    tally, failed = ReplayTally(), 0
     first_error = None
     by_model: dict[str, int] = {}
     bar = reporter.progress("replay", len(items), "recorded requests")
@@ -156,14 +169,14 @@ def _replay(
             first_error = first_error or error
         else:
             for item, label in zip(chunk, answers, strict=True):
-                compared += 1
-                agreed += label == item.label
+                tally.add(item, label)
                 by_model[item.model] = by_model.get(item.model, 0) + 1
         bar.advance(len(chunk))
     bar.close()
     phase.details.update(
-        replayed=len(items), missing_blobs=missing, compared=compared, agreed=agreed,
-        failed=failed, first_error=first_error, production_versions=by_model,
+        replayed=len(items), missing_blobs=missing, compared=tally.compared,
+        agreed=tally.agreed, failed=failed, first_error=first_error,
+        production_versions=by_model,
     )  # fmt: skip
     if not items:
         phase.status = "skipped"
@@ -178,16 +191,7 @@ def _replay(
             "replica_test.max_error_rate",
         )  # fmt: skip
     )
-    agreement = agreed / compared if compared else None
-    phase.checks.append(
-        check(
-            "agreement with production",
-            agreement,
-            ">=",
-            policy.min_agreement,
-            "replica_test.min_agreement",
-        )  # fmt: skip
-    )
+    judge_replay(phase, tally, policy)
     return phase
 
 

@@ -2,14 +2,19 @@
 
 A failed check gives one line of ``reasons``, e.g.
 ``accuracy 0.212 < 0.8 (rule accuracy >= 0.80)``; the report is passed only when every
-phase passed or was skipped (nothing to replay, say).
+phase passed or was skipped (nothing to replay, say). ``judge_replay`` makes the replay
+phase's checks from what the candidate answered (``ReplayTally``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from loopline.deploy.replica_inputs import ReplayItem
+    from loopline.environments import ReplicaTestPolicy
 
 PHASES = ("bulk", "replay", "load", "memory")
 FAILED_OP = {">=": "<", ">": "<=", "<=": ">", "<": ">=", "==": "!="}
@@ -123,3 +128,97 @@ class ReplicaTestReport:
             "server": self.server,
             "notes": self.notes,
         }
+
+
+# -- replayed production requests ------------------------------------------------------------
+@dataclass
+class ReplayTally:
+    """What the candidate answered for the replayed requests, against production and truth."""
+
+    compared: int = 0
+    agreed: int = 0
+    labelled: int = 0  # requests with ground truth (feedback)
+    candidate_right: int = 0
+    production_right: int = 0
+    unlabelled: int = 0
+    unlabelled_agreed: int = 0
+
+    def add(self, item: ReplayItem, answer: str) -> None:
+        self.compared += 1
+        self.agreed += answer == item.label
+        if item.truth is None:
+            self.unlabelled += 1
+            self.unlabelled_agreed += answer == item.label
+        else:
+            self.labelled += 1
+            self.candidate_right += answer == item.truth
+            self.production_right += item.label == item.truth
+
+    def accuracies(self) -> tuple[float | None, float | None]:
+        """(candidate, production) accuracy on the labelled requests; None without any."""
+        if not self.labelled:
+            return None, None
+        return self.candidate_right / self.labelled, self.production_right / self.labelled
+
+    @property
+    def agreement(self) -> float | None:
+        """Agreement with production on the requests without ground truth."""
+        return self.unlabelled_agreed / self.unlabelled if self.unlabelled else None
+
+
+def judge_replay(phase: PhaseReport, t: ReplayTally, policy: ReplicaTestPolicy) -> None:
+    """Add the replay phase's accuracy check (requests with ground truth) and agreement
+    check (the others) to ``phase``, or say in its details why one is not made."""
+    need, drop = policy.min_replay_requests, policy.max_accuracy_drop
+    candidate, production = t.accuracies()
+    accuracy_note = agreement_note = None
+    production_worse = False  # shown by the labelled requests, beyond the tolerance
+    if candidate is None or production is None:
+        accuracy_note = "not checked: no replayed request has ground truth"
+    elif t.labelled < need:
+        accuracy_note = (
+            f"not checked: {t.labelled} replayed requests with ground truth, fewer than "
+            f"replica_test.min_replay_requests ({need})"
+        )
+    else:
+        source = (
+            f"production's accuracy {fmt(production)} on {t.labelled} labelled replayed "
+            f"requests - replica_test.max_accuracy_drop {fmt(drop)}"
+        )
+        limit = max(0.0, production - drop)
+        phase.checks.append(check("replay accuracy", candidate, ">=", limit, source))
+        production_worse = candidate > production + drop
+    if t.unlabelled == 0:
+        agreement_note = (
+            "not checked: every replayed request has ground truth (judged by accuracy)"
+            if t.labelled
+            else "not checked: no replayed request was answered"
+        )
+    elif t.unlabelled < need:
+        agreement_note = (
+            f"not checked: {t.unlabelled} replayed requests without ground truth, fewer "
+            f"than replica_test.min_replay_requests ({need})"
+        )
+    elif production_worse:
+        agreement_note = (
+            f"not checked: on the {t.labelled} labelled replayed requests production is less "
+            f"accurate than the candidate ({fmt(production)} against {fmt(candidate)}), so "
+            "disagreeing with it is no defect"
+        )
+    else:
+        phase.checks.append(
+            check(
+                "agreement with production",
+                t.agreement,
+                ">=",
+                policy.min_agreement,
+                "replica_test.min_agreement",
+            )  # fmt: skip
+        )
+    phase.details.update(
+        labelled=t.labelled, candidate_accuracy=candidate, production_accuracy=production,
+        max_accuracy_drop=drop, accuracy_checked=accuracy_note is None,
+        accuracy_note=accuracy_note, unlabelled=t.unlabelled,
+        unlabelled_agreed=t.unlabelled_agreed, agreement=t.agreement,
+        agreement_checked=agreement_note is None, agreement_note=agreement_note,
+    )  # fmt: skip

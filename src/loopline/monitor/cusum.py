@@ -7,11 +7,15 @@ p0 = 0.90, p1 = 0.40) and ``log(p1/p0)`` for a right one (≈ -0.81). It crosses
 within a couple of dozen labels of a collapse, long before a window of 50 can say so.
 
 p0 is the version's own accuracy: its reference (validation) accuracy, else the accuracy
-registered with it, else 0.9. The statistic is not reset when it crosses ``h``: the rule
-(``cusum > h``) fires, and the lifecycle resolves it once the statistic falls back under
-the resolve threshold. So that this happens soon after accuracy recovers, the statistic is
-capped (by default at ``2 h``); the cap is above ``h`` and changes neither the false-alarm
-rate nor the detection delay.
+registered with it, else 0.9. A validation accuracy of exactly 1.0 (or 0.0) would make a
+step infinite (or the CUSUM undefined), so p0 is Laplace-smoothed, ``(k + 1) / (n + 2)`` for
+``k`` right of ``n`` validation images (the registry's per-class supports give ``n``), and
+clamped to ``[p1 + 0.05, 0.995]`` (also when ``n`` is unknown).
+
+The statistic is not reset when it crosses ``h``: the rule (``cusum > h``) fires, and the
+lifecycle resolves it once the statistic falls back under the resolve threshold. So that
+this happens soon after accuracy recovers, the statistic is capped (by default at ``2 h``);
+the cap is above ``h`` and changes neither the false-alarm rate nor the detection delay.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ if TYPE_CHECKING:
     from loopline.monitor.types import VersionView
 
 DEFAULT_P0 = 0.9
+P0_MAX = 0.995  # p0 never above: a wrong label adds at most log((1 - p1) / 0.005)
+P0_MARGIN = 0.05  # p0 at least p1 + this: a drop of less says nothing
 
 
 @dataclass
@@ -140,17 +146,47 @@ def threshold_for(p0: float, p1: float, arl0: float) -> float:
     return round(hi, 2)
 
 
-def reference_accuracy(view: VersionView) -> tuple[float, str]:
-    """p0 for ``view``'s version and where it came from (reference, registry, default)."""
-    if view.reference is not None and view.reference.accuracy is not None:
-        return float(view.reference.accuracy), "reference"
+def smoothed_p0(accuracy: float, n: int | None, p1: float) -> float:
+    """p0 from a validation ``accuracy`` over ``n`` images: Laplace-smoothed
+    ``(k + 1) / (n + 2)`` when ``n`` is known, clamped to ``[p1 + P0_MARGIN, P0_MAX]``."""
+    p0 = min(max(float(accuracy), 0.0), 1.0)
+    if n is not None and n > 0:
+        p0 = (round(p0 * n) + 1.0) / (n + 2.0)
+    return min(max(p0, p1 + P0_MARGIN), P0_MAX)
+
+
+def _registry_n(metrics: dict[str, Any]) -> int | None:
+    """The images the registered accuracy was measured on (sum of per-class supports)."""
+    per_class = metrics.get("per_class")
+    if not isinstance(per_class, dict) or not per_class:
+        return None
+    total = 0
+    for cls in per_class.values():
+        support = cls.get("support") if isinstance(cls, dict) else None
+        if not isinstance(support, int) or isinstance(support, bool):
+            return None
+        total += support
+    return total or None
+
+
+def reference_accuracy(view: VersionView, p1: float) -> tuple[float, str]:
+    """p0 for ``view``'s version (smoothed and clamped, see ``smoothed_p0``) and where it
+    came from (reference, registry, default)."""
+    ref = view.reference
+    if ref is not None and getattr(ref, "accuracy", None) is not None:
+        n = getattr(ref, "n", None)
+        return smoothed_p0(float(ref.accuracy), n if isinstance(n, int) else None, p1), "reference"
     try:
         metrics = view.store.models.get(view.model_name, view.model_version).metrics or {}
     except LooplineError:
         metrics = {}
     accuracy = metrics.get("accuracy")
-    if isinstance(accuracy, int | float) and 0.0 < float(accuracy) < 1.0:
-        return float(accuracy), "registry"
+    if (
+        isinstance(accuracy, int | float)
+        and not isinstance(accuracy, bool)
+        and 0.0 <= accuracy <= 1.0
+    ):
+        return smoothed_p0(float(accuracy), _registry_n(metrics), p1), "registry"
     return DEFAULT_P0, "default"
 
 
@@ -172,8 +208,8 @@ def measure(
     pass later when this pass still crossed ``h``). None while fewer than ``min_samples``
     labels were seen, and when ``cusum_p1`` is not below p0 (there is no drop to watch for).
     """
-    p0, source = reference_accuracy(view)
     p1, h = rule.cusum_p1, rule.threshold
+    p0, source = reference_accuracy(view, p1)
     scopes_state: dict[str, Any] = state.setdefault("scopes", {})
     window = f"cusum p0={p0:.3f} p1={p1:.3f} h={h:g}"
     out: list[Measurement] = []

@@ -7,7 +7,10 @@ Grafana's Normal/Pending/Alerting/NoData, with hysteresis and a cooldown).
   it never opens and never resolves;
 - nothing open and the condition holds: open *pending*, or *firing* at once when
   ``for_s == 0`` (the events say pending then firing; the change says firing), unless an
-  alert of the same rule and scope resolved less than ``cooldown_s`` ago;
+  alert of the same key (rule, environment, model, version, scope) fired and then resolved
+  less than ``cooldown_s`` ago; an alert resolved because its version stopped serving
+  (``retired``) or ``expired`` starts no cooldown, so a new version's alerts are never muted
+  by the old one's;
 - *pending*: the condition held ``for_s`` since it opened → *firing*; the condition no
   longer holds → *resolved* (it never fired);
 - *firing*: resolved only when the resolve condition holds (hysteresis): the resolve value
@@ -15,22 +18,30 @@ Grafana's Normal/Pending/Alerting/NoData, with hysteresis and a cooldown).
   ``evidence["resolve_samples"] >= min_samples``, else the value) compared with
   ``resolve_threshold`` the other way round (``accuracy >= 0.50`` for ``accuracy < 0.40``),
   and the condition itself no longer holds;
-- otherwise the open alert's value and samples are updated (no event).
+- otherwise the open alert's value and samples are updated (no event), and only when
+  they changed; its details (window and evidence) are rewritten on a state change and at
+  most every ``EVIDENCE_EVERY_S`` seconds otherwise, so a steady pass writes little.
+
+A pass hands ``open_alerts`` (``store.alerts.open_for(environment, model)``, by
+``open_key``) to every evaluation: the open alert is then looked up there instead of one
+SELECT per measurement, and ``evaluate`` keeps the dict up to date with what it changed.
 
 Deduplication is the store's: one open alert per (rule, environment, model, version,
 scope) by a unique key, and every transition a compare-and-set, so two evaluations of the
-same condition, in threads or processes, never open two alerts or fire one twice.
+same condition, in threads or processes, never open two alerts or fire one twice. A stale
+``open_alerts`` entry (another monitor moved the alert meanwhile) only makes a
+compare-and-set fail; the entry is then read again for the next evaluation.
 """
 
 from __future__ import annotations
 
 import operator
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from loopline.drivers.metadata.alerts import AlertRecord
+from loopline.drivers.metadata.alerts import AlertRecord, open_key
 from loopline.monitor.types import GLOBAL, Measurement
 
 if TYPE_CHECKING:
@@ -46,6 +57,9 @@ OPS: dict[str, Callable[[float, float], bool]] = {
 }
 # The resolve condition: the opposite comparison, against the resolve threshold.
 OPPOSITE = {"<": ">=", "<=": ">", ">": "<=", ">=": "<"}
+# An open alert's details (the evidence) are rewritten at most this often between state
+# changes; its value and samples whenever they change.
+EVIDENCE_EVERY_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -96,22 +110,58 @@ def _seconds(later: datetime, earlier: datetime) -> float:
     return (later - earlier).total_seconds()
 
 
+def _evidence_due(current: AlertRecord, now: datetime) -> bool:
+    at = current.details.get("evidence_at")
+    try:
+        written = datetime.fromisoformat(at) if isinstance(at, str) else None
+    except ValueError:
+        written = None
+    if written is None or written.tzinfo is None:
+        return True
+    return _seconds(now, written) >= EVIDENCE_EVERY_S
+
+
 def evaluate(
-    store: MetadataStore, rule: AlertRule, measurement: Measurement, now: datetime
+    store: MetadataStore,
+    rule: AlertRule,
+    measurement: Measurement,
+    now: datetime,
+    *,
+    open_alerts: dict[str, AlertRecord] | None = None,
 ) -> list[AlertChange]:
-    """Apply one measurement of ``rule`` at ``now`` (aware); the changes it made."""
+    """Apply one measurement of ``rule`` at ``now`` (aware); the changes it made.
+
+    ``open_alerts``: the open alerts of the measurement's environment and model by
+    ``open_key`` (``store.alerts.open_for``), read once per pass; kept up to date here.
+    Without it the open alert is read from the store.
+    """
     m = measurement
     if m.value is None or (m.evidence or {}).get("stale"):
         return []
     alerts = store.alerts
-    current = alerts.find_open(rule.name, m.environment, m.model_name, m.model_version, m.scope)
+    key = open_key(rule.name, m.environment, m.model_name, m.model_version, m.scope)
+    if open_alerts is None:
+        current = alerts.find_open(rule.name, m.environment, m.model_name, m.model_version, m.scope)
+    else:
+        current = open_alerts.get(key)
     condition = holds(rule.op, m.value, rule.threshold)
-    details = {"window": m.window, "evidence": m.evidence}
+    details = {"window": m.window, "evidence": m.evidence, "evidence_at": now.isoformat()}
+
+    def refresh() -> None:  # a compare-and-set lost: the dict's entry was stale
+        if open_alerts is not None:
+            fresh = alerts.find_open(
+                rule.name, m.environment, m.model_name, m.model_version, m.scope
+            )
+            if fresh is None:
+                open_alerts.pop(key, None)
+            else:
+                open_alerts[key] = fresh
 
     if current is None:
         if not condition:
             return []
-        last = alerts.last_resolved(rule.name, m.environment, m.model_name, m.scope)
+        last = alerts.last_resolved(rule.name, m.environment, m.model_name, m.model_version,
+                                    m.scope)  # fmt: skip
         if (
             rule.cooldown_s > 0
             and last is not None
@@ -125,7 +175,12 @@ def evaluate(
             rule.severity, rule.op, rule.threshold, m.value, m.samples, rule.action, state,
             details, message=_message(rule, m, state), at=now,
         )  # fmt: skip
-        return [AlertChange(opened, state, None)] if opened is not None else []
+        if opened is None:
+            refresh()
+            return []
+        if open_alerts is not None:
+            open_alerts[key] = opened
+        return [AlertChange(opened, state, None)]
 
     new_state: str | None = None
     if current.state == "pending":
@@ -137,15 +192,33 @@ def evaluate(
         new_state = "resolved"
 
     if new_state is None:
-        alerts.update_value(
-            current.id, current.state, value=m.value, samples=m.samples, at=now, details=details
-        )
+        if current.value == m.value and current.samples == m.samples:
+            return []  # nothing new to write
+        evidence = details if _evidence_due(current, now) else None
+        if alerts.update_value(current.id, current.state, value=m.value, samples=m.samples,
+                               at=now, details=evidence):  # fmt: skip
+            if open_alerts is not None:
+                open_alerts[key] = replace(
+                    current, value=m.value, samples=m.samples, updated_at=now,
+                    details=current.details if evidence is None else evidence,
+                )  # fmt: skip
+        else:
+            refresh()
         return []
     changed = alerts.transition(
         current.id, current.state, new_state, value=m.value, samples=m.samples,
         message=_message(rule, m, new_state), at=now, details={"evidence": m.evidence},
+        alert_details=details,
     )  # fmt: skip
-    return [AlertChange(changed, new_state, current.state)] if changed is not None else []
+    if changed is None:
+        refresh()
+        return []
+    if open_alerts is not None:
+        if changed.is_open:
+            open_alerts[key] = changed
+        else:
+            open_alerts.pop(key, None)
+    return [AlertChange(changed, new_state, current.state)]
 
 
 def _alert(item: AlertRecord | AlertChange) -> AlertRecord:

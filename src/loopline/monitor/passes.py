@@ -3,18 +3,25 @@
 For each watched environment with a deployment, a pass reads the predictions and labels
 logged since the carried cursor, adds them to the windows of the versions serving there
 (stable, and a canary's candidate), measures every rule on each version's view, applies
-each measurement to the rule's alert (``lifecycle.evaluate``), notifies the channels of the
-alerts that fired or resolved (unless inhibited), and starts the loop of each stable
-version's alert that fired with an action. What it carries to the next pass (cursor,
-windows, per-rule state such as the CUSUM statistic) is written back by compare-and-set:
-when another monitor wrote first, this pass's state is dropped, and its alert changes
-(each one won by compare-and-set on the alert itself) still stand.
+each measurement to the rule's alert (``lifecycle.evaluate``), resolves the alerts of
+versions that no longer serve and of scopes no longer measured (``stale_labels_s``),
+notifies what the stored alert events owe (``monitor.notices``), and starts the loop of
+each stable version's alert that fires with an action.
+
+A failure in one rule, one measurement or one step is reported and logged, and the rest
+goes on; what the pass carries to the next (cursor, windows, per-rule state such as the
+CUSUM statistic, the notices it claims) is always written back, by compare-and-set: when
+another monitor wrote first, this pass's state is dropped, it sends nothing (the winner,
+or the next pass, tells what is owed), and its alert changes (each one won by
+compare-and-set on the alert itself) still stand.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
+import inspect
 import logging
 import os
 import socket
@@ -24,17 +31,20 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from loopline.drivers.metadata.alerts import open_key
 from loopline.drivers.metadata.models import utcnow
-from loopline.errors import LooplineError
+from loopline.monitor.resolutions import key_of
 from loopline.monitor.types import Measurement
 
 if TYPE_CHECKING:
     from loopline.config import Config
     from loopline.drivers.artifacts import ArtifactStore
+    from loopline.drivers.metadata.alerts import AlertRecord
     from loopline.drivers.metadata.deployments import DeploymentState
     from loopline.drivers.metadata.store import MetadataStore
     from loopline.monitor.config import AlertRule, MonitorConfig
     from loopline.monitor.lifecycle import AlertChange
+    from loopline.monitor.notices import NoticePlan
     from loopline.monitor.reference import Reference
     from loopline.monitor.types import VersionView
 
@@ -53,22 +63,14 @@ MEASURES: dict[str, str] = {
     "drift": "loopline.monitor.drift",
     "telemetry": "loopline.monitor.telemetry",
 }
-# Loop statuses people are told about, by the kind of notice.
-LOOP_NOTICES = {
-    "waiting_approval": "awaiting-approval",
-    "rejected": "retrain-rejected",
-    "succeeded": "redeployed",
-    "failed": "retrain-failed",
-}
-# Loops that finished longer ago than this are not looked at again for a notice.
-LOOP_NOTICE_HORIZON_S = 86_400.0
-_UNREFERENCED: set[tuple[str, str, int]] = set()  # versions whose reference failed to load
 # Reads of the stream per pass at most (each up to its limit); the rest waits a pass.
 MAX_READS = 10
-# Actions whose loop retrains (and so may end in a redeploy).
-RETRAINING = ("retrain", "approve")
-# The event that marks a (canary's) alert as one that starts no loop.
-NOT_STARTED = "loop.not_started"
+# The open alerts of one (environment, model) loaded per pass at most.
+OPEN_SCAN = 10_000
+# A version whose reference failed to load is tried again after this (seconds).
+REFERENCE_RETRY_S = 60.0
+_REFERENCE_RETRY: dict[tuple[str, str, int], float] = {}  # -> monotonic time of the retry
+_UNREFERENCED: set[tuple[str, str, int]] = set()  # versions whose failure was logged
 
 
 def default_owner() -> str:
@@ -83,6 +85,13 @@ def measure_for(rule: AlertRule) -> MeasureFn:
         kind = "estimated_accuracy" if rule.metric == "estimated_accuracy" else "drift"
     fn: MeasureFn = importlib.import_module(MEASURES[kind]).measure
     return fn
+
+
+def _err(err: BaseException) -> str:
+    """``Type: first line`` of an error, at most 300 characters (a driver's error can
+    carry a whole statement)."""
+    text = (str(err).strip().splitlines() or [""])[0]
+    return f"{type(err).__name__}: {text}"[:300]
 
 
 @dataclass
@@ -116,12 +125,44 @@ class _Pass:
     now: datetime
     owner: str
     report: PassReport
-    notes: dict[int, str] = field(default_factory=dict)  # alert id -> what to add to a notice
     measured: list[tuple[str, Measurement]] = field(default_factory=list)
 
     @property
     def actor(self) -> str:
         return f"loopline (monitor {self.owner})"
+
+    def error(self, where: str, err: BaseException) -> None:
+        """Report and log a failure that the rest of the pass survives."""
+        self.report.errors.append(f"{where}: {_err(err)}")
+        log.error("monitor pass, %s", where, exc_info=err)
+
+
+class _Open:
+    """The open alerts of one (environment, model), by dedup key, kept up to date with
+    the pass's own changes (loaded once per pass)."""
+
+    def __init__(self, alerts: list[AlertRecord]) -> None:
+        self.by_key: dict[str, AlertRecord] = {key_of(a): a for a in alerts}
+
+    def apply(self, changes: list[AlertChange]) -> list[AlertChange]:
+        for change in changes:
+            if change.kind == "resolved":
+                self.by_key.pop(key_of(change.alert), None)
+            else:
+                self.by_key[key_of(change.alert)] = change.alert
+        return changes
+
+    def alerts(self) -> list[AlertRecord]:
+        return list(self.by_key.values())
+
+
+@dataclass
+class _Work:
+    """What measuring one environment produced."""
+
+    changes: list[AlertChange] = field(default_factory=list)
+    measured: set[str] = field(default_factory=set)  # keys with a value this pass
+    failed: set[tuple[str, int]] = field(default_factory=set)  # (rule, version) that raised
 
 
 def run_pass(
@@ -137,6 +178,8 @@ def run_pass(
     An environment without a deployment is skipped; an error in one environment is
     recorded in the report (and logged) and the others still run.
     """
+    from loopline.monitor import exposition, notices
+
     started = time.perf_counter()
     owner = owner or default_owner()
     now = now or utcnow()
@@ -148,22 +191,15 @@ def run_pass(
             continue
         try:
             _environment(ctx, dep)
-        except LooplineError as err:
-            ctx.report.errors.append(f"{environment}: {err}")
-            log.error("monitor pass, %s: %s", environment, err)
-        except Exception as err:  # one environment's bug must not stop the others
-            ctx.report.errors.append(f"{environment}: {type(err).__name__}: {err}")
-            log.exception("monitor pass, %s", environment)
-    from loopline.monitor import exposition
-
+        except Exception as err:  # one environment's failure must not stop the others
+            ctx.error(environment, err)
     # The gauges Prometheus scrapes (``loopline monitor --metrics-port``); a pass with an
     # error replaces only the series it measured.
     exposition.update(ctx.measured, complete=not ctx.report.errors)
     try:
-        ctx.report.notifications += notify_loop_events(config, store, now=ctx.now, owner=owner)
+        ctx.report.notifications += notices.notify_loop_events(config, store, now=now, owner=owner)
     except Exception as err:
-        ctx.report.errors.append(f"loop notices: {type(err).__name__}: {err}")
-        log.exception("monitor pass, loop notices")
+        ctx.error("loop notices", err)
     ctx.report.seconds = time.perf_counter() - started
     return ctx.report
 
@@ -185,7 +221,7 @@ def _segments(monitor: MonitorConfig) -> list[str]:
 
 
 def _environment(ctx: _Pass, dep: DeploymentState) -> None:
-    from loopline.monitor import lifecycle, windows
+    from loopline.monitor import actions, notices, resolutions, windows
 
     monitor = ctx.config.monitor
     env, model = dep.environment, str(dep.model_name)
@@ -204,24 +240,44 @@ def _environment(ctx: _Pass, dep: DeploymentState) -> None:
     win.add(new)
     old_rules: dict[str, dict[str, Any]] = state.get("rules") or {}
     rule_states: dict[str, dict[str, Any]] = {str(v): old_rules.get(str(v), {}) for v in serving}
-    changes: list[AlertChange] = []
-    for version in serving:
-        view = win.view(env, model, version, ctx.now, ctx.store, _reference(ctx, model, version))
-        for rule in monitor.rules:
-            if rule.kind == "telemetry" and version != dep.stable_version:
-                continue  # devices and replicas report per environment, not per version
-            rule_state = rule_states[str(version)].setdefault(rule.name, {})
-            try:
-                measured = measure_for(rule)(rule, view, rule_state, monitor)
-            except Exception as err:  # one rule's failure must not hide the others
-                ctx.report.errors.append(f"{key}:{version} rule {rule.name}: {err}")
-                log.exception("monitor rule %s on %s:%s", rule.name, model, version)
-                continue
-            for m in measured:
-                ctx.measured.append((rule.name, m))
-                ctx.report.measurements.append({"rule": rule.name, **m.to_dict()})
-                changes += lifecycle.evaluate(ctx.store, rule, m, ctx.now)
-    changes += _retire(ctx, env, model, serving)
+    seen: dict[str, str] = dict(state.get("seen") or {})
+    claims: dict[str, str] = dict(state.get("notices") or {})
+    work = _Work()
+    plan: NoticePlan | None = None
+    open_: _Open | None = None
+    # Whatever fails from here on, the cursor and windows are written back: a failure
+    # must not make every later pass read the same rows and fail the same way.
+    measured_all = False
+    try:
+        open_ = _Open(_open_now(ctx, env, model))
+        _measure(ctx, dep, win, rule_states, open_, work)
+        measured_all = True
+    except Exception as err:
+        ctx.error(key, err)
+    if open_ is not None:
+        try:
+            work.changes += open_.apply(
+                resolutions.retire(ctx.store, open_.alerts(), serving, actor=ctx.actor, now=ctx.now)
+            )
+            if measured_all:  # else an unmeasured scope may only be one the failure hid
+                expired, seen = resolutions.expire(
+                    ctx.store, open_.alerts(), work.measured, work.failed, seen,
+                    limit_s=monitor.stale_labels_s, actor=ctx.actor, now=ctx.now,
+                )  # fmt: skip
+                work.changes += open_.apply(expired)
+        except Exception as err:
+            ctx.error(f"{key} resolving", err)
+    try:
+        plan = notices.plan_alert_notices(
+            ctx.store,
+            env,
+            model,
+            now=ctx.now,
+            claims=claims,
+            open_alerts=open_.alerts() if open_ is not None else None,
+        )
+    except Exception as err:
+        ctx.error(f"{key} notices", err)
     won = ctx.store.monitor_state.put(
         key,
         {
@@ -230,6 +286,8 @@ def _environment(ctx: _Pass, dep: DeploymentState) -> None:
             "rules": rule_states,
             "versions": serving,
             "deployment_generation": dep.generation,
+            "seen": seen,
+            "notices": plan.claims if plan is not None else claims,
             "at": ctx.now.isoformat(),
         },
         generation,
@@ -248,7 +306,9 @@ def _environment(ctx: _Pass, dep: DeploymentState) -> None:
     )
     if not won:
         log.info("monitor state %s was written by another monitor meanwhile; dropped ours", key)
-    _act(ctx, dep, changes)
+    actions.act(
+        ctx, dep, work.changes, open_.alerts() if open_ is not None else [], plan if won else None
+    )
 
 
 def _read_new(ctx: _Pass, env: str, model: str, cursor: dict[str, Any] | None) -> Any:
@@ -267,227 +327,82 @@ def _read_new(ctx: _Pass, env: str, model: str, cursor: dict[str, Any] | None) -
     return new
 
 
-def _reference(ctx: _Pass, model: str, version: int) -> Reference | None:
-    from loopline.monitor import reference
+def _measure(
+    ctx: _Pass,
+    dep: DeploymentState,
+    win: Any,
+    rule_states: dict[str, dict[str, Any]],
+    open_: _Open,
+    work: _Work,
+) -> None:
+    """Measure every rule on every serving version and apply each measurement."""
+    monitor = ctx.config.monitor
+    env, model = dep.environment, str(dep.model_name)
+    for version in serving_versions(dep):
+        view = win.view(env, model, version, ctx.now, ctx.store, _reference(ctx, model, version))
+        for rule in monitor.rules:
+            if rule.kind == "telemetry" and version != dep.stable_version:
+                continue  # devices and replicas report per environment, not per version
+            rule_state = rule_states[str(version)].setdefault(rule.name, {})
+            try:
+                measured = measure_for(rule)(rule, view, rule_state, monitor)
+            except Exception as err:  # one rule's failure must not hide the others
+                work.failed.add((rule.name, version))
+                ctx.error(f"{env}/{model}:{version} rule {rule.name}", err)
+                continue
+            for m in measured:
+                ctx.measured.append((rule.name, m))
+                ctx.report.measurements.append({"rule": rule.name, **m.to_dict()})
+                if m.value is not None and not (m.evidence or {}).get("stale"):
+                    work.measured.add(
+                        open_key(rule.name, m.environment, m.model_name, m.model_version, m.scope)
+                    )
+                try:
+                    changes = _evaluate(ctx, rule, m, open_)
+                except Exception as err:  # nor one measurement's the rest
+                    ctx.error(f"{env}/{model}:{version} rule {rule.name} ({m.scope})", err)
+                    continue
+                work.changes += open_.apply(changes)
 
-    try:
-        return reference.load_reference(ctx.store, ctx.artifacts, model, version)
-    except LooplineError as err:  # said once per process and version, not every pass
-        if (ctx.store.url, model, version) not in _UNREFERENCED:
-            _UNREFERENCED.add((ctx.store.url, model, version))
-            log.warning(
-                "no reference for %s:%s (label-free rules are no-data): %s", model, version, err
-            )
-        return None
+
+@functools.cache
+def _takes_open_alerts(fn: Callable[..., Any]) -> bool:
+    return "open_alerts" in inspect.signature(fn).parameters
 
 
-def _retire(ctx: _Pass, env: str, model: str, serving: list[int]) -> list[AlertChange]:
-    """Resolve the open alerts of versions that no longer serve in ``env``."""
-    from loopline.monitor.lifecycle import AlertChange
-
-    out: list[AlertChange] = []
-    for alert in ctx.store.alerts.list(state="open", environment=env, model_name=model, limit=1000):
-        if alert.model_version is None or alert.model_version in serving:
-            continue
-        why = f"{model}:{alert.model_version} no longer serves in {env}."
-        done = ctx.store.alerts.transition(
-            alert.id,
-            alert.state,
-            "resolved",
-            value=alert.value,
-            samples=alert.samples,
-            message=why,
-            actor=ctx.actor,
-            at=ctx.now,
-        )
-        if done is not None:
-            ctx.notes[done.id] = why
-            out.append(AlertChange(alert=done, kind="resolved", previous=alert.state))
-    return out
-
-
-def _act(ctx: _Pass, dep: DeploymentState, changes: list[AlertChange]) -> None:
-    """Record the changes; notify the channels; start the loops of firing alerts."""
+def _evaluate(ctx: _Pass, rule: AlertRule, m: Measurement, open_: _Open) -> list[AlertChange]:
+    """``lifecycle.evaluate``, given the pass's open alerts when it takes them."""
     from loopline.monitor import lifecycle
 
-    env, model = dep.environment, str(dep.model_name)
-    firing = ctx.store.alerts.list(state="firing", environment=env, model_name=model, limit=1000)
-    for change in changes:
-        a = change.alert
-        muted = lifecycle.inhibited(change, [*firing, *changes])
-        ctx.report.changes.append(
-            {
-                "alert_id": a.id,
-                "kind": change.kind,
-                "previous": change.previous,
-                "rule": a.rule,
-                "metric": a.metric,
-                "environment": a.environment,
-                "model": a.model_name,
-                "version": a.model_version,
-                "scope": a.scope,
-                "severity": a.severity,
-                "op": a.op,
-                "threshold": a.threshold,
-                "value": a.value,
-                "samples": a.samples,
-                "action": a.action,
-                "inhibited": muted,
-            }
-        )
-        loud = change.kind == "firing" or (
-            change.kind == "resolved" and change.previous == "firing"
-        )
-        if not loud:
-            continue
-        if muted:
-            ctx.store.alerts.add_event(
-                a.id,
-                "inhibited",
-                "notification inhibited by a firing critical global alert of this version",
-                ctx.actor,
-                {},
-            )
-            continue
-        ctx.report.notifications.append(
-            notify(ctx.config, ctx.store, a, change.kind, ctx.notes.get(a.id, ""), actor=ctx.actor)
-        )
-    # Every firing alert of the stable version with an action gets its loop, once: also one
-    # whose loop a crash kept from starting at the transition.
-    for a in [*firing, *(c.alert for c in changes if c.kind == "firing")]:
-        if a.action != "none":
-            _start_loop(ctx, dep, a)
+    if _takes_open_alerts(lifecycle.evaluate):
+        return lifecycle.evaluate(ctx.store, rule, m, ctx.now, open_alerts=open_.by_key)
+    return lifecycle.evaluate(ctx.store, rule, m, ctx.now)
 
 
-def _start_loop(ctx: _Pass, dep: DeploymentState, alert: Any) -> None:
-    """The loop of a firing alert, once (``loop.start`` is idempotent and applies the
-    retrain cooldown); a canary's alert is marked never to start one."""
-    from loopline.monitor import loop
+def _reference(ctx: _Pass, model: str, version: int) -> Reference | None:
+    """The version's reference; None (its label-free rules no-data) when it has none or it
+    fails to load: the failure is logged once and not tried again for a while."""
+    from loopline.monitor import reference
 
-    if any(item.get("alert_id") == alert.id for item in ctx.report.loops):
-        return
-    if ctx.store.loops.get_by_alert(alert.id) is not None:
-        return
-    if alert.model_version != dep.stable_version:
-        if any(e["kind"] == NOT_STARTED for e in ctx.store.alerts.events(alert.id)):
-            return
-        reason = (
-            f"{alert.model_name}:{alert.model_version} is a canary: its alerts start no loop "
-            "(the canary's verdict promotes or rolls it back)"
-        )
-        ctx.store.alerts.add_event(alert.id, NOT_STARTED, reason, ctx.actor, {})
-        ctx.report.loops.append({"alert_id": alert.id, "event": "skipped", "reason": reason})
-        return
-    rec = loop.start(ctx.store, alert, ctx.config)
-    ctx.report.loops.append({"alert_id": alert.id, "event": "started", **_loop_summary(rec)})
-
-
-def _aware(ts: datetime) -> datetime:
-    from datetime import UTC
-
-    return ts if ts.tzinfo is not None else ts.replace(tzinfo=UTC)
-
-
-def _loop_summary(rec: Any) -> dict[str, Any]:
-    return {
-        "loop_id": rec.id,
-        "alert_id": rec.alert_id,
-        "action": rec.action,
-        "status": rec.status,
-        "step": rec.step,
-    }
-
-
-def notify(
-    config: Config,
-    store: MetadataStore,
-    alert: Any,
-    kind: str,
-    message: str,
-    *,
-    actor: str,
-    loop: Any = None,
-) -> dict[str, Any]:
-    """Send one notice to every channel and record it as a ``notified`` alert event."""
-    from loopline.monitor import channels
-
-    details: dict[str, Any] = {}
-    if loop is not None:
-        details = {
-            "loop_id": loop.id,
-            "loop_status": loop.status,
-            "step": loop.step,
-            "candidate_version": loop.model_version,
-        }
-    notice = channels.AlertNotice(
-        alert=alert.to_dict(),
-        kind=kind,
-        message=message,
-        owner=config.monitor.owner,
-        details=details,
-    )
-    results = channels.notify(config.monitor.channels, notice)
-    line = channels.render_line(notice)
-    store.alerts.add_event(
-        alert.id, "notified", line, actor, {"kind": kind, "channels": results, **details}
-    )
-    return {"alert_id": alert.id, "kind": kind, "message": line, "channels": results}
-
-
-def notify_loop_events(
-    config: Config, store: MetadataStore, *, now: datetime | None = None, owner: str | None = None
-) -> list[dict[str, Any]]:
-    """Tell the channels what loops reported: awaiting approval, rejected, redeployed,
-    failed; once per loop and status (the ``notified`` event's ``loop_status`` marks it)."""
-    now = now or utcnow()
-    actor = f"loopline (monitor {owner or default_owner()})"
-    out: list[dict[str, Any]] = []
-    for rec in store.loops.list():
-        kind = loop_notice(rec)
-        if kind is None:
-            continue
-        if rec.finished_at is not None and (now - _aware(rec.finished_at)).total_seconds() > (
-            LOOP_NOTICE_HORIZON_S
-        ):
-            continue
-        if any(
-            e["kind"] == "notified" and e["details"].get("loop_status") == rec.status
-            for e in store.alerts.events(rec.alert_id)
-        ):
-            continue
-        alert = store.alerts.get(rec.alert_id)
-        if alert is not None:
-            out.append(
-                notify(config, store, alert, kind, loop_message(alert, rec), actor=actor, loop=rec)
-            )
-    return out
-
-
-def loop_notice(rec: Any) -> str | None:
-    """The notice a loop's status calls for, or None (a notify loop, a skipped retrain and
-    a closed imported model's loop have nothing more to say)."""
-    if rec.status == "succeeded" and (
-        rec.action not in RETRAINING or rec.state.get("skipped") or rec.state.get("imported")
-    ):
+    key = (ctx.store.url, model, version)
+    if time.monotonic() < _REFERENCE_RETRY.get(key, float("-inf")):
         return None
-    return LOOP_NOTICES.get(rec.status)
+    try:
+        ref = reference.load_reference(ctx.store, ctx.artifacts, model, version)
+    except Exception as err:  # a broken bundle must not stop the pass
+        _REFERENCE_RETRY[key] = time.monotonic() + REFERENCE_RETRY_S
+        if key not in _UNREFERENCED:
+            _UNREFERENCED.add(key)
+            log.warning(
+                "no reference for %s:%s (label-free rules are no-data): %s",
+                model,
+                version,
+                _err(err),
+            )
+        return None
+    _REFERENCE_RETRY.pop(key, None)
+    return ref
 
 
-def loop_message(alert: Any, rec: Any) -> str:
-    """The sentence people get when a loop waits for them, or ends."""
-    name, ver = alert.model_name, rec.model_version
-    cand = f"{name}:{ver}" if ver is not None else "the candidate"
-    if rec.status == "waiting_approval":
-        if rec.reason:  # the loop says what it waits for
-            return str(rec.reason)
-        return (
-            f"{cand} passed the gate against {name}:{rec.incumbent_version}; approve with "
-            f"`loopline approve {alert.id}` or reject with `loopline reject {alert.id} "
-            "--reason TEXT`."
-        )
-    if rec.status == "rejected":
-        why = rec.reason or "no reason given"
-        return f"{cand} was rejected ({why}); {rec.environment} stays on the incumbent."
-    if rec.status == "succeeded":
-        return f"{cand} now serves {rec.environment}; the loop of alert {alert.id} is closed."
-    return f"The loop failed at step {rec.step}: {rec.reason or 'see its timeline'}."
+def _open_now(ctx: _Pass, env: str, model: str) -> list[AlertRecord]:
+    return ctx.store.alerts.list(state="open", environment=env, model_name=model, limit=OPEN_SCAN)

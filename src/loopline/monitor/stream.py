@@ -1,24 +1,33 @@
 """The monitor's incremental read: what was labelled and logged since the last pass.
 
 A pass costs what arrived since the cursor, not the size of the log. Each of the two
-streams (labels by ``feedback.updated_at``, predictions by ``at``) keeps a high-water mark
-``hw``: the next pass reads rows strictly after it (at most ``limit``, oldest first), and
-re-checks the last ``late_s`` before it by key only (id and time), so a row committed up
-to ``late_s`` after its time (a server's batched or spilled flush, a slow transaction)
-is still read, once: the cursor holds the ids seen in that span and drops them.
+streams (labels by ``feedback.updated_at``, predictions by ``at``) is read in the order of
+its key ``(time, id)`` and keeps a ``mark``, the last key read: the next pass reads the
+rows after it (at most ``limit``, keyset pagination), so a limit that cuts a group of
+equal times (one feedback POST stamps all its labels with one time) resumes inside it.
 
-A label updated to a different value gets a new ``updated_at`` and is read again: a new
-``Outcome`` for the same prediction, which replaces the previous one in the windows
-(``loopline.monitor.windows``).
+Rows also arrive late: a server's batched or spilled flush, a slow transaction, commits
+rows whose time is already behind the mark. Each pass re-checks the keys of the last
+``late_s`` before the mark (keys only: id and time) against the digests of the keys it
+had seen there, and reads the rows it had not: a row committed up to ``late_s`` late is
+read, once. The seen set is bounded by ``MAX_SEEN`` per stream: at more rows per
+``late_s`` than that, the re-check covers only the newest ``MAX_SEEN`` keys (``floor``,
+the newest key left out; it never moves back).
 
-The cursor is plain JSON: marks as ISO-8601 strings, seen times as integer microseconds
-since the epoch (compact; exact). The seen set is bounded by ``MAX_SEEN`` per stream: at
-more rows per ``late_s`` than that, the late re-check covers only the newest ``MAX_SEEN``
-rows' span (``floor``) instead of all of ``late_s``.
+A label updated to a different value gets a new ``updated_at``, so a new key, and is read
+again: a new ``Outcome`` for the same prediction, which replaces the previous one in the
+windows (``loopline.monitor.windows``).
+
+The cursor is plain JSON: keys as ``[ISO-8601 time, id]``, the seen set as one base64
+string of sorted 8-byte BLAKE2b digests of ``id`` and time in microseconds (a late row is
+missed only if its digest equals one of at most ``MAX_SEEN`` others: odds under 1e-14).
+Its size is at most about ``2 * MAX_SEEN * 11`` characters, whatever the ids.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -28,11 +37,14 @@ from loopline.monitor.types import Logged, Outcome
 if TYPE_CHECKING:
     from loopline.drivers.metadata.store import MetadataStore
 
-CURSOR_VERSION = 1
+CURSOR_VERSION = 2
 MAX_SEEN = 20_000
 BACKFILL = 10_000  # newest rows a first pass reads: windows of 500 for 20 segment values
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_US = timedelta(microseconds=1)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+US = timedelta(microseconds=1)
+_DIGEST = 8
+
+Key = tuple[datetime, str]  # (time, id): the order both streams are read in
 
 
 @dataclass
@@ -61,10 +73,10 @@ def read_new(
     """Labelled and logged predictions of ``model_name`` in ``environment`` since
     ``cursor`` (routed answers only: shadow and addressed variants are left out).
 
-    The first call (``cursor`` None) reads the newest ``backfill`` rows of each stream
-    (default ``BACKFILL``, at most ``limit``), not the whole log. ``segments`` names
-    the segment columns each row carries: ``camera_id`` from its column, any other from
-    ``request_metadata``.
+    The first call (``cursor`` None, or one of another format) reads the newest
+    ``backfill`` rows of each stream (default ``BACKFILL``, at most ``limit``), not the
+    whole log. ``segments`` names the segment columns each row carries: ``camera_id``
+    from its column, any other from ``request_metadata``.
     """
     cursor = cursor if cursor and cursor.get("v") == CURSOR_VERSION else {}
     metadata = any(s != "camera_id" for s in segments)
@@ -107,48 +119,51 @@ def _advance(
     """One stream's new rows and next state: rows after the mark, plus the rows of the
     last ``late_s`` before it that the previous passes had not seen."""
 
-    def when(row: Any) -> datetime:
-        return as_utc(row._mapping[time_key])
+    def key(row: Any) -> Key:
+        return as_utc(row._mapping[time_key]), str(row.id)
 
     state = state or {}
-    hw = _parse(state.get("hw"))
-    late_s = max(late_s, 0.0)
-    keys: dict[str, datetime] = {}
-    if hw is None:
-        rows = sorted(rows_after(newest=True, limit=first), key=lambda r: (when(r), r.id))
+    mark = _key(state.get("mark"))
+    late = timedelta(seconds=max(late_s, 0.0))
+    known: dict[Key, bytes | None] = {}  # keys of the re-check span, with their digests
+    if mark is None:
+        rows = rows_after(newest=True, limit=first)
         fresh, more = rows, False
-        # Rows older than a full backfill are skipped, not late: the floor sits above them.
-        floor = when(rows[0]) + _US if rows and len(rows) >= first else None
+        # Rows older than a full backfill are skipped, not late: the floor sits on the
+        # oldest row read, and the re-check covers only keys above it. An empty stream
+        # marks the epoch: whatever comes later is new, and read whole.
+        floor = key(rows[0]) if rows and len(rows) >= first else None
     else:
-        seen: dict[str, int] = state.get("seen") or {}
-        rows = rows_after(after=hw, limit=limit)
+        seen = _unpack(state.get("seen"))
+        rows = rows_after(after=mark, limit=limit)
         more = len(rows) >= limit
-        lo = max(hw - timedelta(seconds=late_s), _parse(state.get("floor")) or hw)
-        late = keys_between(lo, hw)
-        keys.update((i, as_utc(t)) for i, t in late)
-        missed = [i for i, t in keys.items() if seen.get(i) != _us(t)]
-        # A row changed again since the keys were read (a label updated after ``hw``) is
-        # left to the next pass, which reads it after the mark or re-checks it.
-        late_rows = [r for r in rows_after(ids=missed) if when(r) <= hw] if missed else []
-        keys.update((r.id, when(r)) for r in late_rows)
-        fresh = sorted([*late_rows, *rows], key=lambda r: (when(r), r.id))
-        floor = lo  # never moves back: what lies below it was left behind on purpose
-    keys.update((r.id, when(r)) for r in rows)
-    new_hw = max([when(r) for r in rows] + ([hw] if hw is not None else []), default=None)
-    if new_hw is None:
-        return fresh, {"hw": None, "floor": None, "seen": {}}, more
-    cut = new_hw - timedelta(seconds=late_s)
-    if floor is not None:
-        cut = max(cut, floor)
-    recent = sorted(((t, i) for i, t in keys.items() if t >= cut), reverse=True)
+        lowest = (mark[0] - late, "")
+        floor = max(lowest, _key(state.get("floor")) or lowest)
+        for i, t in keys_between(floor[0], mark[0]):
+            k = (as_utc(t), str(i))
+            if floor < k <= mark:
+                known[k] = _digest(k)
+        missed = [k for k, d in known.items() if d not in seen]
+        late_rows = []
+        if missed:
+            for k in missed:
+                del known[k]
+            # A row changed again since its key was read (a label updated after the
+            # mark) is left to the next pass, which reads it after the mark or re-checks it.
+            late_rows = [r for r in rows_after(ids=sorted({i for _, i in missed}))
+                         if floor < key(r) <= mark]  # fmt: skip
+        fresh = sorted([*late_rows, *rows], key=key)
+        known.update((key(r), None) for r in late_rows)
+    known.update((key(r), None) for r in rows)
+    new_mark = max((key(r) for r in rows), default=mark or (EPOCH, ""))
+    lowest = (new_mark[0] - late, "")
+    cut = max(lowest, floor or lowest)
+    recent = sorted((k for k in known if k > cut), reverse=True)
     if len(recent) > MAX_SEEN:
-        cut = recent[MAX_SEEN][0] + _US  # just above the newest time left out
-        recent = [(t, i) for t, i in recent[:MAX_SEEN] if t >= cut]
-    next_state = {
-        "hw": new_hw.isoformat(),
-        "floor": cut.isoformat(),
-        "seen": {i: _us(t) for t, i in recent},
-    }
+        cut = recent[MAX_SEEN]  # the newest key left out: the re-check stops there
+        recent = recent[:MAX_SEEN]
+    seen_now = sorted(known[k] or _digest(k) for k in recent)
+    next_state = {"mark": _pack_key(new_mark), "floor": _pack_key(cut), "seen": _pack(seen_now)}
     return fresh, next_state, more
 
 
@@ -193,13 +208,38 @@ def _logged(r: Any, segments: list[str]) -> Logged:
 
 
 def as_utc(value: datetime) -> datetime:
-    """Times as aware UTC (SQLite hands back naive UTC)."""
+    """Times as aware UTC (SQLite hands back naive UTC): the one normaliser the monitor
+    and the prediction log's reads share."""
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-def _us(value: datetime) -> int:
-    return (value - _EPOCH) // _US
+def to_us(value: datetime) -> int:
+    """Integer microseconds since the epoch (exact; compact in JSON)."""
+    return (as_utc(value) - EPOCH) // US
 
 
-def _parse(value: str | None) -> datetime | None:
-    return as_utc(datetime.fromisoformat(value)) if value else None
+def from_us(us: int) -> datetime:
+    """The aware UTC time of ``to_us``."""
+    return EPOCH + us * US
+
+
+def _digest(k: Key) -> bytes:
+    text = f"{k[1]}\x00{to_us(k[0])}".encode("utf-8", "surrogatepass")
+    return hashlib.blake2b(text, digest_size=_DIGEST).digest()
+
+
+def _pack(digests: list[bytes]) -> str:
+    return base64.b64encode(b"".join(digests)).decode("ascii")
+
+
+def _unpack(text: str | None) -> set[bytes]:
+    raw = base64.b64decode(text) if text else b""
+    return {raw[i : i + _DIGEST] for i in range(0, len(raw), _DIGEST)}
+
+
+def _pack_key(k: Key) -> list[str]:
+    return [k[0].isoformat(), k[1]]
+
+
+def _key(value: list[str] | None) -> Key | None:
+    return (as_utc(datetime.fromisoformat(value[0])), value[1]) if value else None

@@ -7,6 +7,10 @@ key and a unique constraint keeps one open alert per key; resolving clears it. O
 IntegrityError. A transition is a compare-and-set on (id, state): of concurrent callers
 exactly one wins, and its event is written in the same transaction.
 
+A resolution whose details say ``{"retired": true}`` (the version no longer serves) or
+``{"expired": true}`` is not the condition going away: those keys are kept on the alert
+too, and such an alert starts no cooldown (``last_resolved`` skips it).
+
 Times (``at``) default to now; the lifecycle passes its own ``now`` so that tests and
 replays are deterministic.
 """
@@ -28,6 +32,11 @@ OPEN_STATES = ("pending", "firing")
 # The transitions an alert may make; anything else is a programming error.
 TRANSITIONS = {("pending", "firing"), ("pending", "resolved"), ("firing", "resolved")}
 ACTOR = "loopline (monitor)"
+# Details of a resolution that ends an alert without its condition clearing: kept on the
+# alert, and such an alert starts no cooldown.
+NO_COOLDOWN = ("retired", "expired")
+# Resolved alerts of a key ``last_resolved`` looks through for one that counts.
+_LAST_RESOLVED_SCAN = 50
 
 
 def open_key(
@@ -76,6 +85,16 @@ class AlertRecord:
     @property
     def is_open(self) -> bool:
         return self.state in OPEN_STATES
+
+    @property
+    def starts_cooldown(self) -> bool:
+        """Whether this resolved alert mutes its key for a while: it fired, and resolved
+        because its condition cleared (not retired with its version, nor expired)."""
+        return (
+            self.state == "resolved"
+            and self.fired_at is not None
+            and not any(self.details.get(k) for k in NO_COOLDOWN)
+        )
 
     @property
     def condition(self) -> str:
@@ -202,13 +221,16 @@ class AlertRepository:
         actor: str = ACTOR,
         at: datetime | None = None,
         details: dict[str, Any] | None = None,
+        alert_details: dict[str, Any] | None = None,
     ) -> AlertRecord | None:
         """Move the alert from ``expected_state`` to ``new_state`` if it is still there.
 
         Compare-and-set: returns the changed alert, or None when it is not (or no longer) in
         ``expected_state``. Firing sets ``fired_at``; resolving sets ``resolved_at`` and
         clears ``open_key`` (the next alert of the key may open). The event is written in
-        the same transaction; ``details`` go on the event.
+        the same transaction; ``details`` go on the event, and their ``retired``/``expired``
+        keys on the alert as well (no cooldown). ``alert_details`` replace the alert's
+        details (the lifecycle's latest evidence).
         """
         if (expected_state, new_state) not in TRANSITIONS:
             allowed = ", ".join(f"{a}->{b}" for a, b in sorted(TRANSITIONS))
@@ -226,6 +248,9 @@ class AlertRepository:
         if new_state == "resolved":
             values["resolved_at"] = now
             values["open_key"] = None
+        flags = {k: True for k in NO_COOLDOWN if (details or {}).get(k)}
+        if alert_details is not None and not flags:
+            values["details"] = dict(alert_details)
         q = (
             update(Alert)
             .where(Alert.id == alert_id, Alert.state == expected_state)
@@ -243,6 +268,10 @@ class AlertRepository:
             s.flush()
             row = s.get(Alert, alert_id, populate_existing=True)
             assert row is not None
+            if flags:  # this transaction won the compare-and-set: no one else writes the row
+                base = alert_details if alert_details is not None else row.details
+                row.details = {**dict(base or {}), **flags}
+                s.flush()
             return _record(row)
 
     def update_value(
@@ -257,8 +286,9 @@ class AlertRepository:
     ) -> bool:
         """Record the latest value (and details) of an alert still in ``expected_state``.
 
-        One cheap UPDATE, no event: the lifecycle calls it on every evaluation that changes
-        nothing. False when the alert is no longer in that state.
+        One UPDATE, no event (``details`` None leaves the details as they are): the
+        lifecycle calls it when a measurement changes the value but not the state. False
+        when the alert is no longer in that state.
         """
         values: dict[str, Any] = {
             "value": value,
@@ -315,6 +345,17 @@ class AlertRepository:
             row = s.scalars(select(Alert).where(Alert.open_key == key)).first()
             return _record(row) if row is not None else None
 
+    def open_for(self, environment: str, model_name: str) -> dict[str, AlertRecord]:
+        """The open alerts of a model in an environment, by ``open_key``: one SELECT for
+        a pass to hand to ``lifecycle.evaluate(open_alerts=...)``."""
+        q = select(Alert).where(
+            Alert.environment == environment,
+            Alert.model_name == model_name,
+            Alert.open_key.is_not(None),
+        )
+        with self._db.read() as s:
+            return {str(r.open_key): _record(r) for r in s.scalars(q)}
+
     def events(self, alert_id: int) -> builtins.list[dict[str, Any]]:
         """The alert's events, oldest first, as JSON-ready dicts."""
         q = (
@@ -357,14 +398,17 @@ class AlertRepository:
         rule: str,
         environment: str,
         model_name: str,
+        model_version: int | None,
         scope: str,
         *,
         fired_only: bool = True,
     ) -> AlertRecord | None:
-        """The most recently resolved alert of this rule and scope, any version (cooldown).
+        """The most recently resolved alert of this key (rule, environment, model, version,
+        scope) that starts a cooldown.
 
-        With ``fired_only`` (the default) an alert resolved while still pending does not
-        count: it was never told to anyone, so it starts no cooldown.
+        With ``fired_only`` (the default) only ``starts_cooldown`` alerts count: one resolved
+        while still pending was never told to anyone, and one retired with its version (or
+        expired) did not clear; neither mutes the key. Without it, any resolved alert.
         """
         q = select(Alert).where(
             Alert.rule == rule,
@@ -373,9 +417,17 @@ class AlertRepository:
             Alert.scope == scope,
             Alert.state == "resolved",
         )
+        q = q.where(
+            Alert.model_version.is_(None)
+            if model_version is None
+            else Alert.model_version == model_version
+        )
         if fired_only:
             q = q.where(Alert.fired_at.is_not(None))
-        q = q.order_by(Alert.resolved_at.desc(), Alert.id.desc()).limit(1)
+        q = q.order_by(Alert.resolved_at.desc(), Alert.id.desc()).limit(_LAST_RESOLVED_SCAN)
         with self._db.read() as s:
-            row = s.scalars(q).first()
-            return _record(row) if row is not None else None
+            for row in s.scalars(q):
+                record = _record(row)
+                if not fired_only or record.starts_cooldown:
+                    return record
+            return None

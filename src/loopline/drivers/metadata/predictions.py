@@ -10,6 +10,7 @@ from sqlalchemy.exc import IntegrityError
 
 from loopline.drivers.metadata.database import Database
 from loopline.drivers.metadata.models import Feedback, Prediction, utcnow
+from loopline.monitor.stream import as_utc
 
 # The columns of ``predictions`` the prediction server writes.
 COLUMNS = (
@@ -199,13 +200,18 @@ class PredictionRepository:
     # columns a pass needs, never ORM objects, each on an index: feedback by
     # ``updated_at`` (ix_feedback_updated_at), predictions by environment and ``at``
     # (ix_predictions_env_at). Only routed answers: shadow and addressed ones are left out.
+    # Pages go by the key ``(time, id)`` (keyset pagination): ``after`` is the last key
+    # read, so a page cut inside a group of equal times resumes exactly where it stopped.
+    # The index gives the time order and the id order within one time is a sort of that
+    # group only (PostgreSQL: incremental sort); ids compare bytewise (``COLLATE "C"`` on
+    # PostgreSQL, SQLite's own), which is also Python's order of ``str``.
 
     def labelled_rows(
         self,
         environment: str,
         model_name: str,
         *,
-        after: datetime | None = None,
+        after: tuple[datetime, str] | None = None,
         ids: list[str] | None = None,
         newest: bool = False,
         limit: int | None = None,
@@ -213,11 +219,11 @@ class PredictionRepository:
     ) -> list[Row[Any]]:
         """Labelled predictions (the log joined with its feedback), by label time.
 
-        ``after`` keeps labels written (or updated) strictly after it; ``ids`` only those
-        predictions; ``newest`` takes the newest ``limit`` instead of the oldest. Rows are
-        ordered by ``labelled_at`` (ties in no set order) and have ``id, at,
-        labelled_at, model_version, variant, predicted, actual, confidence, camera_id``
-        and, with ``metadata``, ``request_metadata``.
+        ``after`` keeps rows whose key ``(labelled_at, id)`` is greater; ``ids`` only
+        those predictions; ``newest`` takes the newest ``limit`` instead of the oldest.
+        Rows are in key order and have ``id, at, labelled_at, model_version, variant,
+        predicted, actual, confidence, camera_id`` and, with ``metadata``,
+        ``request_metadata``.
         """
         cols = [*_LABELLED_COLUMNS, *([Prediction.request_metadata] if metadata else [])]
         q = _routed(
@@ -225,12 +231,8 @@ class PredictionRepository:
             environment,
             model_name,
         )
-        if after is not None:
-            q = q.where(Feedback.updated_at > _utc(after))
-        # By time alone, so the index gives the order and a limit stops the scan early
-        # (a tie cut by the limit is picked up by the stream's late re-check).
-        order = Feedback.updated_at
-        return self._rows(q, order, "labelled_at", Feedback.prediction_id, ids, newest, limit)
+        key = (Feedback.updated_at, Feedback.prediction_id)
+        return self._rows(q, key, "labelled_at", after, ids, newest, limit)
 
     def labelled_keys(
         self, environment: str, model_name: str, since: datetime, until: datetime
@@ -239,7 +241,7 @@ class PredictionRepository:
         q = _routed(
             select(Feedback.prediction_id, Feedback.updated_at)
             .join(Prediction, Prediction.id == Feedback.prediction_id)
-            .where(Feedback.updated_at >= _utc(since), Feedback.updated_at <= _utc(until)),
+            .where(Feedback.updated_at >= as_utc(since), Feedback.updated_at <= as_utc(until)),
             environment,
             model_name,
         )
@@ -251,13 +253,14 @@ class PredictionRepository:
         environment: str,
         model_name: str,
         *,
-        after: datetime | None = None,
+        after: tuple[datetime, str] | None = None,
         ids: list[str] | None = None,
         newest: bool = False,
         limit: int | None = None,
         metadata: bool = True,
     ) -> list[Row[Any]]:
-        """Logged predictions, labelled or not, by prediction time (as ``labelled_rows``).
+        """Logged predictions, labelled or not, by the key ``(at, id)`` (as
+        ``labelled_rows``).
 
         Rows have ``id, at, model_version, variant, predicted, confidence,
         probabilities, input_stats, camera_id`` and, with ``metadata``,
@@ -265,9 +268,7 @@ class PredictionRepository:
         """
         cols = [*_LOGGED_COLUMNS, *([Prediction.request_metadata] if metadata else [])]
         q = _routed(select(*cols), environment, model_name)
-        if after is not None:
-            q = q.where(Prediction.at > _utc(after))
-        return self._rows(q, Prediction.at, "at", Prediction.id, ids, newest, limit)
+        return self._rows(q, (Prediction.at, Prediction.id), "at", after, ids, newest, limit)
 
     def logged_keys(
         self, environment: str, model_name: str, since: datetime, until: datetime
@@ -275,7 +276,7 @@ class PredictionRepository:
         """``(id, at)`` of the predictions made in ``[since, until]``."""
         q = _routed(
             select(Prediction.id, Prediction.at).where(
-                Prediction.at >= _utc(since), Prediction.at <= _utc(until)
+                Prediction.at >= as_utc(since), Prediction.at <= as_utc(until)
             ),
             environment,
             model_name,
@@ -286,20 +287,27 @@ class PredictionRepository:
     def _rows(
         self,
         q: Any,
-        order: Any,
-        sort_key: str,
-        id_col: Any,
+        key: tuple[Any, Any],
+        time_name: str,
+        after: tuple[datetime, str] | None,
         ids: list[str] | None,
         newest: bool,
         limit: int | None,
     ) -> list[Row[Any]]:
+        time_col, id_col = key
         if ids is not None:
             out: list[Row[Any]] = []
             with self._db.engine.connect() as conn:
                 for i in range(0, len(ids), _CHUNK):
                     out.extend(conn.execute(q.where(id_col.in_(ids[i : i + _CHUNK]))))
-            return sorted(out, key=lambda r: (r._mapping[sort_key], r.id))
-        q = q.order_by(order.desc() if newest else order)
+            return sorted(out, key=lambda r: (as_utc(r._mapping[time_name]), r.id))
+        bytewise = id_col.collate("C") if self._db.dialect == "postgresql" else id_col
+        if after is not None:
+            t, last = as_utc(after[0]), after[1]
+            # ``time >= t`` alone bounds the index scan; the OR only filters its first group.
+            q = q.where(time_col >= t, or_(time_col > t, bytewise > last))
+        order = (time_col.desc(), bytewise.desc()) if newest else (time_col, bytewise)
+        q = q.order_by(*order)
         if limit is not None:
             q = q.limit(limit)
         with self._db.engine.connect() as conn:
@@ -329,7 +337,7 @@ class PredictionRepository:
         else:
             q = q.outerjoin(Feedback, Feedback.prediction_id == Prediction.id)
         if since is not None:
-            q = q.where(Prediction.at >= _utc(since))
+            q = q.where(Prediction.at >= as_utc(since))
         q = q.order_by(Prediction.at.desc(), Prediction.id.desc())
         if limit is not None:
             q = q.limit(limit)
@@ -471,7 +479,3 @@ def _routed(q: Any, environment: str, model_name: str) -> Any:
         Prediction.model_name == model_name,
         or_(Prediction.variant.is_(None), Prediction.variant.not_in(UNROUTED_VARIANTS)),
     )
-
-
-def _utc(value: datetime) -> datetime:
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
