@@ -281,9 +281,11 @@ class _Stream:
         logits, y = model.draw(self.rng, n)
         probs = softmax(logits)
         pick = self.rng.integers(0, len(frames), n)
+        # Ids as the server's (32 hex digits) but from the seed: the monitor reads labels that
+        # arrive together in id order, so random ids would make a run irreproducible.
+        ids = [self.rng.bytes(16).hex() for _ in range(n)]
         rows = []
-        for i in range(n):
-            pid = uuid.uuid4().hex
+        for i, pid in enumerate(ids):
             top = int(probs[i].argmax())
             camera = f"cam-{int(pick[i]) % CAMERAS + 1}"
             rows.append({

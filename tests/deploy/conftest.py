@@ -275,7 +275,9 @@ def image_command(folder: Path) -> tuple[list[str], dict[str, str]]:
     cmd: list[str] = []
     for line in text.splitlines():
         if line.startswith("ENV "):
-            env.update(pair.split("=", 1) for pair in shlex.split(line[4:]))
+            for pair in shlex.split(line[4:]):
+                key, _, value = pair.partition("=")
+                env[key] = value
         elif line.startswith("CMD "):
             cmd = json.loads(line[4:])
     assert cmd, "the Dockerfile has no CMD"

@@ -186,17 +186,17 @@ def test_measure_no_data_and_nothing_to_detect(store: MetadataStore) -> None:
     (m,) = cusum.measure(rule, View(store, reference=Ref(0.9), new={GLOBAL: outcomes("00")}),
                          {}, config)  # fmt: skip
     assert m.value is None and m.samples == 2
-    high = RULE.model_copy(update={"cusum_p1": 0.995})  # p0 is never above 0.995
+    high = RULE.model_copy(update={"cusum_p1": 0.95})  # p0 is never above 0.95
     (m,) = cusum.measure(high, View(store, reference=Ref(0.999), new={GLOBAL: outcomes("0")}),
                          {}, config)  # fmt: skip
     assert m.value is None and "not below p0" in m.evidence["why"]
 
 
 def test_p0_is_smoothed_and_clamped(store: MetadataStore) -> None:
-    assert cusum.smoothed_p0(1.0, 100, 0.4) == pytest.approx(101 / 102)
+    assert cusum.smoothed_p0(0.9, 10, 0.4) == pytest.approx(10 / 12)
     assert cusum.smoothed_p0(0.9, 1000, 0.4) == pytest.approx(901 / 1002)
-    assert cusum.smoothed_p0(1.0, None, 0.4) == 0.995  # no n: clamped only
-    assert cusum.smoothed_p0(1.0, 10_000, 0.4) == 0.995  # 10001/10002 is above the cap
+    assert cusum.smoothed_p0(1.0, None, 0.4) == 0.95  # no n: clamped only
+    assert cusum.smoothed_p0(1.0, 100, 0.4) == 0.95  # 101/102 is above the cap
     assert cusum.smoothed_p0(0.0, 200, 0.4) == pytest.approx(0.45)  # p1 + 0.05
     assert cusum.smoothed_p0(0.42, None, 0.4) == pytest.approx(0.45)
 
@@ -213,7 +213,7 @@ def test_a_perfect_or_null_validation_accuracy_still_detects(
     view = View(store, reference=Ref(accuracy, n=200), new={GLOBAL: outcomes(wrong)})
     (m,) = cusum.measure(RULE, view, state, MonitorConfig())
     assert m.value is not None and m.value > RULE.threshold
-    assert 0.45 <= m.evidence["p0"] <= 0.995 and m.evidence["p0_source"] == "reference"
+    assert 0.45 <= m.evidence["p0"] <= 0.95 and m.evidence["p0_source"] == "reference"
     # The registered accuracy alone (an imported model's, with per-class supports or not).
     support = {"car": {"support": 100}, "bus": {"support": 100}}
     for version, metrics in ((1, {"accuracy": accuracy, "per_class": support}),
@@ -224,7 +224,7 @@ def test_a_perfect_or_null_validation_accuracy_still_detects(
         (m,) = cusum.measure(RULE, view, {}, MonitorConfig())
         assert m.evidence["p0_source"] == "registry"
         assert m.value is not None and m.value > RULE.threshold
-    assert m.evidence["p0"] == (0.995 if accuracy == 1.0 else 0.45)
+    assert m.evidence["p0"] == (0.95 if accuracy == 1.0 else 0.45)
 
 
 def test_measure_per_segment(store: MetadataStore) -> None:

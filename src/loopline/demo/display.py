@@ -150,7 +150,8 @@ class LiveDisplay:
 
     # -- drawing ---------------------------------------------------------------------------
     def _event_line(self, e: Event) -> Text:
-        line = Text(f"  {clock_text(e.t)}  ")
+        # Live, an event is one line (cut at the console's width); printed, it is whole.
+        line = Text(f"  {clock_text(e.t)}  ", no_wrap=self.live, overflow="ellipsis")
         line.append(f"{e.kind:<9}", style=STYLES.get(e.kind, "dim"))
         line.append(" " + e.text)
         return line
@@ -165,9 +166,9 @@ class LiveDisplay:
             parts.append(Text(traffic_line(stats), style="bold"))
         monitor = self.monitor()
         if monitor:
-            parts.append(Text(monitor))
+            parts.append(Text(monitor, no_wrap=True, overflow="ellipsis"))
         if activity:
-            parts.append(Text(f"now: {activity}", style="dim"))
+            parts.append(Text(f"now: {activity}", style="dim", no_wrap=True, overflow="ellipsis"))
         parts.append(Text(""))
         parts.extend(self._event_line(e) for e in events)
         return Group(*parts)

@@ -9,12 +9,13 @@ alone (ConfigError). Afterwards it is an ordinary project: ``loopline alerts``,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
 import shutil
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,11 +25,14 @@ from loopline.errors import ConfigError
 
 if TYPE_CHECKING:
     from loopline.config import Config
+    from loopline.drivers.targets import Target, TargetContext
 
 MARKER = ".loopline-demo.json"
 TOKEN_VAR = "LOOPLINE_DEMO_TOKEN"
 MODEL = "vehicles"
 ENVIRONMENTS = ("production", "staging")
+# Settings of this process that would point the demo's servers at another store.
+FOREIGN_ENV = ("LOOPLINE_DB_URL", "LOOPLINE_ARTIFACTS_URL")
 
 
 @dataclass
@@ -180,6 +184,30 @@ def prepare(
     config_path.write_text(config_text(scenario, port))
     marker.write_text(json.dumps({"lake": wanted}, indent=2) + "\n")
     return DemoProject(root, config_path, lake, port, lake_reused=reused)
+
+
+def production_target(config: Config, project: DemoProject) -> tuple[Target, TargetContext]:
+    """Production's target and context, as ``loopline up --env production`` makes them."""
+    from loopline.drivers.targets import TargetContext, get_target
+
+    settings = config.environment("production")
+    ctx = TargetContext(
+        config=config,
+        environment="production",
+        env=settings,
+        extra={"config_path": project.config_path, "wait_s": 60.0},
+    )
+    return get_target(settings.target), ctx
+
+
+@contextlib.contextmanager
+def own_stores() -> Iterator[None]:
+    """The demo's servers and monitor use the demo folder's store, whatever is exported."""
+    saved = {k: os.environ.pop(k) for k in FOREIGN_ENV if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
 
 
 def stop_servers(root: Path) -> None:

@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -27,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loopline.demo.display import LiveDisplay
-from loopline.demo.project import MODEL, DemoProject, prepare
+from loopline.demo.project import MODEL, DemoProject, own_stores, prepare, production_target
 from loopline.demo.scenario import Scenario
 from loopline.demo.timeline import Clock, Event, Timeline
 from loopline.demo.traffic import Traffic
@@ -40,10 +39,8 @@ if TYPE_CHECKING:
     from loopline.config import Config
     from loopline.drivers.artifacts import ArtifactStore
     from loopline.drivers.metadata.store import MetadataStore
-    from loopline.drivers.targets import Target, TargetContext
 
 ACTOR = "loopline demo"
-PRODUCTION = "production"
 STAGES = [
     "demo project and lake",
     "build v1 on day images",
@@ -61,8 +58,6 @@ STAGES = [
 # The stage an event moves the story to (events of the loop by their step).
 EVENT_STAGES = {"drift": 5, "alert": 6, "canary": 9, "redeploy": 10, "recovered": 11}
 LOOP_STAGES = {"dataset": 7, "build": 7, "gate": 7, "replica": 8, "release": 9}
-# Settings of this process that would point the demo's servers elsewhere.
-FOREIGN_ENV = ("LOOPLINE_DB_URL", "LOOPLINE_ARTIFACTS_URL")
 
 
 class DemoFailed(LooplineError):
@@ -84,16 +79,6 @@ class DemoRun:
     new_version: int | None
     ok: bool
     reason: str | None
-
-
-@contextlib.contextmanager
-def _own_stores() -> Iterator[None]:
-    """The demo's servers and monitor use the demo folder's store, whatever is exported."""
-    saved = {k: os.environ.pop(k) for k in FOREIGN_ENV if k in os.environ}
-    try:
-        yield
-    finally:
-        os.environ.update(saved)
 
 
 def run_demo(
@@ -144,13 +129,12 @@ class Story:
         self.timings: dict[str, float] = {}
         self._stage = -1
         self._new_version: int | None = None
-        self._done = threading.Event()
 
     # -- the story -------------------------------------------------------------------------
     def run(self) -> DemoRun:
         ok, reason = False, None
         project: DemoProject | None = None
-        with _own_stores(), _quiet_alert_log(), self.display:
+        with own_stores(), _quiet_alert_log(), self.display:
             try:
                 project = self._setup()
                 ok, reason = self._play(project)
@@ -175,7 +159,7 @@ class Story:
             self.feed,
             self.watcher,
             self.timings,
-            self._deployed_versions(),
+            self.watcher.served if self.watcher is not None else [],
             self._new_version,
             ok,
             reason,
@@ -280,33 +264,20 @@ class Story:
         release.promote(
             store,
             f"{MODEL}:{version}",
-            to=PRODUCTION,
+            to="production",
             strategy="direct",
-            env=config.environment(PRODUCTION),
+            env=config.environment("production"),
             actor=ACTOR,
             reason="loopline demo: the first version",
-            replica_envs=release.replica_environments(config, PRODUCTION),
+            replica_envs=release.replica_environments(config, "production"),
         )
-        target, ctx = self._target(config, project)
+        target, ctx = production_target(config, project)
         self.display.activity(f"starting production's server at {project.endpoint}")
         outcome = target.up(ctx)
         if not outcome.ok:
             raise DemoFailed(f"production did not start: {outcome.message}")
         self.timings["production_s"] = round(self.clock() - started, 2)
         self.timeline.mark("step", f"production: {outcome.message}")
-
-    def _target(self, config: Config, project: DemoProject) -> tuple[Target, TargetContext]:
-        """Production's target and context, as ``loopline up --env production`` makes them."""
-        from loopline.drivers.targets import TargetContext, get_target
-
-        settings = config.environment(PRODUCTION)
-        ctx = TargetContext(
-            config=config,
-            environment=PRODUCTION,
-            env=settings,
-            extra={"config_path": project.config_path, "wait_s": 60.0},
-        )
-        return get_target(settings.target), ctx
 
     def _watch_the_loop(
         self, config: Config, project: DemoProject, store: MetadataStore
@@ -316,7 +287,7 @@ class Story:
 
         s = self.scenario
         self.feed = MonitorFeed(self.timeline, store)
-        self.watcher = StoreWatcher(store, self.timeline, PRODUCTION)
+        self.watcher = StoreWatcher(store, self.timeline, "production")
         self.watcher.poll()  # v1's promotion is already on the timeline
         stop = threading.Event()
         monitor = threading.Thread(
@@ -420,7 +391,7 @@ class Story:
         """Stop production's server (``loopline down --env production``)."""
         try:
             config = project.config()
-            target, ctx = self._target(config, project)
+            target, ctx = production_target(config, project)
             outcome = target.down(ctx)
             self.timeline.mark("step", outcome.message)
         except LooplineError as err:
@@ -444,22 +415,6 @@ class Story:
         return self.traffic.log.stats() if self.traffic is not None else None
 
     def _monitor_line(self) -> str:
-        feed = self.feed
-        if feed is None:
+        if self.feed is None or self.traffic is None:
             return ""
-        parts = []
-        for _, m in sorted(feed.latest.items()):
-            if m.get("value") is None:
-                continue
-            parts.append(f"{m['rule']} v{m['version']} {m['value']:.2f}")
-        return f"monitor ({feed.passes} passes): " + (", ".join(parts) or "collecting")
-
-    def _deployed_versions(self) -> list[int]:
-        """The versions that answered production's traffic, in order."""
-        seen: list[int] = []
-        for e in self.timeline.events():
-            for key in ("stable", "candidate"):
-                v = e.data.get(key) if e.kind in ("deployment", "canary", "promoted") else None
-                if isinstance(v, int) and v not in seen:
-                    seen.append(v)
-        return seen
+        return self.feed.line(list(self.traffic.log.stats().versions))

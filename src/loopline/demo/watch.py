@@ -100,9 +100,31 @@ class MonitorFeed:
             samples=samples,
         )
 
-    def measurement(self, rule: str, version: int | None) -> dict[str, Any] | None:
+    def line(self, versions: list[int]) -> str:
+        """The latest measurements of ``versions``, in one line for the live display."""
         with self._lock:
-            return self.latest.get(f"{rule}@{version}")
+            latest = list(self.latest.values())
+            passes = self.passes
+        parts = []
+        for version in versions:
+            mine = [m for m in latest if m.get("version") == version and m["value"] is not None]
+            named = {m["metric"]: float(m["value"]) for m in mine}
+            words = [
+                f"{label} {named[metric]:.2f}"
+                for metric, label in (
+                    ("accuracy", "accuracy"),
+                    ("cusum", "cusum"),
+                    ("estimated_accuracy", "estimated"),
+                )
+                if metric in named
+            ]
+            drifting = sorted(
+                k.split(".", 1)[1] for k, v in named.items() if k.startswith("drift.") and v > 0
+            )
+            if drifting:
+                words.append("drifting: " + ", ".join(drifting))
+            parts.append(f"v{version} " + (", ".join(words) or "collecting"))
+        return f"monitor ({passes} passes): " + ("; ".join(parts) or "collecting")
 
 
 class StoreWatcher:
@@ -113,6 +135,7 @@ class StoreWatcher:
         self._generation = 0
         self._seen: dict[int, int] = {}  # loop id -> timeline entries marked
         self.loops: list[LoopRecord] = []
+        self.served: list[int] = []  # versions that answered traffic, in order
 
     def poll(self) -> None:
         self._deployments()
@@ -130,6 +153,9 @@ class StoreWatcher:
         for h in sorted(rows, key=lambda h: h["generation"]):
             self._generation = max(self._generation, h["generation"])
             action, stable, cand = h["action"], h["stable_version"], h["candidate_version"]
+            for v in (stable, cand):
+                if v is not None and v not in self.served:
+                    self.served.append(int(v))
             if cand is not None and h["strategy"] == "canary":
                 kind = "canary"
                 share = f"{h['candidate_share']:.0%}"

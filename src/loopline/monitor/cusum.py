@@ -10,7 +10,10 @@ p0 is the version's own accuracy: its reference (validation) accuracy, else the 
 registered with it, else 0.9. A validation accuracy of exactly 1.0 (or 0.0) would make a
 step infinite (or the CUSUM undefined), so p0 is Laplace-smoothed, ``(k + 1) / (n + 2)`` for
 ``k`` right of ``n`` validation images (the registry's per-class supports give ``n``), and
-clamped to ``[p1 + 0.05, 0.995]`` (also when ``n`` is unknown).
+clamped to ``[p1 + 0.05, 0.95]`` (also when ``n`` is unknown). The cap keeps one wrong
+label from weighing more than ``log(0.6 / 0.05)`` ≈ 2.5: with p0 near 1, two wrong labels
+in a row would cross ``h`` on a model that is right 97% of the time. A collapse to 0.35
+is still found in ~7 labels on average (each wrong label weighs more than at p0 = 0.90).
 
 The statistic is not reset when it crosses ``h``: the rule (``cusum > h``) fires, and the
 lifecycle resolves it once the statistic falls back under the resolve threshold. So that
@@ -34,7 +37,7 @@ if TYPE_CHECKING:
     from loopline.monitor.types import VersionView
 
 DEFAULT_P0 = 0.9
-P0_MAX = 0.995  # p0 never above: a wrong label adds at most log((1 - p1) / 0.005)
+P0_MAX = 0.95  # p0 never above: a wrong label adds at most log((1 - p1) / 0.05)
 P0_MARGIN = 0.05  # p0 at least p1 + this: a drop of less says nothing
 
 

@@ -184,7 +184,7 @@ def plan_alert_notices(
             plan.send.append(Owed(a, "firing", RELEASED_TEXT if held else ""))
         elif a.state == "resolved" and "resolved" not in told:
             resolved = [e for e in ev if e["kind"] == "resolved"]
-            last = resolved[-1] if resolved else {"details": {}, "message": ""}
+            last: dict[str, Any] = resolved[-1] if resolved else {"details": {}, "message": ""}
             mine = last["details"].get(RETIRED) or last["details"].get(EXPIRED)
             plan.send.append(Owed(a, "resolved", str(last["message"] or "") if mine else ""))
     for owed in plan.send:

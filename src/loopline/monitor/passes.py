@@ -19,9 +19,7 @@ compare-and-set on the alert itself) still stand.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib
-import inspect
 import logging
 import os
 import socket
@@ -33,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from loopline.drivers.metadata.alerts import open_key
 from loopline.drivers.metadata.models import utcnow
+from loopline.errors import LooplineError
 from loopline.monitor.resolutions import key_of
 from loopline.monitor.types import Measurement
 
@@ -65,8 +64,6 @@ MEASURES: dict[str, str] = {
 }
 # Reads of the stream per pass at most (each up to its limit); the rest waits a pass.
 MAX_READS = 10
-# The open alerts of one (environment, model) loaded per pass at most.
-OPEN_SCAN = 10_000
 # A version whose reference failed to load is tried again after this (seconds).
 REFERENCE_RETRY_S = 60.0
 _REFERENCE_RETRY: dict[tuple[str, str, int], float] = {}  # -> monotonic time of the retry
@@ -134,15 +131,16 @@ class _Pass:
     def error(self, where: str, err: BaseException) -> None:
         """Report and log a failure that the rest of the pass survives."""
         self.report.errors.append(f"{where}: {_err(err)}")
-        log.error("monitor pass, %s", where, exc_info=err)
+        trace = None if isinstance(err, LooplineError) else err  # a bug: with its traceback
+        log.error("monitor pass, %s: %s", where, _err(err), exc_info=trace)
 
 
 class _Open:
-    """The open alerts of one (environment, model), by dedup key, kept up to date with
-    the pass's own changes (loaded once per pass)."""
+    """The open alerts of one (environment, model) by dedup key, read once per pass and
+    kept up to date with the pass's changes (``lifecycle.evaluate`` keeps them itself)."""
 
-    def __init__(self, alerts: list[AlertRecord]) -> None:
-        self.by_key: dict[str, AlertRecord] = {key_of(a): a for a in alerts}
+    def __init__(self, by_key: dict[str, AlertRecord]) -> None:
+        self.by_key = by_key
 
     def apply(self, changes: list[AlertChange]) -> list[AlertChange]:
         for change in changes:
@@ -249,7 +247,7 @@ def _environment(ctx: _Pass, dep: DeploymentState) -> None:
     # must not make every later pass read the same rows and fail the same way.
     measured_all = False
     try:
-        open_ = _Open(_open_now(ctx, env, model))
+        open_ = _Open(ctx.store.alerts.open_for(env, model))
         _measure(ctx, dep, win, rule_states, open_, work)
         measured_all = True
     except Exception as err:
@@ -362,21 +360,14 @@ def _measure(
                 except Exception as err:  # nor one measurement's the rest
                     ctx.error(f"{env}/{model}:{version} rule {rule.name} ({m.scope})", err)
                     continue
-                work.changes += open_.apply(changes)
-
-
-@functools.cache
-def _takes_open_alerts(fn: Callable[..., Any]) -> bool:
-    return "open_alerts" in inspect.signature(fn).parameters
+                work.changes += changes
 
 
 def _evaluate(ctx: _Pass, rule: AlertRule, m: Measurement, open_: _Open) -> list[AlertChange]:
-    """``lifecycle.evaluate``, given the pass's open alerts when it takes them."""
+    """``lifecycle.evaluate`` on the pass's open alerts (which it keeps up to date)."""
     from loopline.monitor import lifecycle
 
-    if _takes_open_alerts(lifecycle.evaluate):
-        return lifecycle.evaluate(ctx.store, rule, m, ctx.now, open_alerts=open_.by_key)
-    return lifecycle.evaluate(ctx.store, rule, m, ctx.now)
+    return lifecycle.evaluate(ctx.store, rule, m, ctx.now, open_alerts=open_.by_key)
 
 
 def _reference(ctx: _Pass, model: str, version: int) -> Reference | None:
@@ -402,7 +393,3 @@ def _reference(ctx: _Pass, model: str, version: int) -> Reference | None:
         return None
     _REFERENCE_RETRY.pop(key, None)
     return ref
-
-
-def _open_now(ctx: _Pass, env: str, model: str) -> list[AlertRecord]:
-    return ctx.store.alerts.list(state="open", environment=env, model_name=model, limit=OPEN_SCAN)

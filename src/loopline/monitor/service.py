@@ -23,12 +23,12 @@ from typing import TYPE_CHECKING, Any
 
 from loopline.drivers.metadata.models import utcnow
 from loopline.errors import LooplineError, NotFound
+from loopline.monitor.notices import notify_loop_events
 from loopline.monitor.passes import (
     MEASURES,
     PassReport,
     default_owner,
     measure_for,
-    notify_loop_events,
     run_pass,
     serving_versions,
 )
@@ -325,25 +325,28 @@ def _chain(store: MetadataStore, alert: Any, rec: Any) -> list[dict[str, Any]]:
         chain.append(link)
     if rec.replica_test_id:
         link = {"kind": "replica_test", "id": rec.replica_test_id}
-        test = next(
-            (
-                t
-                for t in store.replica_tests.recent(rec.model_name, limit=200)
-                if t.id == rec.replica_test_id
-            ),
-            None,
-        )
+        test = _replica_test(store, rec.replica_test_id)
         if test is not None:
             link |= {
                 "at": _iso(test.started_at),
                 "finished_at": _iso(test.finished_at),
-                "text": ("passed" if test.passed else "failed: " + "; ".join(test.reasons))
+                "text": ("passed" if test.passed else "failed: " + "; ".join(test.reasons or []))
                 + f" in {test.environment}",
             }
         chain.append(link)
     if rec.deployment_generation is not None:
         chain += _deployment_links(store, rec)
     return chain
+
+
+def _replica_test(store: MetadataStore, test_id: str) -> Any:
+    """The replica test with this id, or None (one SELECT by primary key)."""
+    from sqlalchemy.orm import Session
+
+    from loopline.drivers.metadata.models import ReplicaTest
+
+    with Session(store.engine) as s:
+        return s.get(ReplicaTest, test_id)
 
 
 def _deployment_links(store: MetadataStore, rec: Any) -> list[dict[str, Any]]:
