@@ -184,3 +184,41 @@ def test_monitor_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     assert proc.returncode == 0, err
     for line in out.strip().splitlines():  # the pass under way finished whole
         json.loads(line)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("500ms", 0.5),
+        ("5s", 5.0),
+        ("2m", 120.0),
+        ("1h", 3600.0),
+        ("2d", 172_800.0),
+        ("1h30m", 5400.0),
+        ("1d2h3m4s5ms", 93_784.005),
+        ("1.5h", 5400.0),
+        (" 10 s ", 10.0),
+        ("5", 5.0),
+        ("2H", 7200.0),
+    ],
+)
+def test_one_duration_parser_for_interval_and_since(text: str, seconds: float) -> None:
+    from loopline.cli import metrics, monitor
+    from loopline.cli.durations import parse_duration
+
+    assert metrics.parse_duration is parse_duration  # `predictions --since` uses the same one
+    assert monitor.parse_interval(text) == pytest.approx(seconds)
+    assert parse_duration(text, "--since") == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["soon", "", "0s", "-5s", "5x", "1h30", "h", "5 mins", "1m-2s"])
+def test_a_bad_duration_names_the_option_and_the_forms(text: str) -> None:
+    from loopline.cli.durations import parse_duration
+    from loopline.errors import ConfigError
+
+    for option in ("--interval", "--since"):
+        with pytest.raises(ConfigError) as err:
+            parse_duration(text, option)
+        message = str(err.value)
+        assert message.startswith(f"invalid {option} {text!r}: use a positive duration")
+        assert "ms, s, m, h or d" in message and "1h30m" in message

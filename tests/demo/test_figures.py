@@ -50,6 +50,7 @@ def test_figures_of_a_run_that_recovered() -> None:
         "rule": "accuracy-low",
         "metric": "accuracy",
         "alert_id": 2,
+        "version": 1,
     }
     assert figs["drift_warning_at"]["labelled"] == 6 and figs["drift_warning_at"]["seconds"] == 2.5
     assert figs["alert_to_new_version_serving_all_s"] == pytest.approx(34.0)

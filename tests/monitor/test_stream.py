@@ -184,14 +184,27 @@ def test_a_batch_bigger_than_the_seen_set_and_the_limit_is_read_whole_once(
     store.predictions.record_feedback([(pid(f"b{i}"), "car") for i in range(10)])
     labels: list[str] = []
     logged: list[str] = []
+    times = set()
     for _ in range(5):
         new = read_new(store, "production", "m", cursor, [], late_s=60, limit=4)
         labels += names(new.outcomes)
+        times |= {o.labelled_at for o in new.outcomes}
         logged += names(new.logged)
         cursor = new.cursor
         assert seen_count(cursor["labels"]) <= 3 and seen_count(cursor["logged"]) <= 3
     want = sorted(f"b{i}" for i in range(10))
     assert sorted(labels) == sorted(logged) == want  # all ten, none twice
+    # The seen set holds the newest three keys (b7-b9): the re-check reaches down to b6's
+    # key, inside the group. A label committed late at the group's time above it is read
+    # once; one below it is past the bound.
+    (batch_at,) = times  # one POST, one time
+    log(store, ("b6x", 5), ("b0x", 5))
+    label_at(store, "b6x", "car", batch_at)
+    label_at(store, "b0x", "car", batch_at)
+    late = read_new(store, "production", "m", cursor, [], late_s=60, limit=4)
+    assert names(late.outcomes) == ["b6x"]
+    again = read_new(store, "production", "m", late.cursor, [], late_s=60, limit=4)
+    assert again.outcomes == []
 
 
 def test_an_empty_first_pass_reads_everything_that_comes_after(store: MetadataStore) -> None:
@@ -203,3 +216,23 @@ def test_an_empty_first_pass_reads_everything_that_comes_after(store: MetadataSt
         got += names(new.logged)
         cursor = new.cursor
     assert got == [f"r{i}" for i in range(7)]  # not just the newest backfill
+
+
+def test_a_late_row_inside_the_group_at_the_mark_is_read_once(store: MetadataStore) -> None:
+    log(store, ("m1", 5), ("m3", 5))
+    first = read_new(store, "production", "m", None, [], late_s=60)
+    assert first.cursor["logged"]["mark"][1] == pid("m3")
+    # Same time as the mark, an id below it: behind the mark, so only the re-check finds it;
+    # one above it is after the mark.
+    log(store, ("m2", 5), ("m4", 5))
+    second = read_new(store, "production", "m", first.cursor, [], late_s=60)
+    assert names(second.logged) == ["m2", "m4"]
+    third = read_new(store, "production", "m", second.cursor, [], late_s=60)
+    assert third.logged == []
+
+
+def test_the_cursor_holds_digests_not_ids(store: MetadataStore) -> None:
+    log(store, *((f"{i:032d}", i / 10) for i in range(300)))  # 32-character ids
+    new = read_new(store, "production", "m", None, [], late_s=120)
+    assert seen_count(new.cursor["logged"]) == 300
+    assert len(json.dumps(new.cursor["logged"])) < 300 * 11 + 200  # 8 bytes of base64 each

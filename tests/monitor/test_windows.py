@@ -11,7 +11,7 @@ import pytest
 from loopline.monitor.config import AlertRule, MonitorConfig
 from loopline.monitor.stream import NewRows
 from loopline.monitor.types import GLOBAL, Logged, Outcome
-from loopline.monitor.windows import DEFAULT_MAX_AGE_S, MIN_COUNT, Windows, sizes_for
+from loopline.monitor.windows import DEFAULT_MAX_AGE_S, MIN_COUNT, Windows, detail_for, sizes_for
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -141,3 +141,33 @@ def test_sizes_for_the_rules() -> None:
         AlertRule(name="c", metric="cusum", threshold=9.0),
     ])  # fmt: skip
     assert sizes_for(timed) == (MIN_COUNT, 1800.0)
+
+
+def test_only_the_newest_drift_windows_keep_probabilities_in_the_state() -> None:
+    w = Windows(max_count=6, max_age_s=3600, detail_count=2)
+    add(w, [], [logged(i, i, camera_id=f"c{i % 2}") for i in range(8)])
+    state = json.loads(json.dumps(w.to_state()))
+    back = Windows.from_state(state, 6, 3600, detail_count=2)
+    # Newest two per scope: p6, p7 (global), p5, p7 (c1), p4, p6 (c0).
+    kept = [lg.prediction_id for lg in view(back, 9).logged(GLOBAL) if lg.probabilities]
+    assert kept == ["p4", "p5", "p6", "p7"]
+    assert all(lg.input_stats is None for lg in view(back, 9).logged(GLOBAL, count=6)[:2])
+    # Predicted label and confidence stay for every sample (estimates, prediction drift).
+    assert [lg.confidence for lg in view(back, 9).logged(GLOBAL)] == [0.812346] * 6
+    assert [lg.predicted for lg in view(back, 9).logged("camera_id=c0")] == ["car"] * 4
+    assert view(back, 9).logged("camera_id=c0")[0].segments == {"camera_id": "c0"}
+    none = Windows(max_count=6, max_age_s=3600, detail_count=0)
+    add(none, [], [logged(1, 1)])
+    assert all(len(row) == 5 for row in none.to_state()["versions"]["1"]["logged"])
+
+
+def test_detail_for_is_twice_the_largest_window_of_a_rule_reading_details() -> None:
+    assert detail_for(MonitorConfig()) == 50  # default drift windows of 25
+    rule = {"metric": "accuracy", "threshold": 0.4}
+    assert detail_for(MonitorConfig(rules=[AlertRule(name="a", window=900, **rule)])) == 0
+    rules = [
+        AlertRule(name="p", metric="drift.predictions", threshold=0.0, window=1000),
+        AlertRule(name="s", metric="drift.softmax", threshold=0.0, window_s=600),
+        AlertRule(name="i", metric="drift.inputs", threshold=0.0, window=60),
+    ]
+    assert detail_for(MonitorConfig(rules=rules)) == 400  # a time window reads 200 at most

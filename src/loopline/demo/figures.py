@@ -71,6 +71,7 @@ def delay(samples: Sequence[Sample], onset: float, event: Event | None) -> dict[
         "rule": event.data.get("rule"),
         "metric": event.data.get("metric"),
         "alert_id": event.data.get("alert_id"),
+        "version": event.data.get("version"),
     }
 
 

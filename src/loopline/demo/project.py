@@ -100,7 +100,7 @@ environments:
   production:
     port: {port}
     token: ${{{TOKEN_VAR}}}    # feedback needs it; `loopline demo` sets it
-    serve: {{workers: 1}}
+    serve: {{workers: 1, flush_interval_s: 0.25}}   # the monitor sees predictions sooner
     reconcile_interval_s: 0.5
     canary: {{share: 0.1, min_requests: {s.canary_min_requests}, min_labels: {s.canary_min_labels},
              max_p95_ms: 1000}}

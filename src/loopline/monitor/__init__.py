@@ -19,6 +19,9 @@ Modules (each small, each a library API the CLI and the demo call):
 - ``prometheus``: the equivalent Prometheus alerting rules; ``exposition``: the monitor's own
   metrics for Prometheus to scrape.
 - ``loop``: the actions (retrain, notify, approve) as a resumable state machine.
+- ``notices``: which alert and loop transitions still need telling (from stored events);
+  ``actions``: sending them, starting loops; ``resolutions``: retiring alerts of versions
+  that stopped serving and expiring alerts of scopes that went quiet.
 - ``passes``: one monitoring pass (``run_pass``); ``service``: the scheduler ``run``
   (``loopline monitor``), loop advancing and the alert report (``loopline alerts show``).
 """

@@ -14,8 +14,13 @@ new observation (``new_outcomes``, in label-arrival order).
 
 Versions have windows of their own, so a new version taking the traffic starts empty;
 ``keep_versions`` forgets versions no longer watched. ``to_state``/``from_state`` carry the
-windows between passes as compact JSON (each sample once per version, times as integer
-microseconds, floats rounded).
+windows between passes as compact JSON, rewritten every pass, so it holds only what the
+rules read: each sample once per version, times as integer microseconds (each row's
+``at`` after the previous row's, a label's time after its prediction's), variant and
+segment values as an index into a table, floats rounded; and a logged sample's
+probabilities and input statistics only while it is among the newest ``detail_count`` of
+one of its scopes (the drift windows, ``detail_for``); confidence and predicted label stay
+for every sample.
 """
 
 from __future__ import annotations
@@ -23,9 +28,10 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from loopline.monitor.stream import from_us, to_us
 from loopline.monitor.types import GLOBAL, Logged, Outcome, scope_name
 
 if TYPE_CHECKING:
@@ -35,11 +41,10 @@ if TYPE_CHECKING:
     from loopline.monitor.stream import NewRows
     from loopline.monitor.types import VersionView
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 MIN_COUNT = 500
 DEFAULT_MAX_AGE_S = 7 * 86400.0  # when some window is a count: keep a week of samples
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_US = timedelta(microseconds=1)
+DETAIL_METRICS = ("drift.inputs", "drift.softmax")  # the rules that read probabilities/stats
 
 S = TypeVar("S", Outcome, Logged)
 
@@ -96,9 +101,10 @@ def _in_scope(sample: Outcome | Logged, scope: str) -> bool:
 class Windows:
     """Bounded windows per (version, scope) of one (environment, model)."""
 
-    def __init__(self, max_count: int, max_age_s: float) -> None:
+    def __init__(self, max_count: int, max_age_s: float, detail_count: int | None = None) -> None:
         self.max_count = max_count
         self.max_age_s = max_age_s
+        self.detail_count = max_count if detail_count is None else detail_count
         self._labelled: dict[int, dict[str, _Series[Outcome]]] = {}
         self._logged: dict[int, dict[str, _Series[Logged]]] = {}
         self._new_outcomes: dict[int, list[Outcome]] = {}
@@ -166,26 +172,33 @@ class Windows:
         """The windows as compact JSON (the ``new_*`` rows are not kept)."""
         versions: dict[str, Any] = {}
         for v in self.versions():
-            outcomes = _union(self._labelled.get(v, {}))
-            logged = _union(self._logged.get(v, {}))
-            versions[str(v)] = {
-                "labelled": [_pack_outcome(o) for o in outcomes],
-                "logged": [_pack_logged(lg) for lg in logged],
-            }
+            logged = self._logged.get(v, {})
+            detailed = {
+                lg.prediction_id
+                for series in logged.values()
+                for lg in series.newest(self.detail_count, None)
+            } if self.detail_count > 0 else set()  # fmt: skip
+            versions[str(v)] = _pack(_union(self._labelled.get(v, {})), _union(logged), detailed)
         return {"v": STATE_VERSION, "versions": versions}
 
     @classmethod
-    def from_state(cls, d: dict[str, Any] | None, max_count: int, max_age_s: float) -> Windows:
+    def from_state(
+        cls,
+        d: dict[str, Any] | None,
+        max_count: int,
+        max_age_s: float,
+        detail_count: int | None = None,
+    ) -> Windows:
         """Windows from ``to_state`` (empty for None or another state version)."""
-        w = cls(max_count, max_age_s)
+        w = cls(max_count, max_age_s, detail_count)
         if not d or d.get("v") != STATE_VERSION:
             return w
         for v, packed in (d.get("versions") or {}).items():
-            version = int(v)
-            for row in packed.get("labelled", []):
-                w._put(w._labelled, _unpack_outcome(row, version))
-            for row in packed.get("logged", []):
-                w._put(w._logged, _unpack_logged(row, version))
+            outcomes, logged = _unpack(packed, int(v))
+            for o in outcomes:
+                w._put(w._labelled, o)
+            for lg in logged:
+                w._put(w._logged, lg)
         return w
 
 
@@ -260,6 +273,17 @@ def sizes_for(config: MonitorConfig) -> tuple[int, float]:
     return max(counts), max_age
 
 
+def detail_for(config: MonitorConfig) -> int:
+    """How many newest logged samples per (version, scope) keep their probabilities and
+    input statistics: twice the largest window of a rule that reads them
+    (``DETAIL_METRICS``), 0 when no rule does."""
+    from loopline.monitor.drift import DEFAULT_WINDOW  # drift imports this module
+
+    counts = [rule.window or DEFAULT_WINDOW for rule in config.rules
+              if rule.metric in DETAIL_METRICS]  # fmt: skip
+    return 2 * max(counts, default=0)
+
+
 def _union(by_scope: dict[str, _Series[S]]) -> list[S]:
     out: dict[str, S] = {}
     for series in by_scope.values():
@@ -267,26 +291,65 @@ def _union(by_scope: dict[str, _Series[S]]) -> list[S]:
     return sorted(out.values(), key=lambda s: (s.at, s.prediction_id))
 
 
-def _us(t: datetime) -> int:
-    return (t - _EPOCH) // _US
+class _Table:
+    """The distinct (variant, segments) of one version's samples, each stored once; a row
+    holds its index."""
+
+    def __init__(self) -> None:
+        self.rows: list[list[Any]] = []
+        self._index: dict[tuple[Any, ...], int] = {}
+
+    def index(self, sample: Outcome | Logged) -> int:
+        key = (sample.variant, *sorted(sample.segments.items()))
+        if key not in self._index:
+            self._index[key] = len(self.rows)
+            self.rows.append([sample.variant, dict(sample.segments)])
+        return self._index[key]
 
 
-def _time(us: int) -> datetime:
-    return _EPOCH + us * _US
+def _pack(outcomes: list[Outcome], logged: list[Logged], detailed: set[str]) -> dict[str, Any]:
+    """One version's samples (each list by ``at``): times as the step from the previous
+    row's, a label's time from its prediction's; details for ``detailed`` ids only."""
+    table = _Table()
+    labelled_rows, logged_rows = [], []
+    previous = 0
+    for o in outcomes:
+        at = to_us(o.at)
+        label_after = to_us(o.labelled_at) - at
+        labelled_rows.append([o.prediction_id, at - previous, label_after, o.predicted,
+                              o.actual, round(o.confidence, 6), table.index(o)])  # fmt: skip
+        previous = at
+    previous = 0
+    for lg in logged:
+        at = to_us(lg.at)
+        row = [lg.prediction_id, at - previous, lg.predicted, round(lg.confidence, 6),
+               table.index(lg)]  # fmt: skip
+        logged_rows.append(row + _details(lg) if lg.prediction_id in detailed else row)
+        previous = at
+    return {"context": table.rows, "labelled": labelled_rows, "logged": logged_rows}
 
 
-def _pack_outcome(o: Outcome) -> list[Any]:
-    return [o.prediction_id, _us(o.at), _us(o.labelled_at), o.predicted, o.actual,
-            round(o.confidence, 6), o.variant, o.segments]  # fmt: skip
+def _unpack(packed: dict[str, Any], version: int) -> tuple[list[Outcome], list[Logged]]:
+    context = [(variant, dict(segments)) for variant, segments in packed["context"]]
+    outcomes, logged = [], []
+    at = 0
+    for pid, step, label_after, predicted, actual, conf, ctx in packed["labelled"]:
+        at += step
+        variant, segments = context[ctx]
+        outcomes.append(Outcome(pid, from_us(at), from_us(at + label_after), version, variant,
+                                predicted, actual, float(conf), segments))  # fmt: skip
+    at = 0
+    for row in packed["logged"]:
+        pid, step, predicted, conf, ctx = row[:5]
+        probs, stats = row[5:7] if len(row) > 5 else (None, None)
+        at += step
+        variant, segments = context[ctx]
+        logged.append(Logged(pid, from_us(at), version, variant, predicted, float(conf), probs,
+                             stats, segments))  # fmt: skip
+    return outcomes, logged
 
 
-def _unpack_outcome(row: list[Any], version: int) -> Outcome:
-    pid, at, labelled_at, predicted, actual, confidence, variant, segments = row
-    return Outcome(pid, _time(at), _time(labelled_at), version, variant, predicted, actual,
-                   float(confidence), dict(segments or {}))  # fmt: skip
-
-
-def _pack_logged(lg: Logged) -> list[Any]:
+def _details(lg: Logged) -> list[Any]:
     probs = None if lg.probabilities is None else [
         None if p is None else round(float(p), 5) for p in lg.probabilities
     ]  # fmt: skip
@@ -294,11 +357,4 @@ def _pack_logged(lg: Logged) -> list[Any]:
         k: round(float(v), 5) for k, v in lg.input_stats.items()
         if isinstance(v, int | float) and not isinstance(v, bool)
     }  # fmt: skip
-    return [lg.prediction_id, _us(lg.at), lg.predicted, round(lg.confidence, 6), lg.variant,
-            lg.segments, probs, stats]  # fmt: skip
-
-
-def _unpack_logged(row: list[Any], version: int) -> Logged:
-    pid, at, predicted, confidence, variant, segments, probs, stats = row
-    return Logged(pid, _time(at), version, variant, predicted, float(confidence), probs, stats,
-                  dict(segments or {}))  # fmt: skip
+    return [probs, stats]
