@@ -227,7 +227,9 @@ def _environment(ctx: _Pass, dep: DeploymentState) -> None:
     serving = serving_versions(dep)
     generation, state = ctx.store.monitor_state.get(key)
     max_count, max_age_s = windows.sizes_for(monitor)
-    win = windows.Windows.from_state(state.get("windows") or {}, max_count, max_age_s)
+    win = windows.Windows.from_state(
+        state.get("windows") or {}, max_count, max_age_s, windows.detail_for(monitor)
+    )
     win.keep_versions(serving)  # a version that serves again starts afresh
     new = _read_new(ctx, env, model, state.get("cursor"))
     new = dataclasses.replace(

@@ -40,8 +40,8 @@ if TYPE_CHECKING:
 CURSOR_VERSION = 2
 MAX_SEEN = 20_000
 BACKFILL = 10_000  # newest rows a first pass reads: windows of 500 for 20 segment values
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-US = timedelta(microseconds=1)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_US = timedelta(microseconds=1)
 _DIGEST = 8
 
 Key = tuple[datetime, str]  # (time, id): the order both streams are read in
@@ -75,8 +75,9 @@ def read_new(
 
     The first call (``cursor`` None, or one of another format) reads the newest
     ``backfill`` rows of each stream (default ``BACKFILL``, at most ``limit``), not the
-    whole log. ``segments`` names the segment columns each row carries: ``camera_id``
-    from its column, any other from ``request_metadata``.
+    whole log; one that finds nothing marks the epoch, so what comes later is read
+    whole. ``segments`` names the segment columns each row carries: ``camera_id`` from
+    its column, any other from ``request_metadata``.
     """
     cursor = cursor if cursor and cursor.get("v") == CURSOR_VERSION else {}
     metadata = any(s != "camera_id" for s in segments)
@@ -155,7 +156,7 @@ def _advance(
         fresh = sorted([*late_rows, *rows], key=key)
         known.update((key(r), None) for r in late_rows)
     known.update((key(r), None) for r in rows)
-    new_mark = max((key(r) for r in rows), default=mark or (EPOCH, ""))
+    new_mark = max((key(r) for r in rows), default=mark or (_EPOCH, ""))
     lowest = (new_mark[0] - late, "")
     cut = max(lowest, floor or lowest)
     recent = sorted((k for k in known if k > cut), reverse=True)
@@ -215,12 +216,12 @@ def as_utc(value: datetime) -> datetime:
 
 def to_us(value: datetime) -> int:
     """Integer microseconds since the epoch (exact; compact in JSON)."""
-    return (as_utc(value) - EPOCH) // US
+    return (as_utc(value) - _EPOCH) // _US
 
 
 def from_us(us: int) -> datetime:
     """The aware UTC time of ``to_us``."""
-    return EPOCH + us * US
+    return _EPOCH + us * _US
 
 
 def _digest(k: Key) -> bytes:

@@ -330,16 +330,16 @@ def _pack(outcomes: list[Outcome], logged: list[Logged], detailed: set[str]) -> 
 
 
 def _unpack(packed: dict[str, Any], version: int) -> tuple[list[Outcome], list[Logged]]:
-    context = [(variant, dict(segments)) for variant, segments in packed["context"]]
+    context = [(variant, dict(segments)) for variant, segments in packed.get("context", [])]
     outcomes, logged = [], []
     at = 0
-    for pid, step, label_after, predicted, actual, conf, ctx in packed["labelled"]:
+    for pid, step, label_after, predicted, actual, conf, ctx in packed.get("labelled", []):
         at += step
         variant, segments = context[ctx]
         outcomes.append(Outcome(pid, from_us(at), from_us(at + label_after), version, variant,
                                 predicted, actual, float(conf), segments))  # fmt: skip
     at = 0
-    for row in packed["logged"]:
+    for row in packed.get("logged", []):
         pid, step, predicted, conf, ctx = row[:5]
         probs, stats = row[5:7] if len(row) > 5 else (None, None)
         at += step

@@ -198,13 +198,13 @@ class PredictionRepository:
 
     # Incremental reads for Monitor (``loopline.monitor.stream``). Core selects of the
     # columns a pass needs, never ORM objects, each on an index: feedback by
-    # ``updated_at`` (ix_feedback_updated_at), predictions by environment and ``at``
-    # (ix_predictions_env_at). Only routed answers: shadow and addressed ones are left out.
+    # ``updated_at`` (ix_feedback_updated_at), predictions by ``at`` (ix_predictions_at or
+    # ix_predictions_env_at). Only routed answers: shadow and addressed ones are left out.
     # Pages go by the key ``(time, id)`` (keyset pagination): ``after`` is the last key
     # read, so a page cut inside a group of equal times resumes exactly where it stopped.
-    # The index gives the time order and the id order within one time is a sort of that
-    # group only (PostgreSQL: incremental sort); ids compare bytewise (``COLLATE "C"`` on
-    # PostgreSQL, SQLite's own), which is also Python's order of ``str``.
+    # The time index bounds the scan (``time >= t``) and gives the time order; the ids of
+    # one time are sorted as a group (PostgreSQL: an incremental sort, no new index). Ids
+    # compare bytewise (``COLLATE "C"`` on PostgreSQL, SQLite's own), Python's ``str`` order.
 
     def labelled_rows(
         self,
