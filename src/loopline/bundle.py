@@ -8,7 +8,7 @@ A bundle is a deterministic tar archive holding::
     preprocess.json     how to turn an image into the input tensor (see ``PreprocessSpec``)
     metadata.json       lineage and metrics of the build that produced it
     monitoring.json     (optional) what Monitor compares production with: validation
-                        accuracy, calibration, reference distributions (``loopline.monitor.reference``)
+                        accuracy, calibration, reference distributions
     Dockerfile, requirements-serve.txt, loopline/   build context of a torch-free serving image
     MANIFEST.json       sha256 of every other file
 

@@ -4,8 +4,8 @@ is on PATH, by promtool (check and unit tests of the rules' behaviour)."""
 
 from __future__ import annotations
 
-import re
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path

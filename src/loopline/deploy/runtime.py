@@ -166,7 +166,8 @@ _STOP = object()
 
 class InputStats(dict[str, Any]):
     """One image's input statistics for the prediction log (brightness, contrast, mean_rgb,
-    sharpness, saturation, dark_share, bytes), filled in by the batcher thread just after the image's answer is delivered.
+    sharpness, saturation, dark_share, bytes), filled in by the batcher thread just after
+    the image's answer is delivered.
 
     A row may hold it at once; whoever reads it first calls ``wait`` (the prediction log
     does, before it writes a row).
