@@ -157,7 +157,7 @@ def default_rules() -> list[AlertRule]:
             name="accuracy-collapse",
             metric="cusum",
             op=">",
-            threshold=9.2,
+            threshold=12.0,
             min_samples=1,
             severity="warning",
             action="notify",

@@ -3,7 +3,8 @@
 Each label adds the log-likelihood ratio of "accuracy p1" against "accuracy p0" to the
 statistic, floored at 0: ``log((1-p1)/(1-p0))`` for a wrong prediction (≈ +1.79 for
 p0 = 0.90, p1 = 0.40) and ``log(p1/p0)`` for a right one (≈ -0.81). It crosses ``h``
-(9.2 there: a false alarm every ~55,000 labels at 0.90, detection in ~11 labels at 0.35)
+(9.2 there: a false alarm every ~55,000 labels at 0.90, detection in ~11 labels at 0.35;
+the default rule uses 12: one every ~850,000, detection in ~14)
 within a couple of dozen labels of a collapse, long before a window of 50 can say so.
 
 p0 is the version's own accuracy: its reference (validation) accuracy, else the accuracy
