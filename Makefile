@@ -47,4 +47,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/predict_bench.py
 
 clean:
-	rm -rf .loopline lake .pytest_cache
+	rm -rf .loopline lake loopline-demo .pytest_cache

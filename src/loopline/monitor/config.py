@@ -167,7 +167,7 @@ def default_rules() -> list[AlertRule]:
             name="estimated-accuracy-low",
             metric="estimated_accuracy",
             op="<",
-            threshold=0.60,
+            threshold=0.50,
             window=50,
             min_samples=30,
             severity="warning",
