@@ -269,18 +269,19 @@ class ChannelConfig(_Section):
 class DriftConfig(_Section):
     """How drift is tested: against the reference distributions stored with the version.
 
-    A column drifts when its test is significant after Benjamini-Hochberg correction
-    across columns and segments (``alpha``), its effect is above the floor (KS D, or
-    Cramér's V / PSI for the predicted classes), and that held in ``persistence``
-    consecutive windows, so large samples do not alarm on trivia.
+    On every pass the newest ``persistence`` adjacent windows of a rule's ``window`` are
+    tested; a column drifts when, in each of them, its test is significant after
+    Benjamini-Hochberg correction across columns and segments (``alpha``) and its effect is
+    above the floor (KS D, or PSI for the predicted classes), so large samples do not alarm
+    on trivia and one odd window does not either.
     """
 
-    # 25-prediction windows, two in a row: a shift shows within 50 predictions, and at
-    # alpha 0.001 a stable stream raises about one false warning per million windows.
+    # Two windows of 25: a shift shows within 50 predictions, and at alpha 0.001 a stable
+    # stream flags a column in both about once in a million passes.
     alpha: float = Field(0.001, gt=0.0, lt=1.0)
     ks_min_effect: float = Field(0.1, ge=0.0, le=1.0, description="KS D floor")
     psi_min: float = Field(0.1, ge=0.0, description="PSI floor for predicted classes")
-    persistence: int = Field(2, ge=1, description="consecutive drifting windows to warn")
+    persistence: int = Field(2, ge=1, description="adjacent windows (the newest) that must all drift to warn")
     input_stats: list[str] = [
         "brightness",
         "contrast",

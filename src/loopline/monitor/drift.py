@@ -7,19 +7,28 @@
 - ``drift.softmax``: two-sample KS per softmax column ("Failing Loudly", Rabanser et al.
   2019); the effect is KS D.
 
-Large samples make trivial shifts significant, so a column drifts only when its p-value
-is under ``alpha`` after Benjamini-Hochberg correction across columns (and segments), its
-effect is at least the floor, and both held in ``persistence`` consecutive disjoint
-windows. A window is tested once all its rows are newer than the last tested window's,
-i.e. once ``rule.window`` new predictions arrived (or ``window_s`` passed); between tests
-a scope reports its last result. The value is the largest effect among drifting columns,
-0.0 when none drifts, so a rule ``drift.* > 0`` fires.
+Every evaluation (every pass) takes the newest ``persistence × window`` logged predictions
+of a scope and splits them into ``persistence`` adjacent disjoint windows of ``window``,
+oldest first (a rule with ``window_s`` instead: ``persistence`` adjacent slices of
+``window_s`` seconds ending now, each holding at least ``min_samples``). Nothing is carried
+between passes. Until the scope has that many predictions the value is None (no-data).
+
+Large samples make trivial shifts significant, so a column drifts only when, in EVERY one
+of those windows, its p-value is under ``alpha`` after Benjamini-Hochberg correction and
+its effect is at least the floor. The correction is per window, across the columns and
+scopes of that window: requiring every window is an intersection-union test, which needs
+no correction across windows, and with the defaults (alpha 0.001, two windows of 25) a
+stable stream flags a given column in both windows with probability about
+``(alpha / columns)² × columns`` per evaluation, under 1e-6. The value is, over the
+drifting columns, the largest of each column's smallest per-window effect; 0.0 when none
+drifts, so a rule ``drift.* > 0`` fires.
 """
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -33,6 +42,7 @@ from loopline.monitor.windows import rule_scopes
 
 METRICS = ("drift.predictions", "drift.inputs", "drift.softmax")
 DEFAULT_WINDOW = 200  # a rule with neither window nor window_s
+CORRECTION = "benjamini-hochberg per window, across columns and scopes"
 _RGB = {"mean_r": 0, "mean_g": 1, "mean_b": 2}  # the server logs these as mean_rgb
 
 
@@ -141,22 +151,28 @@ def column_tests(
     raise ConfigError(f"unknown drift metric {metric!r}; use one of {', '.join(METRICS)}")
 
 
-def _key(row: Logged) -> tuple[datetime, str]:
-    return row.at, row.prediction_id
-
-
-def _stored_key(scope_state: dict[str, Any]) -> tuple[datetime, str] | None:
-    last = scope_state.get("last")
-    return (datetime.fromisoformat(last[0]), last[1]) if last else None
-
-
-def _ready(rows: list[Logged], rule: AlertRule, count: int, last: Any) -> bool:
-    """A full window whose every row is newer than the last tested window's."""
-    if len(rows) < rule.min_samples:
-        return False
-    if rule.window_s is None and len(rows) < count:
-        return False
-    return last is None or min(_key(r) for r in rows) > last
+def split_windows(
+    rule: AlertRule, view: VersionView, scope: str, persistence: int
+) -> tuple[list[list[Logged]], int]:
+    """The ``persistence`` adjacent windows a scope is tested on now, oldest first, and
+    how many logged predictions were seen; no windows until every one is full."""
+    count = rule.window or DEFAULT_WINDOW
+    if rule.window_s is None:
+        rows = view.logged(scope, count=persistence * count)
+        if len(rows) < persistence * count:
+            return [], len(rows)
+        return [rows[i * count : (i + 1) * count] for i in range(persistence)], len(rows)
+    # Slices (start + k·window_s, start + (k+1)·window_s], the newest ending now.
+    start = view.now - timedelta(seconds=persistence * rule.window_s)
+    edges = [start + timedelta(seconds=k * rule.window_s) for k in range(1, persistence)]
+    rows = [r for r in view.logged(scope, seconds=persistence * rule.window_s) if r.at > start]
+    slices: list[list[Logged]] = [[] for _ in range(persistence)]
+    for row in rows:
+        slices[bisect.bisect_left(edges, row.at)].append(row)
+    slices = [s[-count:] for s in slices]
+    if any(len(s) < rule.min_samples for s in slices):
+        return [], len(rows)
+    return slices, len(rows)
 
 
 def _adjust(family: list[tuple[str, str, float]]) -> dict[tuple[str, str], float]:
@@ -169,39 +185,41 @@ def _adjust(family: list[tuple[str, str, float]]) -> dict[tuple[str, str], float
     return {(s, c): float(a) for (s, c, _), a in zip(family, adjusted, strict=True)}
 
 
+Tested = tuple[list[list[Logged]], list[dict[str, ColumnTest]]]
+
+
 def measure(
     rule: AlertRule, view: VersionView, state: dict[str, Any], config: MonitorConfig
 ) -> list[Measurement]:
     """The drift measurements of ``rule`` per scope (see the module docstring)."""
     if rule.metric not in METRICS:
         raise ConfigError(f"unknown drift metric {rule.metric!r}; use one of {', '.join(METRICS)}")
+    state.pop("scopes", None)  # the persistence counters of earlier releases: not needed
     scopes = rule_scopes(rule, view, config)
     reference = view.reference
-    count = rule.window or DEFAULT_WINDOW
-    stored: dict[str, dict[str, Any]] = state.setdefault("scopes", {})
-    fresh: dict[str, tuple[list[Logged], list[ColumnTest]]] = {}
-    sizes: dict[str, int] = {}
+    persistence = config.drift.persistence
+    seen: dict[str, int] = {}
+    tested: dict[str, Tested] = {}
     if reference is not None:
         for scope in scopes:
-            rows = view.logged(scope, count=count, seconds=rule.window_s)
-            sizes[scope] = len(rows)
-            if _ready(rows, rule, count, _stored_key(stored.get(scope, {}))):
-                tests = column_tests(rule.metric, rows, reference, config, rule.min_samples)
-                if tests:
-                    fresh[scope] = (rows, tests)
-    # One family for the correction: this pass's tests, and the latest of every other
-    # scope measured now (its window was tested on an earlier pass).
-    family = [(s, t.column, t.p) for s, (_, tests) in fresh.items() for t in tests]
-    for scope in scopes:
-        if scope not in fresh:
-            family += [(scope, c, p) for c, p in stored.get(scope, {}).get("p", {}).items()]
-    adjusted = _adjust(family)
+            windows, seen[scope] = split_windows(rule, view, scope, persistence)
+            if windows:
+                tests = [column_tests(rule.metric, w, reference, config, rule.min_samples)
+                         for w in windows]  # fmt: skip
+                tested[scope] = (windows, [{t.column: t for t in ts} for ts in tests])
+    adjusted = [
+        _adjust([(s, c, t.p) for s, (_, per) in tested.items() for c, t in per[i].items()])
+        for i in range(persistence)
+    ]
     out = []
     for scope in scopes:
-        if scope in fresh:
-            rows, tests = fresh[scope]
-            stored[scope] = _evaluate(rule, config.drift, scope, rows, tests, adjusted, stored)
-        value, samples, evidence = _result(rule, reference, stored.get(scope), sizes, scope)
+        if reference is None:
+            value, samples, evidence = None, 0, {"reason": NO_REFERENCE}
+        elif scope in tested:
+            value, samples, evidence = _evaluate(rule, config.drift, scope, tested[scope], adjusted)
+        else:
+            n = seen.get(scope, 0)
+            value, samples, evidence = None, n, _waiting(rule, persistence, n)
         out.append(
             Measurement(
                 metric=rule.metric,
@@ -215,77 +233,82 @@ def measure(
                 evidence=evidence,
             )
         )
-        if scope in fresh:
-            stored[scope]["evidence"]["evaluated"] = False  # what a later pass re-reports
     return out
+
+
+def _waiting(rule: AlertRule, persistence: int, seen: int) -> dict[str, Any]:
+    if seen < rule.min_samples:
+        return {"reason": f"{seen} logged predictions, fewer than {rule.min_samples}"}
+    if rule.window_s is None:
+        need = f"{persistence} windows of {rule.window or DEFAULT_WINDOW} predictions"
+    else:
+        need = (
+            f"{persistence} slices of {rule.window_s:g} s with {rule.min_samples} predictions each"
+        )
+    return {"reason": f"waiting for {need} ({seen} logged)"}
+
+
+def _rounded(t: ColumnTest | None, p_adj: float | None) -> dict[str, Any]:
+    if t is None or p_adj is None:
+        return {"statistic": None, "p": None, "p_adjusted": None, "effect": None, "samples": None}
+    return {
+        "statistic": round(t.statistic, 6),
+        "p": float(f"{t.p:.4g}"),
+        "p_adjusted": float(f"{p_adj:.4g}"),
+        "effect": round(t.effect, 4),
+        "samples": t.samples,
+        **(t.extra or {}),
+    }
 
 
 def _evaluate(
     rule: AlertRule,
     drift: DriftConfig,
     scope: str,
-    rows: list[Logged],
-    tests: list[ColumnTest],
-    adjusted: dict[tuple[str, str], float],
-    stored: dict[str, dict[str, Any]],
-) -> dict[str, Any]:
-    """Apply one tested window to a scope's persistence counters; its new state."""
-    previous = stored.get(scope, {}).get("streak", {})
+    tested: Tested,
+    adjusted: list[dict[tuple[str, str], float]],
+) -> tuple[float | None, int, dict[str, Any]]:
+    """One scope's value and evidence from its windows' tests."""
+    windows, per_window = tested
     floor = drift.psi_min if rule.metric == "drift.predictions" else drift.ks_min_effect
-    streak: dict[str, int] = {}
+    names = sorted({c for tests in per_window for c in tests})
     columns: dict[str, Any] = {}
     value = 0.0
-    for t in tests:
-        p_adj = adjusted[(scope, t.column)]
-        drifting = p_adj < drift.alpha and t.effect >= floor
-        streak[t.column] = previous.get(t.column, 0) + 1 if drifting else 0
-        persistent = streak[t.column] >= drift.persistence
-        if persistent:
-            value = max(value, t.effect)
-        columns[t.column] = {
-            "statistic": round(t.statistic, 6),
-            "p": float(f"{t.p:.4g}"),
-            "p_adjusted": float(f"{p_adj:.4g}"),
-            "effect": round(t.effect, 4),
-            "samples": t.samples,
+    complete = 0
+    for name in names:
+        tests = [tests.get(name) for tests in per_window]
+        p_adj = [None if t is None else adjusted[i][(scope, name)] for i, t in enumerate(tests)]
+        flagged = [
+            t is not None and p is not None and p < drift.alpha and t.effect >= floor
+            for t, p in zip(tests, p_adj, strict=True)
+        ]
+        drifting = all(flagged)
+        complete += all(t is not None for t in tests)
+        if drifting:
+            value = max(value, min(t.effect for t in tests if t is not None))
+        cells = [_rounded(t, p) for t, p in zip(tests, p_adj, strict=True)]
+        keys = dict.fromkeys(k for c in cells for k in c)  # per window, oldest first
+        columns[name] = {
+            **{k: [c.get(k) for c in cells] for k in keys},
+            "flagged": flagged,
             "drifting": drifting,
-            "persistent": streak[t.column],
-            **(t.extra or {}),
         }
-    newest = max(rows, key=_key)
-    return {
-        "last": [newest.at.isoformat(), newest.prediction_id],
-        "streak": streak,
-        "p": {t.column: t.p for t in tests},
-        "value": value,
-        "samples": len(rows),
-        "evidence": {
-            "evaluated": True,
-            "window_end": newest.at.isoformat(),
-            "effect": "psi" if rule.metric == "drift.predictions" else "ks_d",
-            "floor": floor,
-            "alpha": drift.alpha,
-            "persistence": drift.persistence,
-            "drifting": sorted(
-                c for c, e in columns.items() if e["persistent"] >= drift.persistence
-            ),
-            "columns": columns,
-        },
+    samples = sum(len(w) for w in windows)
+    evidence: dict[str, Any] = {
+        "effect": "psi" if rule.metric == "drift.predictions" else "ks_d",
+        "floor": floor,
+        "alpha": drift.alpha,
+        "correction": CORRECTION,
+        "persistence": drift.persistence,
+        "windows": [
+            {"from": w[0].at.isoformat(), "to": w[-1].at.isoformat(), "samples": len(w)}
+            for w in windows
+        ],
+        "window_end": windows[-1][-1].at.isoformat(),
+        "drifting": sorted(c for c, e in columns.items() if e["drifting"]),
+        "columns": columns,
     }
-
-
-def _result(
-    rule: AlertRule,
-    reference: Reference | None,
-    scope_state: dict[str, Any] | None,
-    sizes: dict[str, int],
-    scope: str,
-) -> tuple[float | None, int, dict[str, Any]]:
-    if reference is None:
-        return None, 0, {"reason": NO_REFERENCE}
-    seen = sizes.get(scope, 0)
-    if seen < rule.min_samples:  # too few predictions now: no-data, whatever was tested
-        return None, seen, {"reason": f"{seen} logged predictions, fewer than {rule.min_samples}"}
-    if scope_state is None or "value" not in scope_state:
-        return None, seen, {"reason": "waiting for a first full window to test"}
-    return float(scope_state["value"]), int(scope_state["samples"]), dict(scope_state["evidence"])
+    if not complete:  # no column could be tested in every window: nothing to judge
+        evidence["reason"] = "no column tested in every window (reference or rows lack it)"
+        return None, samples, evidence
+    return value, samples, evidence

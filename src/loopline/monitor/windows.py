@@ -275,13 +275,13 @@ def sizes_for(config: MonitorConfig) -> tuple[int, float]:
 
 def detail_for(config: MonitorConfig) -> int:
     """How many newest logged samples per (version, scope) keep their probabilities and
-    input statistics: twice the largest window of a rule that reads them
-    (``DETAIL_METRICS``), 0 when no rule does."""
+    input statistics: what the rules that read them (``DETAIL_METRICS``) test, the newest
+    ``drift.persistence`` adjacent windows (at least two), 0 when no rule reads them."""
     from loopline.monitor.drift import DEFAULT_WINDOW  # drift imports this module
 
     counts = [rule.window or DEFAULT_WINDOW for rule in config.rules
               if rule.metric in DETAIL_METRICS]  # fmt: skip
-    return 2 * max(counts, default=0)
+    return max(2, config.drift.persistence) * max(counts, default=0)
 
 
 def _union(by_scope: dict[str, _Series[S]]) -> list[S]:
