@@ -160,7 +160,7 @@ def projects(
 def test_a_worse_candidate_is_rejected_by_the_gate_and_production_keeps_the_incumbent(
     projects: Callable[..., LoopProject],
 ) -> None:
-    from loopline.builder.scoring import score_bundle
+    from loopline.builder.evaluate_registered import score_bundle
 
     # The build's own gate lets it through (gate.max_regression): the loop's gate is tested.
     lp = projects(max_regression=0.0, sets='"gate.max_regression=1.0"')

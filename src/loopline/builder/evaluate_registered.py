@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+import pandas as pd
+
 from loopline.builder.images import label_indices
 from loopline.builder.ingest import ingest
 from loopline.builder.pipeline import build_pipeline
@@ -50,3 +53,22 @@ def evaluate_registered(
     report["model"] = f"{mv.name}:{mv.version}"
     report["dataset_version"] = ingested["dataset"]["version"]
     return report
+
+
+def score_bundle(
+    artifacts: Any,
+    source: Any,
+    bundle_sha256: str,
+    records: pd.DataFrame,
+    labels: list[str],
+    *,
+    reporter: Any = None,
+) -> tuple[dict[str, Any], np.ndarray]:
+    """``evaluate_bundle`` outside a build: ``records`` read from ``source`` (each checked
+    against its ``sha256`` column), the bundle from ``artifacts``. The retrain loop's gate
+    scores the candidate and the incumbent on held-out production captures with it."""
+    from loopline.builder.resources import StepResources
+
+    resources = StepResources(source, artifacts, lambda name, alias: None)
+    ctx = StepContext("score", "score", reporter or SilentReporter(), resources)
+    return evaluate_bundle(ctx, bundle_sha256, records, labels)

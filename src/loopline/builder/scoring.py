@@ -63,23 +63,3 @@ def evaluate_bundle(
             preds.append(logits.argmax(axis=1))
     pred = np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
     return classification_report(label_indices(records, labels), pred, labels), pred
-
-
-def score_bundle(
-    artifacts: Any,
-    source: Any,
-    bundle_sha256: str,
-    records: pd.DataFrame,
-    labels: list[str],
-    *,
-    reporter: Any = None,
-) -> tuple[dict[str, Any], np.ndarray]:
-    """``evaluate_bundle`` outside a build: ``records`` read from ``source`` (each checked
-    against its ``sha256`` column), the bundle from ``artifacts``. The retrain loop's gate
-    scores the candidate and the incumbent on held-out production captures with it."""
-    from loopline.builder.resources import StepResources
-    from loopline.pipeline.step import SilentReporter
-
-    resources = StepResources(source, artifacts, lambda name, alias: None)
-    ctx = StepContext("score", "score", reporter or SilentReporter(), resources)
-    return evaluate_bundle(ctx, bundle_sha256, records, labels)

@@ -307,7 +307,7 @@ def mark_captures(ctx: LoopContext, run_id: str, dataset_version: str) -> int:
 def gate(ctx: LoopContext, loop: LoopRecord) -> LoopRecord | None:
     """Candidate against incumbent on the held-out captures; worse by more than
     ``retrain.max_regression``: rejected, production untouched."""
-    from loopline.builder.scoring import score_bundle
+    from loopline.builder.evaluate_registered import score_bundle
 
     source = captures(ctx, loop, parse_time(loop.state["until"], "until"))
     records = source.list_records()
