@@ -45,6 +45,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/ingest_bench.py
 	$(BIN)/python benchmarks/serve_bench.py
 	$(BIN)/python benchmarks/predict_bench.py
+	$(BIN)/python benchmarks/monitor_bench.py
+	$(BIN)/python benchmarks/loop_bench.py
 
 clean:
 	rm -rf .loopline lake loopline-demo .pytest_cache
