@@ -110,7 +110,7 @@ class Scenario:
     canary_min_labels: int = 20
     recovery_labels: int = 200  # labelled v2 answers, once v2 serves all, to end the story
     max_traffic_s: float = 240.0  # the story gives up after this much traffic
-    monitor_interval_s: float = 0.5  # a pass takes ~0.1 s here; labels come at `rate`
+    monitor_interval_s: float = 0.25  # a pass takes ~0.1 s here; labels come at `rate`
     window: int = 50  # rolling accuracy in the timeline and the report (the alert rule's)
 
     def __post_init__(self) -> None:
