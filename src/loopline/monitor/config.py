@@ -320,6 +320,16 @@ class RetrainPolicy(_Section):
     cooldown_s: float = Field(
         600.0, ge=0.0, description="no new retrain of the same model within this after one"
     )
+    labels_timeout_s: float = Field(
+        3600.0, gt=0.0,
+        description="a retrain still short of min_new_labels after this long gives up",
+    )  # fmt: skip
+    approval_timeout_s: float = Field(
+        7 * 86400.0, gt=0.0, description="a loop waiting for a person gives up after this long"
+    )
+    holdout_max: int = Field(
+        1000, ge=1, description="held-out recent production images at most (the newest)"
+    )
 
 
 class MonitorConfig(_Section):
@@ -340,6 +350,11 @@ class MonitorConfig(_Section):
     late_s: float = Field(
         120.0, ge=0.0,
         description="predictions written up to this late are still seen by the next pass",
+    )  # fmt: skip
+    loop_stale_s: float = Field(
+        60.0, gt=0.0,
+        description="a loop whose monitor sent no heartbeat for this long is taken over by "
+        "another (a monitor that died mid-loop)",
     )  # fmt: skip
 
     @field_validator("rules")
