@@ -326,3 +326,255 @@ def test_the_loop_imports_no_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# -- no loop is stuck for ever, nor two retrains of one model ---------------------------------
+def test_sixteen_monitors_starting_retrains_of_one_model_open_one_loop(env: Env) -> None:
+    import threading
+
+    env.register()
+    alerts = [env.alert(rule=f"r{i}") for i in range(16)]
+    barrier = threading.Barrier(16)
+    errors: list[BaseException] = []
+
+    def one(i: int) -> None:
+        try:
+            barrier.wait()
+            loops.start(env.store, alerts[i], env.config)
+        except BaseException as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    all_loops = env.store.loops.list()
+    assert len(all_loops) == 16
+    (running,) = [x for x in all_loops if x.status == "running"]
+    skipped = [x for x in all_loops if x.state.get("skipped")]
+    assert len(skipped) == 15 and all(x.state["other_loop"] == running.id for x in skipped)
+    assert all(f"no retrain: loop {running.id}" in (x.reason or "") for x in skipped)
+    for x in all_loops:  # each loop's start is on its alert
+        assert "loop.started" in kinds(env, x.alert_id)
+
+
+def test_waiting_for_labels_gives_up_after_labels_timeout_s(env: Env) -> None:
+    import time
+
+    env.register()
+    alert = env.alert()
+    loop = loops.start(env.store, alert, env.config)
+    waiting = env.advance(loop.id)
+    assert (waiting.status, waiting.step) == ("running", "dataset")
+    assert waiting.reason is not None and waiting.reason.startswith("waiting for labels")
+    env.config.monitor.retrain.labels_timeout_s = 0.01
+    time.sleep(0.05)
+    done = env.advance(loop.id)
+    assert done.status == "failed" and done.open_key is None
+    assert done.reason == (
+        f"gave up at step dataset after 0.01 s (retrain.labels_timeout_s): {waiting.reason}"
+    )
+    assert env.store.alerts.get(alert.id).reason == done.reason
+    assert kinds(env, alert.id)[-1] == "loop.failed"
+    # The model is free again: a later alert's retrain starts.
+    env.config.monitor.retrain.cooldown_s = 0.0
+    assert loops.start(env.store, env.alert(rule="later"), env.config).status == "running"
+
+
+def test_a_loop_waiting_for_approval_gives_up_after_approval_timeout_s(env: Env) -> None:
+    import time
+
+    env.register(2)
+    alert = env.alert("approve")
+    loop = env.at(alert, "approval", status="waiting_approval", model_version=2)
+    assert env.advance(loop.id).status == "waiting_approval"
+    env.config.monitor.retrain.approval_timeout_s = 0.01
+    time.sleep(0.05)
+    done = env.advance(loop.id)
+    assert done.status == "rejected"
+    assert done.reason.startswith("gave up at step approval after 0.01 s "
+                                  "(retrain.approval_timeout_s)")  # fmt: skip
+    assert kinds(env, alert.id)[-1] == "loop.rejected"
+    assert env.store.deployments.get("production") is None  # production untouched
+    with pytest.raises(Conflict, match="rejected"):
+        loops.decide(env.store, alert.id, True, actor="qa")
+
+
+def test_a_loop_whose_alert_resolved_before_its_build_ends(env: Env) -> None:
+    env.register()
+
+    def resolve(a: Any) -> None:
+        env.store.alerts.transition(a.id, "firing", "resolved", value=0.6, samples=100,
+                                    message="back above 0.5", actor="test")  # fmt: skip
+
+    a, b = env.alert(rule="a"), env.alert(rule="b")
+    la = loops.start(env.store, a, env.config)
+    resolve(a)
+    # Alert b's retrain starts: la no longer counts (it had not started its build) and ends.
+    lb = loops.start(env.store, b, env.config)
+    assert (lb.status, lb.step) == ("running", "dataset")
+    ended = env.store.loops.get(la.id)
+    assert (ended.status, ended.reason) == ("succeeded",
+                                            "the alert resolved before the retrain started")  # fmt: skip
+    assert ended.state.get("skipped") and "loop.succeeded" in kinds(env, a.id)
+    # The next advance ends a loop whose alert resolved meanwhile, too.
+    resolve(b)
+    done = env.advance(lb.id)
+    assert (done.status, done.step) == ("succeeded", "done")
+    assert done.reason == "the alert resolved before the retrain started"
+
+
+def test_reject_ends_any_open_loop_before_its_release(env: Env) -> None:
+    env.register(2)
+    a, b = env.alert(rule="a"), env.alert(rule="b")
+    env.config.monitor.retrain.cooldown_s = 0.0
+    # A build recorded as running on another host, which died: the loop waits for it.
+    env.store.runs.create("r-elsewhere", pipeline="build", project="tiny", config={},
+                          trigger="alert", trigger_ref=str(a.id))  # fmt: skip
+    env.store.runs.update("r-elsewhere", host="elsewhere", pid=1)
+    la = env.at(a, "build", run_id="r-elsewhere")
+    stuck = env.advance(la.id)
+    assert (stuck.status, stuck.step) == ("running", "build") and "elsewhere" in stuck.reason
+    with pytest.raises(Conflict, match="not waiting for approval"):
+        loops.decide(env.store, a.id, True, actor="qa")
+    rejected = loops.decide(env.store, a.id, False, actor="qa", reason="the build host died")
+    assert (rejected.status, rejected.reason, rejected.open_key) == ("rejected",
+                                                                     "the build host died", None)  # fmt: skip
+    assert env.store.alerts.get(a.id).reason == "the retrain was rejected by qa: the build host died"
+    assert env.advance(la.id).status == "rejected"  # nothing resumes it
+    # Once releasing, it is too late: `loopline rollback` undoes a release.
+    lb = env.at(b, "canary", model_version=2)
+    with pytest.raises(Conflict, match="too late to reject"):
+        loops.decide(env.store, b.id, False, actor="qa")
+    assert env.store.loops.get(lb.id).status == "running"
+
+
+def test_a_step_that_keeps_crashing_fails_the_loop_after_five_tries(env: Env) -> None:
+    env.register()
+    alert = env.alert()
+    # A step this Loopline does not know (a loop row written by another version).
+    loop = env.at(alert, "nonsense")
+    for n in range(1, 5):
+        with pytest.raises(KeyError):
+            env.advance(loop.id)
+        seen = env.store.loops.get(loop.id)
+        assert seen.status == "running" and seen.state["failures"] == n
+    done = env.advance(loop.id)
+    assert done.status == "failed" and done.reason.startswith("nonsense: KeyError")
+    assert done.reason.endswith("(5 failures in a row)")
+    assert env.store.alerts.get(alert.id).reason == done.reason
+
+
+def test_a_success_resets_the_count_of_failures(env: Env) -> None:
+    env.register()
+    loop = env.at(env.alert(), "nonsense")
+    with pytest.raises(KeyError):
+        env.advance(loop.id)
+    env.store.loops.claim(loop.id, "setup", stale_after_s=60)
+    env.store.loops.advance(loop.id, "setup", step="dataset")
+    env.store.loops.release(loop.id, "setup")
+    waited = env.advance(loop.id)  # waits for labels: it ran without an error
+    assert waited.status == "running" and "failures" not in waited.state
+
+
+def test_a_stale_holder_is_taken_over_after_loop_stale_s(env: Env) -> None:
+    import time
+
+    env.register()
+    loop = loops.start(env.store, env.alert(), env.config)
+    env.store.loops.claim(loop.id, "dead-monitor", stale_after_s=60)
+    assert env.advance(loop.id).owner == "dead-monitor"
+    env.config.monitor.loop_stale_s = 0.01
+    time.sleep(0.05)
+    taken = env.advance(loop.id)
+    assert taken.attempts == 2 and taken.reason is not None  # it ran the dataset step
+
+
+# -- the release after production changed, staging busy, the canary's words -----------------------
+def test_production_changed_meanwhile_rejects_unless_the_gate_saw_it(env: Env) -> None:
+    env.register(3)
+    _production(env, 1)
+    _passed_test(env, 2)
+    env.config.monitor.retrain.cooldown_s = 0.0
+    a = env.alert(rule="a")
+    la = env.at(a, "release", model_version=2)
+    # A person promotes tiny:3 while the loop was in its replica test.
+    _production(env, 3)
+    gen = env.store.deployments.get("production").generation
+    done = env.advance(la.id)
+    assert done.status == "rejected"
+    assert done.reason.startswith("production changed meanwhile (v3 now serves production")
+    dep = env.store.deployments.get("production")
+    assert (dep.stable_version, dep.candidate_version, dep.generation) == (3, None, gen)
+    # A gate that compared against tiny:3 (the current stable) lets the release go on.
+    lb = env.at(env.alert(rule="b"), "release", model_version=2, state={"gated_against": 3})
+    assert env.advance(lb.id).step == "canary"
+    assert env.store.deployments.get("production").candidate_version == 2
+
+
+def test_a_canary_replaced_by_a_person_says_so_not_rolled_back(env: Env) -> None:
+    env.register(3)
+    _production(env, 1)
+    _passed_test(env, 2)
+    loop = env.at(env.alert(), "release", model_version=2)
+    assert env.advance(loop.id).step == "canary"
+    release.promote(env.store, "tiny:3", to="production", require_replica_test=False,
+                    actor="alice", reason="hotfix")  # fmt: skip
+    done = env.advance(loop.id)
+    assert done.status == "failed" and "rolled back" not in done.reason
+    assert done.reason == "canary ended: promote of tiny:3 by alice: hotfix"
+
+
+def test_the_canary_timeout_counts_from_the_release_not_from_a_resume(env: Env) -> None:
+    import time
+
+    env.config.monitor.retrain.release_timeout_s = 0.01
+    env.register(2)
+    _production(env, 1)
+    _passed_test(env, 2)
+    # The monitor promoted tiny:2 as a canary, then died before recording it ...
+    release.promote(env.store, "tiny:2", to="production", strategy="canary",
+                    env=env.config.environment("production"), actor="loopline")  # fmt: skip
+    time.sleep(0.05)  # ... longer ago than the canary may take
+    loop = env.at(env.alert(), "release", model_version=2)
+    done = env.advance(loop.id)
+    assert done.status == "failed" and "release_timeout_s" in done.reason
+    dep = env.store.deployments.get("production")
+    assert (dep.stable_version, dep.candidate_version) == (1, None)
+
+
+def test_a_busy_staging_is_waited_for(db_url: str, tmp_path: Path, tiny_lake: Path) -> None:
+    import fcntl
+
+    cfg = parse_config(
+        {"model": {"name": "tiny"}, "data": {"source": {"kind": "lake", "uri": str(tiny_lake)}},
+         "validate": {"max_quarantine_share": 0.3},
+         "store": {"metadata_url": db_url, "artifacts_url": str(tmp_path / "artifacts")},
+         "monitor": {"retrain": {"cooldown_s": 0}}},
+        tmp_path,
+    )  # fmt: skip
+    (tmp_path / "loopline.yaml").write_text("model: {name: tiny}\n")  # a replica server's
+    env = Env(cfg, MetadataStore(cfg.metadata_url()), ArtifactStore(cfg.artifacts_url()))
+    try:
+        env.register(2)
+        _production(env, 1)
+        now = datetime.now(UTC).isoformat()
+        loop = env.at(env.alert(), "replica", model_version=2, state={"since": now, "until": now})
+        lock = cfg.state_dir / "envs" / "staging" / "replica-test.lock"
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock, "a+") as held:  # a person's `loopline deploy` holds staging
+            fcntl.flock(held, fcntl.LOCK_EX)
+            waiting = env.advance(loop.id)
+            assert (waiting.status, waiting.step) == ("running", "replica")
+            assert waiting.reason.startswith("waiting for staging: a replica test is already "
+                                             "running in staging")  # fmt: skip
+            again = env.advance(loop.id)  # tried again, still busy: one timeline entry
+            assert again.reason == waiting.reason and len(again.timeline) == len(waiting.timeline)
+        # Staging is free; the person's test of tiny:2 passed meanwhile: it is used.
+        _passed_test(env, 2)
+        done = env.advance(loop.id)
+        assert done.step == "canary" and done.status == "running"
+    finally:
+        env.store.close()

@@ -1,5 +1,6 @@
 """``store.loops`` on SQLite and PostgreSQL: one loop per alert under concurrent creation,
-compare-and-set claims, only the holder writes, the timeline, listing."""
+one open retrain per model and environment, compare-and-set claims, only the holder writes,
+the timeline, ending a loop and its alert's event in one transaction, listing."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from loopline.drivers.metadata.loops import LoopNotHeld
+from loopline.drivers.metadata.loops import AlertNote, LoopBusy, LoopEnded, LoopNotHeld
 from loopline.drivers.metadata.store import MetadataStore
 
 
@@ -145,3 +146,89 @@ def test_list_filters_by_status(store: MetadataStore) -> None:
     assert [x.id for x in store.loops.list(["running", "succeeded"])] == [a.id, b.id]
     assert [x.id for x in store.loops.list(limit=1)] == [b.id]
     assert store.loops.list(model_name="other") == []
+
+
+# -- one open retrain per model and environment; atomic writes with the alert -----------------
+KEY = "tiny|production"
+
+
+def test_sixteen_concurrent_retrains_of_one_model_open_one_loop(store: MetadataStore) -> None:
+    alerts = [open_alert(store, rule=f"r{i}") for i in range(16)]
+    barrier = threading.Barrier(16)
+    created: list[int] = []
+    busy: list[int] = []
+    errors: list[BaseException] = []
+
+    def one(i: int) -> None:
+        try:
+            barrier.wait()
+            loop, new = store.loops.create_or_get(alerts[i].id, "retrain", "tiny", "production",
+                                                  1, "running", "dataset", open_key=KEY)  # fmt: skip
+            assert new
+            created.append(loop.id)
+        except LoopBusy as err:
+            busy.append(err.loop.id)
+        except BaseException as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(created) == 1 and busy == [created[0]] * 15
+    (winner,) = store.loops.list()
+    assert winner.open_key == KEY
+    # Ending it frees the key: the next retrain of the model opens.
+    store.loops.claim(winner.id, "m", stale_after_s=60)
+    done = store.loops.finish(winner.id, "m", "failed", "broke")
+    assert done.open_key is None and done.owner is None
+    nxt, new = store.loops.create_or_get(open_alert(store, rule="later").id, "retrain", "tiny",
+                                         "production", 1, "running", "dataset",
+                                         open_key=KEY)  # fmt: skip
+    assert new and nxt.open_key == KEY
+
+
+def test_finish_writes_the_loop_its_alert_event_and_reason_in_one_transaction(
+    store: MetadataStore,
+) -> None:
+    alert = open_alert(store)
+    loop = create(store, alert.id, open_key=KEY)
+    store.loops.claim(loop.id, "m", stale_after_s=60)
+    done = store.loops.finish(loop.id, "m", "rejected", "the gate said no", run_id="r1")
+    assert (done.status, done.step, done.reason, done.run_id) == ("rejected", "dataset",
+                                                                  "the gate said no", "r1")  # fmt: skip
+    assert done.finished_at is not None and done.timeline[-1]["status"] == "rejected"
+    (event,) = [e for e in store.alerts.events(alert.id) if e["kind"].startswith("loop.")]
+    assert (event["kind"], event["message"]) == ("loop.rejected", "the gate said no")
+    assert event["details"]["loop_id"] == loop.id
+    assert store.alerts.get(alert.id).reason == "the gate said no"
+    # A finished loop is written no more: not by its holder, nor finished twice.
+    with pytest.raises(LoopEnded, match="has ended"):
+        store.loops.advance(loop.id, "m", step="build")
+    with pytest.raises(LoopEnded, match="has ended"):
+        store.loops.finish(loop.id, "m", "failed", "again")
+    # The alert's event cannot be written (details that are not JSON): the loop is unchanged.
+    other = create(store, open_alert(store, rule="r2").id)
+    bad = AlertNote("loop.rejected", "no", details={"x": object()})
+    with pytest.raises(Exception):  # noqa: B017 - the driver's own serialisation error
+        store.loops.transition(other.id, "running", notes=[bad], status="rejected",
+                               alert_reason="no")  # fmt: skip
+    kept = store.loops.get(other.id)
+    assert (kept.status, kept.finished_at) == ("running", None)
+    assert store.alerts.get(other.alert_id).reason is None
+
+
+def test_transition_checks_the_step_too(store: MetadataStore) -> None:
+    loop = create(store, open_alert(store).id, open_key=KEY)
+    store.loops.claim(loop.id, "m", stale_after_s=60)
+    store.loops.advance(loop.id, "m", step="canary")
+    assert store.loops.transition(loop.id, "running", steps=["dataset", "build"],
+                                  status="rejected") is None  # fmt: skip
+    note = AlertNote("loop.rejected", "no")
+    done = store.loops.transition(loop.id, "running", steps=["canary"], notes=[note],
+                                  status="rejected", alert_reason="no")  # fmt: skip
+    assert done is not None and (done.status, done.owner, done.open_key) == ("rejected", None, None)
+    assert [e["kind"] for e in store.alerts.events(loop.alert_id)][-1] == "loop.rejected"
+    assert store.alerts.get(loop.alert_id).reason == "no"

@@ -188,7 +188,7 @@ def log_traffic(store: Any, artifacts: Any, rows: list[dict[str, Any]], version:
              "source": "http", "label": r["predicted"], "confidence": 0.9,
              "probabilities": None, "request_metadata": {"site": r["site"]},
              "input_stats": None, "environment": "production", "deployment_generation": 1,
-             "variant": "stable", "camera_id": None}
+             "variant": "stable"}
             for pid, at, r in zip(ids, times, rows, strict=True)
         ]
     )  # fmt: skip

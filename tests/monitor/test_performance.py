@@ -114,11 +114,11 @@ def test_stale_labels_are_no_data() -> None:
 def test_segment_rules_measure_each_camera() -> None:
     seg = rule(scope="segment", min_samples=3)
     got = {m.scope: m for m in performance.measure(seg, view(), {}, MonitorConfig())}
-    # DESIGN8: one per view.scopes(...) value (GLOBAL first, as cusum does).
-    assert list(got) == [GLOBAL, "camera_id=c1", "camera_id=c2"]
+    # One per camera value and not GLOBAL: a global rule covers the whole stream.
+    assert list(got) == ["camera_id=c1", "camera_id=c2"]
     assert got["camera_id=c1"].value == pytest.approx(4 / 5)  # p0..p4: p3 wrong
     assert got["camera_id=c2"].value == pytest.approx(3 / 5)  # p5..p9: p6, p8 wrong
-    assert performance.measure(seg, view(), {}, MonitorConfig(segments=["site"]))[0].scope == GLOBAL
+    assert performance.measure(seg, view(), {}, MonitorConfig(segments=["site"])) == []
 
 
 def test_a_rule_of_another_kind_is_refused() -> None:

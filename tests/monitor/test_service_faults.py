@@ -42,6 +42,15 @@ PER_CAMERA: dict[str, Any] = {
     "scope": "segment",
     "segment_by": ["camera_id"],
 }
+# A global warning beside the critical accuracy-low: a segment rule measures its segments
+# only, so a warning of the global scope is a rule of its own.
+GLOBAL_WARNING: dict[str, Any] = {
+    **ACCURACY_RULE,
+    "name": "accuracy-warning",
+    "severity": "warning",
+    "threshold": 0.60,
+    "resolve_threshold": 0.70,
+}
 _tick = itertools.count()
 
 
@@ -122,16 +131,16 @@ def test_a_failing_evaluation_is_reported_and_the_state_is_still_saved(
         return real(st, rule, m, now, **kw)
 
     monkeypatch.setattr(lifecycle, "evaluate", broken)
-    cfg = make_config([ACCURACY_RULE, PER_CAMERA])
+    cfg = make_config([ACCURACY_RULE, GLOBAL_WARNING, PER_CAMERA])
     log_predictions(store, wrong(50))
     report = _run(cfg, store, artifacts)
     [error] = report["errors"]
     assert "rule camera-accuracy-low (camera_id=cam-1): RuntimeError: evaluate broke" in error
-    # The global scopes still fired (the warning's notice inhibited by the critical one),
+    # The global rules still fired (the warning's notice inhibited by the critical one),
     # the critical alert was told, and the state was written.
     assert _kinds(report) == [
         ("accuracy-low", "global", "firing"),
-        ("camera-accuracy-low", "global", "firing"),
+        ("accuracy-warning", "global", "firing"),
     ]
     assert [kind for _, kind in _told(report)] == ["firing"]
     [env] = report["environments"]
@@ -155,7 +164,7 @@ def test_a_10000_character_segment_value_does_not_stop_the_pass(
     report = _ok(cfg, store, artifacts)
     kinds = _kinds(report)
     assert ("accuracy-low", "global", "firing") in kinds
-    scopes = [s for rule, s, _ in kinds if rule == "site-accuracy-low" and s != "global"]
+    scopes = [s for rule, s, _ in kinds if rule == "site-accuracy-low"]  # not global
     assert len(scopes) == 2 and all(len(s) < 300 for s in scopes)
     assert {s.split("=")[0] for s in scopes} == {"camera_id", "site"}
     assert report["environments"][0]["state"] == "saved"
@@ -186,10 +195,12 @@ def test_a_transition_nobody_told_is_told_by_the_next_pass_once(
 def test_an_inhibited_warning_is_told_once_its_critical_alert_resolves(
     store: MetadataStore, artifacts: ArtifactStore
 ) -> None:
-    cfg = make_config([ACCURACY_RULE, PER_CAMERA])
+    cfg = make_config([ACCURACY_RULE, GLOBAL_WARNING, PER_CAMERA])
     log_predictions(store, wrong(50), camera="cam-1")
     report = _ok(cfg, store, artifacts)
     ids = {(c["rule"], c["scope"]): c["alert_id"] for c in report["changes"]}
+    assert set(ids) == {("accuracy-low", "global"), ("accuracy-warning", "global"),
+                        ("camera-accuracy-low", "camera_id=cam-1")}  # fmt: skip
     critical, warning = ids["accuracy-low", "global"], ids["camera-accuracy-low", "camera_id=cam-1"]
     assert _told(report) == [(critical, "firing")]  # the warnings are held back
     assert _ok(cfg, store, artifacts)["notifications"] == []  # and stays held while it fires
@@ -198,7 +209,7 @@ def test_an_inhibited_warning_is_told_once_its_critical_alert_resolves(
     report = _ok(cfg, store, artifacts)
     assert _kinds(report) == [
         ("accuracy-low", "global", "resolved"),
-        ("camera-accuracy-low", "global", "resolved"),  # never told: nothing to say
+        ("accuracy-warning", "global", "resolved"),  # never told: nothing to say
     ]
     assert sorted(_told(report)) == sorted([(critical, "resolved"), (warning, "firing")])
     [late] = [n for n in report["notifications"] if n["kind"] == "firing"]
@@ -327,10 +338,10 @@ def test_a_steady_pass_reads_the_open_alerts_once_and_writes_none(
     for camera in range(10):
         log_predictions(store, wrong(40), camera=f"cam-{camera}")
     report = _ok(cfg, store, artifacts)
-    assert len(report["changes"]) == 12  # two global and ten cameras
+    assert len(report["changes"]) == 11  # one global and ten cameras
     with statements(store) as sql:
         report = _ok(cfg, store, artifacts)
-    assert len(report["measurements"]) == 12 and report["changes"] == []
+    assert len(report["measurements"]) == 11 and report["changes"] == []
     reads = [s for s in sql if s.startswith("select") and " from alerts" in s]
     assert len(reads) <= 3, reads  # the open ones, the recently resolved ones
     assert not [s for s in sql if s.startswith("update alerts")]

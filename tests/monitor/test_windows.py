@@ -11,7 +11,14 @@ import pytest
 from loopline.monitor.config import AlertRule, MonitorConfig
 from loopline.monitor.stream import NewRows
 from loopline.monitor.types import GLOBAL, Logged, Outcome
-from loopline.monitor.windows import DEFAULT_MAX_AGE_S, MIN_COUNT, Windows, detail_for, sizes_for
+from loopline.monitor.windows import (
+    DEFAULT_MAX_AGE_S,
+    MIN_COUNT,
+    Windows,
+    detail_for,
+    rule_scopes,
+    sizes_for,
+)
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -99,6 +106,21 @@ def test_scopes_and_per_scope_bounds() -> None:
     assert ids(v.labelled("camera_id=cam-2")) == ["p1"]
     assert ids(v.labelled("camera_id=cam-1")) == ["p3", "p4"]
     assert ids(v.new_logged("camera_id=cam-3")) == ["p9"] and v.new_logged("site=n") == []
+
+
+def test_a_segment_rule_measures_its_segments_and_not_global() -> None:
+    w = Windows(max_count=10, max_age_s=3600)
+    add(w, [outcome(1, 1, camera_id="cam-2", site="n"), outcome(2, 2, camera_id="cam-1")])
+    v = view(w, 10)
+    cfg = MonitorConfig()  # segments: [camera_id]
+    rule = {"metric": "accuracy", "threshold": 0.4}
+    per_camera = AlertRule(name="s", scope="segment", **rule)
+    per_site = AlertRule(name="t", scope="segment", segment_by=["site"], **rule)
+    assert rule_scopes(per_camera, v, cfg) == ["camera_id=cam-1", "camera_id=cam-2"]
+    assert rule_scopes(per_site, v, cfg) == ["site=n"]
+    # No value of the segment column seen: nothing to measure (the global rule covers it).
+    assert rule_scopes(per_camera, v, MonitorConfig(segments=["lane"])) == []
+    assert rule_scopes(AlertRule(name="g", **rule), v, cfg) == [GLOBAL]
 
 
 def test_versions_have_windows_of_their_own() -> None:

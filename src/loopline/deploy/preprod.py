@@ -28,7 +28,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,6 +41,8 @@ from loopline.deploy.replica_procs import alive, group_members, process_tree
 from loopline.errors import ConfigError, Conflict, LooplineError
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from loopline.config import Config
     from loopline.drivers.artifacts import ArtifactStore
     from loopline.drivers.metadata.deployments import ReplicaState
@@ -146,6 +148,38 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         os.killpg(group, signal.SIGKILL)
 
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _dies_with_us() -> Callable[[], None] | None:
+    """The ``preexec_fn`` that makes the server get SIGTERM when this process dies (Linux).
+
+    A monitor SIGKILLed during the replica step would otherwise leave the server (in a
+    session of its own) serving with nobody to stop it. ``prctl`` is looked up here, in
+    the parent: the child only calls it between fork and exec. If this process died
+    before the child set it, the child was orphaned already and ends at once. Note that
+    Linux signals the child when the *thread* that started it ends: the server is stopped
+    by the same call that starts it (``temporary_server``), so that thread outlives it.
+    None elsewhere, or when libc has no ``prctl`` (the server is then stopped as before).
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent, sig = os.getpid(), int(signal.SIGTERM)
+
+    def setup() -> None:  # in the child, after setsid (start_new_session), before exec
+        prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl: nobody would signal us
+            os._exit(1)
+
+    return setup
+
+
 @contextlib.contextmanager
 def temporary_server(
     config: Config, config_path: Path, env: str, store: MetadataStore, name: str,
@@ -186,8 +220,10 @@ def temporary_server(
     inherited = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
     child_env = {**inherited, **settings.to_env()}
     with open(log, "wb") as out:
+        # A group of its own (``_stop`` signals it), ended by SIGTERM should this process die.
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=child_env,
-                                cwd=config.root, start_new_session=True)  # fmt: skip
+                                cwd=config.root, start_new_session=True,
+                                preexec_fn=_dies_with_us())  # fmt: skip
     clean = False
     try:
         if generation is None:
@@ -305,8 +341,12 @@ def deploy(
     artifacts: ArtifactStore | None = None,
     reporter: Reporter | None = None,
     reason: str | None = None,
+    replay_since: datetime | None = None,
 ) -> DeployResult:
     """Stage ``ref`` in ``env``, run its replica test and record the outcome.
+
+    ``replay_since`` replays only requests predicted from then on (a retrained
+    candidate's: what it was not trained on).
 
     ``config_path`` is the config file a temporary server reads (default: the project's
     ``loopline.yaml``). Raises LooplineError when the test cannot run (an unknown model,
@@ -335,7 +375,7 @@ def deploy(
     artifacts = artifacts or ArtifactStore(config.artifacts_url())
     split = load_test_split(config, store, artifacts, mv, max_images=policy.max_test_images,
                             reporter=reporter)  # fmt: skip
-    sample = replay_sample(store, artifacts, envc.replica_of, policy.replay)
+    sample = replay_sample(store, artifacts, envc.replica_of, policy.replay, since=replay_since)
     running = bool(_live_replicas(store, env, envc))
     if not running and envc.target != "local":
         raise ConfigError(

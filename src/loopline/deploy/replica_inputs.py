@@ -23,13 +23,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
-from sqlalchemy import func, or_, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from loopline.digest import sha256_bytes
 from loopline.errors import DataSourceError, NotFound
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from loopline.config import Config
     from loopline.drivers.artifacts import ArtifactStore
     from loopline.drivers.data import DataSource
@@ -233,10 +235,17 @@ class ReplaySample:
 
 
 def replay_sample(
-    store: MetadataStore, artifacts: ArtifactStore, live: str | None, limit: int
+    store: MetadataStore,
+    artifacts: ArtifactStore,
+    live: str | None,
+    limit: int,
+    *,
+    since: datetime | None = None,
 ) -> ReplaySample:
     """The ``limit`` latest captured requests that ``live`` answered (its stable version:
-    canary and shadow answers are not production's), each with its feedback label if any."""
+    canary and shadow answers are not production's), each with its feedback label if any;
+    with ``since``, only those predicted from then on (a retrained candidate's training
+    data is older)."""
     from loopline.drivers.metadata.models import Capture, Feedback, Prediction
 
     if live is None:
@@ -245,6 +254,8 @@ def replay_sample(
     if limit == 0:
         return ReplaySample(live, [], 0, artifacts, "replay is off (replica_test.replay: 0)")
     answered = or_(Prediction.variant.is_(None), Prediction.variant == "stable")
+    if since is not None:
+        answered = and_(answered, Prediction.at >= since)
     q = (
         select(Capture.prediction_id, Capture.sha256, Capture.media_type, Prediction.label,
                Prediction.model_name, Prediction.model_version, Feedback.label)
@@ -267,6 +278,8 @@ def replay_sample(
     reason = None
     if not items:
         reason = f"no recorded {live} requests with a captured image"
+        if since is not None:
+            reason += f" since {since.isoformat()} (the candidate trained on the older ones)"
         if without:
             reason += (
                 f" ({without} logged without their image cannot be replayed: only their "

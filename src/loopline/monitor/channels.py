@@ -138,7 +138,9 @@ def _next_step(notice: AlertNotice) -> str:
     if kind == "retrain-started" or (action == "retrain" and kind == "firing"):
         return (
             "Loopline retrains on the labelled production data, gates the candidate against "
-            f"the incumbent, tests it in the replica and releases it by canary. Follow: {show}."
+            "the incumbent, tests it in the replica and releases it "
+            f"({notice.details.get('strategy') or 'as monitor.retrain.strategy says'}). "
+            f"Follow: {show}."
         )
     return f"no automatic action; look at {show}."
 

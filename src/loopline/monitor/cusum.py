@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from loopline.errors import LooplineError
-from loopline.monitor.types import GLOBAL, Measurement
+from loopline.monitor.types import Measurement
+from loopline.monitor.windows import rule_scopes
 
 if TYPE_CHECKING:
     from loopline.monitor.config import AlertRule, MonitorConfig
@@ -194,12 +195,6 @@ def reference_accuracy(view: VersionView, p1: float) -> tuple[float, str]:
     return DEFAULT_P0, "default"
 
 
-def _scopes(rule: AlertRule, view: VersionView, config: MonitorConfig) -> list[str]:
-    if rule.scope == "global":
-        return [GLOBAL]
-    return view.scopes(rule.segment_by or config.segments)
-
-
 def measure(
     rule: AlertRule, view: VersionView, state: dict[str, Any], config: MonitorConfig
 ) -> list[Measurement]:
@@ -217,7 +212,7 @@ def measure(
     scopes_state: dict[str, Any] = state.setdefault("scopes", {})
     window = f"cusum p0={p0:.3f} p1={p1:.3f} h={h:g}"
     out: list[Measurement] = []
-    for scope in _scopes(rule, view, config):
+    for scope in rule_scopes(rule, view, config):
         evidence: dict[str, Any] = {"p0": p0, "p0_source": source, "p1": p1, "h": h}
         if not (0.0 < p1 < p0 < 1.0) or h <= 0.0:
             evidence["why"] = f"cusum_p1 {p1:g} is not below p0 {p0:g}: nothing to detect"

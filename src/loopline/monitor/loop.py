@@ -320,6 +320,7 @@ def replica(ctx: LoopContext, loop: LoopRecord) -> LoopRecord | None:
             artifacts=ctx.artifacts,
             reporter=ctx.reporter,
             reason=f"alert {loop.alert_id}",
+            replay_since=parse_time(loop.state.get("until"), "until"),  # not its training data
         )
         test = result.record
     if not test.passed:

@@ -214,9 +214,9 @@ def notify(
     """Send one notice to every channel and record it as a ``notified`` alert event."""
     from loopline.monitor import channels
 
-    details: dict[str, Any] = {}
+    details: dict[str, Any] = {"strategy": config.monitor.retrain.strategy}
     if loop is not None:
-        details = {
+        details |= {
             "loop_id": loop.id,
             "loop_status": loop.status,
             "step": loop.step,

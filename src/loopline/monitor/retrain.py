@@ -13,12 +13,16 @@ import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loopline.drivers.data.captures import PREFIX, CapturesSource, parse_time
 from loopline.drivers.metadata.loops import LoopRecord
+from loopline.monitor import retrain_data as data
+from loopline.monitor.clock import now as _now
+from loopline.monitor.clock import utc
+from loopline.monitor.retrain_data import release_captures
 
 if TYPE_CHECKING:
     from loopline.config import Config
@@ -29,18 +33,6 @@ if TYPE_CHECKING:
 ACTOR = "loopline (monitor)"
 GATE_PREFIX = "the retrained model was rejected by the gate: "
 StepFn = Callable[["LoopContext", LoopRecord], "LoopRecord | None"]
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-def parse(value: str) -> datetime:
-    return datetime.fromisoformat(value)
-
-
-def _utc(ts: datetime) -> datetime:
-    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
 
 
 @dataclass
@@ -80,6 +72,7 @@ class LoopContext:
             **fields,
         )
         self.note(done, status, detail)
+        release_captures(self.store, done)  # retention may take what it kept
         if status != "succeeded" and reason:
             self.store.alerts.set_reason(loop.alert_id, reason)
         return done
@@ -98,65 +91,56 @@ class LoopContext:
         return self.config.monitor.retrain
 
 
-def captures(ctx: LoopContext, loop: LoopRecord, since: datetime | None) -> CapturesSource:
-    """The labelled captures of the loop's environment and model since ``since``."""
+def captures(
+    ctx: LoopContext, loop: LoopRecord, since: datetime | None, until: datetime | None = None
+) -> CapturesSource:
+    """The labelled captures of the loop's environment and model in [since, until)."""
     return CapturesSource(
         environment=loop.environment,
         model_name=loop.model_name,
         since=since,
+        until=until,
         store=ctx.store,
         artifacts=ctx.artifacts,
     )
 
 
 def build_config(ctx: LoopContext, loop: LoopRecord) -> Config:
-    """The project's config with the training captures added (``data.also``), the gate
-    comparing against the environment's version, and ``retrain.set`` applied."""
-    from loopline.config import apply_overrides, parse_config
-
-    raw = ctx.config.to_dict()  # passwords masked: taken back from the config below
-    extra = {
-        "kind": "captures",
-        "environment": loop.environment,
-        "model_name": loop.model_name,
-        "since": loop.state["since"],
-        "until": loop.state["until"],
-    }
-    raw["data"]["also"] = [*raw["data"].get("also", []), extra]
-    if raw["gate"].get("compare_to") is not None:
-        raw["gate"]["compare_to"] = loop.environment
-    raw = apply_overrides(raw, list(ctx.policy.set))
-    cfg = parse_config(raw, ctx.config.root, "the retrain config (monitor.retrain.set)")
-    return cfg.with_credentials_from(ctx.config)
+    """The incumbent's build config with the loop's captures added (``data.also``), the
+    gate comparing against the environment's version, and ``retrain.set`` applied."""
+    return data.retrain_config(ctx.config, ctx.store, loop)
 
 
 # -- dataset -------------------------------------------------------------------------------
 def dataset(ctx: LoopContext, loop: LoopRecord) -> LoopRecord | None:
-    """Enough labelled captures since the incumbent? Then hold the newest out for the gate."""
+    """Enough labelled captures since the incumbent's training data ends? Then hold the
+    newest out for the gate, and mark them all so that retention keeps them."""
     mv = ctx.store.models.get(loop.model_name, loop.incumbent_version)
-    since = _utc(mv.created_at)
-    records = captures(ctx, loop, since).list_records()
-    known = records[records["label"].isin(ctx.config.data.labels)]
-    n, policy = len(known), ctx.policy
+    raw = data.previous_config(ctx.config, ctx.store, mv)
+    since = data.new_data_since(raw, loop, mv.created_at)
+    labels, policy = list(ctx.config.data.labels), ctx.policy
+    n = data.count_labelled(ctx.store, loop, since, labels)
     need = max(policy.min_new_labels, policy.holdout_min + 1)
     if n < need:
         return ctx.wait(loop, f"waiting for labels ({n} of {need})")
-    k = max(policy.holdout_min, math.ceil(policy.holdout_share * n))
-    times = known["predicted_at"].map(lambda v: parse_time(v, "predicted_at"))
-    until = times.iloc[n - k]
-    held = known[times >= until]
-    train = records[records["predicted_at"].map(lambda v: parse_time(v, "t")) < until]
+    k = min(policy.holdout_max, max(policy.holdout_min, math.ceil(policy.holdout_share * n)))
+    held = data.select_holdout(ctx.store, loop, since, labels, k, policy.holdout_max)
+    train = captures(ctx, loop, since, held.until).list_records()
+    train_ids = [p[len(PREFIX) :] for p in train["path"]]
+    marked = ctx.store.captures.mark_used([*train_ids, *held.ids], data.loop_marker(loop.id))
     state = {
         **loop.state,
         "since": since.isoformat(),
-        "until": until.isoformat(),
+        "until": held.until.isoformat(),
+        "holdout_end": held.end.isoformat(),
         "labelled": n,
         "train_captures": len(train),
-        "holdout": [p[len(PREFIX) :] for p in held["path"]],
+        "holdout": held.ids,
+        "captures_marked": marked,
     }
     detail = (
         f"{n} labelled captures since {since.isoformat()}: {len(train)} added to the "
-        f"training data, {len(held)} from {until.isoformat()} held out for the gate"
+        f"training data, {len(held.ids)} from {held.until.isoformat()} held out for the gate"
     )
     return ctx.save(
         loop,
@@ -205,7 +189,7 @@ def _alert_run(store: MetadataStore, loop: LoopRecord, *, mine: bool = False) ->
     for run in store.runs.recent(limit=200):
         if run.trigger != "alert" or run.trigger_ref != str(loop.alert_id):
             continue
-        if _utc(run.started_at) < started:
+        if utc(run.started_at) < started:
             continue
         if mine and (run.status != "running" or run.pid != os.getpid()):
             continue
@@ -256,9 +240,6 @@ def _built(ctx: LoopContext, loop: LoopRecord, run_id: str) -> LoopRecord | None
     """The loop after its build run ended: rejected by the build's gate, or on to ours."""
     run = ctx.store.runs.get(run_id)
     fields: dict[str, Any] = {"run_id": run_id, "dataset_version": run.dataset_version}
-    if run.dataset_version:
-        marked = mark_captures(ctx, run_id, run.dataset_version)
-        fields["state"] = {**loop.state, "captures_marked": marked}
     if run.status == "rejected":
         why = (run.error or "").removeprefix("gate rejected the candidate: ")
         return ctx.finish(loop, "rejected", GATE_PREFIX + why, **fields)
@@ -275,6 +256,9 @@ def _built(ctx: LoopContext, loop: LoopRecord, run_id: str) -> LoopRecord | None
             "the incumbent itself (same bundle): nothing new to release",
             **fields,
         )
+    if run.dataset_version:  # the dataset's mark takes over from the loop's
+        marked = mark_captures(ctx, loop, run_id, run.dataset_version)
+        fields["state"] = {**loop.state, "dataset_captures": marked}
     detail = (
         f"build run {run_id} built {loop.model_name}:{version} on dataset "
         f"{(run.dataset_version or '?')[:12]}"
@@ -288,8 +272,9 @@ def _built(ctx: LoopContext, loop: LoopRecord, run_id: str) -> LoopRecord | None
     )
 
 
-def mark_captures(ctx: LoopContext, run_id: str, dataset_version: str) -> int:
-    """Mark the captures ingested by ``run_id`` as used by its dataset (retention keeps them)."""
+def mark_captures(ctx: LoopContext, loop: LoopRecord, run_id: str, dataset_version: str) -> int:
+    """Mark the captures ingested by ``run_id`` as used by its dataset (retention keeps
+    them), also those the loop had marked; how many were newly marked."""
     from loopline.pipeline import codecs
 
     for step in reversed(ctx.store.steps.for_run(run_id)):
@@ -298,23 +283,26 @@ def mark_captures(ctx: LoopContext, run_id: str, dataset_version: str) -> int:
             records = codecs.decode(ref["codec"], ctx.artifacts.get_bytes(ref["sha256"]))
             paths = records["path"].astype(str)
             ids = [p[len(PREFIX) :] for p in paths if p.startswith(PREFIX)]
-            ctx.store.captures.mark_used(ids, dataset_version)
-            return len(ids)
+            return data.remark(ctx.store, ids, data.loop_marker(loop.id), dataset_version)
     return 0
 
 
 # -- gate ----------------------------------------------------------------------------------
 def gate(ctx: LoopContext, loop: LoopRecord) -> LoopRecord | None:
-    """Candidate against incumbent on the held-out captures; worse by more than
+    """Candidate against what the environment serves now (the incumbent, unless a person
+    released another version meanwhile) on the held-out captures; worse by more than
     ``retrain.max_regression``: rejected, production untouched."""
     from loopline.builder.evaluate_registered import score_bundle
 
-    source = captures(ctx, loop, parse_time(loop.state["until"], "until"))
-    records = source.list_records()
-    wanted = {f"{PREFIX}{i}" for i in loop.state.get("holdout", [])}
+    end = parse_time(loop.state.get("holdout_end"), "holdout_end")
+    source = captures(
+        ctx,
+        loop,
+        parse_time(loop.state["until"], "until"),
+        end + timedelta(microseconds=1) if end is not None else None,
+    )
     labels = list(ctx.config.data.labels)
-    held = records[records["path"].isin(wanted) & records["label"].isin(labels)]
-    held = held.reset_index(drop=True)
+    held = data.holdout_records(source, loop.state.get("holdout", []), labels)
     if held.empty:
         return ctx.finish(
             loop,
@@ -322,8 +310,9 @@ def gate(ctx: LoopContext, loop: LoopRecord) -> LoopRecord | None:
             "the held-out captures are gone (purged?); the "
             "candidate cannot be compared with the incumbent",
         )
+    against = serving_version(ctx, loop)
     scores: dict[str, Any] = {"n": len(held), "max_regression": ctx.policy.max_regression}
-    for role, version in (("candidate", loop.model_version), ("incumbent", loop.incumbent_version)):
+    for role, version in (("candidate", loop.model_version), ("incumbent", against)):
         mv = ctx.store.models.get(loop.model_name, version)
         report, _ = score_bundle(
             ctx.artifacts, source, mv.bundle_sha256, held, labels, reporter=ctx.reporter
@@ -335,12 +324,17 @@ def gate(ctx: LoopContext, loop: LoopRecord) -> LoopRecord | None:
         }
     cand, inc = scores["candidate"]["accuracy"], scores["incumbent"]["accuracy"]
     scores["passed"] = passed = cand >= inc - ctx.policy.max_regression
-    state = {**loop.state, "gate": scores}
+    state = {**loop.state, "gate": scores, "gated_against": against}
     summary = (
         f"accuracy on {len(held)} held-out labelled production images: candidate "
         f"{loop.model_name}:{loop.model_version} {cand:.3f}, incumbent "
-        f"{loop.model_name}:{loop.incumbent_version} {inc:.3f}"
+        f"{loop.model_name}:{against} {inc:.3f}"
     )
+    if against != loop.incumbent_version:
+        summary += (
+            f" (it took {loop.environment}'s traffic after the alert on "
+            f"{loop.model_name}:{loop.incumbent_version})"
+        )
     if not passed:
         reason = (
             f"{GATE_PREFIX}{summary}; the candidate trails by more than "
@@ -354,6 +348,15 @@ def gate(ctx: LoopContext, loop: LoopRecord) -> LoopRecord | None:
         step=following,
         state=state,
     )
+
+
+def serving_version(ctx: LoopContext, loop: LoopRecord) -> int | None:
+    """The stable version the loop's environment serves of its model now (the incumbent
+    when it serves none)."""
+    dep = ctx.store.deployments.get(loop.environment)
+    if dep is not None and dep.model_name == loop.model_name and dep.stable_version is not None:
+        return int(dep.stable_version)
+    return loop.incumbent_version
 
 
 # -- approval ------------------------------------------------------------------------------

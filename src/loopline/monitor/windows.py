@@ -246,11 +246,12 @@ class WindowView:
 
 
 def rule_scopes(rule: AlertRule, view: VersionView, config: MonitorConfig) -> list[str]:
-    """The scopes a rule measures: GLOBAL for a global rule, else ``view.scopes`` of its
-    segment columns (``rule.segment_by``, default ``config.segments``)."""
+    """The scopes a rule measures: GLOBAL for a global rule, else one per value of its
+    segment columns (``rule.segment_by``, default ``config.segments``) and not GLOBAL,
+    which a global rule covers."""
     if rule.scope == "global":
         return [GLOBAL]
-    return view.scopes(rule.segment_by or config.segments)
+    return [s for s in view.scopes(rule.segment_by or config.segments) if s != GLOBAL]
 
 
 def sizes_for(config: MonitorConfig) -> tuple[int, float]:

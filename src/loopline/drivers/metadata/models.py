@@ -402,12 +402,17 @@ class LoopRun(Base):
     """The action an alert started (retrain, notify, approve), as a resumable state machine.
 
     One per alert (unique ``alert_id``): a monitor restarted mid-loop finds it and resumes
-    it; two monitors never run two loops for one alert. ``owner`` and ``heartbeat_at`` say
-    which process holds it; a stale heartbeat lets another take it over.
+    it; two monitors never run two loops for one alert. ``open_key`` is
+    ``model|environment`` while a retrain is open and NULL once it ends: its unique
+    constraint keeps one open retrain per model and environment. ``owner`` and
+    ``heartbeat_at`` say which process holds it; a stale heartbeat lets another take it over.
     """
 
     __tablename__ = "loops"
-    __table_args__ = (UniqueConstraint("alert_id", name="uq_loops_alert"),)
+    __table_args__ = (
+        UniqueConstraint("alert_id", name="uq_loops_alert"),
+        UniqueConstraint("open_key", name="uq_loops_open_key"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     alert_id: Mapped[int] = mapped_column(ForeignKey("alerts.id", ondelete="CASCADE"))
@@ -433,6 +438,7 @@ class LoopRun(Base):
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    open_key: Mapped[str | None] = mapped_column(String(300), nullable=True)
 
 
 class MonitorState(Base):

@@ -89,7 +89,9 @@ def upgrade() -> None:
         sa.Column("started_at", TS, nullable=False),
         sa.Column("updated_at", TS, nullable=False),
         sa.Column("finished_at", TS),
+        sa.Column("open_key", sa.String(300)),  # model|environment while a retrain is open
         sa.UniqueConstraint("alert_id", name="uq_loops_alert"),
+        sa.UniqueConstraint("open_key", name="uq_loops_open_key"),
     )
     op.create_table(
         "monitor_state",
