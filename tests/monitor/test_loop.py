@@ -176,12 +176,16 @@ def test_decide_approves_or_rejects_only_a_waiting_loop(env: Env) -> None:
     with pytest.raises(NotFound, match="has no loop"):
         loops.decide(env.store, a.id, True, actor="qa")
     la = env.at(a, "approval", status="waiting_approval", model_version=2)
-    lb = env.at(b, "approval", status="waiting_approval", model_version=2)
     approved = loops.decide(env.store, a.id, True, actor="qa", reason="looks good")
     assert (approved.status, approved.step, approved.decided_by) == ("running", "replica", "qa")
     assert approved.timeline[-1]["detail"] == "approved by qa: looks good"
     with pytest.raises(Conflict, match="not waiting for approval"):
+        loops.decide(env.store, a.id, True, actor="qa")
+    # Until its release begins, a person may still stop it.
+    assert loops.decide(env.store, a.id, False, actor="qa", reason="wait").status == "rejected"
+    with pytest.raises(Conflict, match="has ended"):
         loops.decide(env.store, a.id, False, actor="qa")
+    lb = env.at(b, "approval", status="waiting_approval", model_version=2)
     rejected = loops.decide(env.store, b.id, False, actor="qa", reason="too risky")
     assert (rejected.status, rejected.reason) == ("rejected", "too risky")
     assert env.store.alerts.get(b.id).reason == "the retrain was rejected by qa: too risky"
@@ -416,8 +420,8 @@ def test_a_loop_whose_alert_resolved_before_its_build_ends(env: Env) -> None:
     lb = loops.start(env.store, b, env.config)
     assert (lb.status, lb.step) == ("running", "dataset")
     ended = env.store.loops.get(la.id)
-    assert (ended.status, ended.reason) == ("succeeded",
-                                            "the alert resolved before the retrain started")  # fmt: skip
+    assert (ended.status, ended.reason) == ("succeeded", loops.RESOLVED)
+    assert loops.RESOLVED == "the alert resolved before the retrain started"
     assert ended.state.get("skipped") and "loop.succeeded" in kinds(env, a.id)
     # The next advance ends a loop whose alert resolved meanwhile, too.
     resolve(b)
@@ -440,9 +444,11 @@ def test_reject_ends_any_open_loop_before_its_release(env: Env) -> None:
     with pytest.raises(Conflict, match="not waiting for approval"):
         loops.decide(env.store, a.id, True, actor="qa")
     rejected = loops.decide(env.store, a.id, False, actor="qa", reason="the build host died")
-    assert (rejected.status, rejected.reason, rejected.open_key) == ("rejected",
-                                                                     "the build host died", None)  # fmt: skip
-    assert env.store.alerts.get(a.id).reason == "the retrain was rejected by qa: the build host died"
+    assert (rejected.status, rejected.reason) == ("rejected", "the build host died")
+    assert rejected.open_key is None
+    assert (
+        env.store.alerts.get(a.id).reason == "the retrain was rejected by qa: the build host died"
+    )
     assert env.advance(la.id).status == "rejected"  # nothing resumes it
     # Once releasing, it is too late: `loopline rollback` undoes a release.
     lb = env.at(b, "canary", model_version=2)
@@ -560,14 +566,15 @@ def test_a_busy_staging_is_waited_for(db_url: str, tmp_path: Path, tiny_lake: Pa
     try:
         env.register(2)
         _production(env, 1)
-        now = datetime.now(UTC).isoformat()
-        loop = env.at(env.alert(), "replica", model_version=2, state={"since": now, "until": now})
+        since = datetime.now(UTC)
+        window = {"since": since.isoformat(), "until": (since + timedelta(seconds=1)).isoformat()}
+        loop = env.at(env.alert(), "replica", model_version=2, state=window)
         lock = cfg.state_dir / "envs" / "staging" / "replica-test.lock"
         lock.parent.mkdir(parents=True, exist_ok=True)
         with open(lock, "a+") as held:  # a person's `loopline deploy` holds staging
             fcntl.flock(held, fcntl.LOCK_EX)
             waiting = env.advance(loop.id)
-            assert (waiting.status, waiting.step) == ("running", "replica")
+            assert (waiting.status, waiting.step) == ("running", "replica"), waiting.reason
             assert waiting.reason.startswith("waiting for staging: a replica test is already "
                                              "running in staging")  # fmt: skip
             again = env.advance(loop.id)  # tried again, still busy: one timeline entry

@@ -49,7 +49,7 @@ monitor:
 environments:
   staging:
     port: {staging_port}
-    replica_test: {{rules: ["accuracy >= 0.0"], load_requests: 20, concurrency: 2, replay: 0,
+    replica_test: {{rules: ["accuracy >= 0.0"], load_requests: 20, concurrency: 2, {replay},
                    timeout_s: 120, max_p95_ms: 600000, max_memory_mb: 4096}}
   production:
     port: {prod_port}
@@ -100,6 +100,7 @@ def production_images(tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
 def make_project(
     root: Path, lake: Path, production: pd.DataFrame, *, strategy: str = "canary",
     sets: str = "", max_regression: float = 1.0, db_url: str | None = None,
+    replay: str = "replay: 0",
 ) -> LoopProject:  # fmt: skip
     """tiny:1 built on the lake and serving production (directly, no replica test).
 
@@ -113,7 +114,8 @@ def make_project(
     text = TINY_CONFIG.format(db=db_url or f"sqlite:///{root / 'state' / 'loopline.db'}",
                               artifacts=root / "state" / "artifacts", lake=lake)  # fmt: skip
     text += LOOP_CONFIG.format(strategy=strategy, sets=sets, max_regression=max_regression,
-                               staging_port=free_port(), prod_port=free_port())  # fmt: skip
+                               staging_port=free_port(), prod_port=free_port(),
+                               replay=replay)  # fmt: skip
     path.write_text(text)
     cfg = load_config(path)
     store, artifacts = MetadataStore(cfg.metadata_url()), ArtifactStore(cfg.artifacts_url())
@@ -191,11 +193,12 @@ def test_a_worse_candidate_is_rejected_by_the_gate_and_production_keeps_the_incu
     assert gate["passed"] is False and gate["n"] == 24
     assert lp.store.alerts.get(alert.id).reason == done.reason
     assert lp.store.deployments.get("production") == before  # production untouched
-    # The build was triggered by the alert, and its captures are kept for the dataset.
+    # The build was triggered by the alert; rejected, it leaves its captures to retention.
     run = lp.store.runs.get(done.run_id)
     assert (run.trigger, run.trigger_ref, run.status) == ("alert", str(alert.id), "succeeded")
-    assert done.dataset_version == run.dataset_version
-    assert lp.store.captures.count(dataset_version=done.dataset_version) == 56
+    assert done.dataset_version == run.dataset_version and done.state["gated_against"] == 1
+    assert lp.store.captures.count(dataset_version=done.dataset_version) == 0
+    assert lp.store.captures.count(dataset_version=f"loop-{done.id}") == 0
     assert [e["step"] for e in done.timeline] == ["start", "dataset", "build", "build", "gate"]
 
 
@@ -264,6 +267,27 @@ def test_approval_rejection_then_approval_replica_canary_and_promotion(
     kinds = [e["kind"] for e in lp.store.alerts.events(second.id)]
     assert kinds[-4:] == ["loop.started", "loop.waiting_approval", "loop.approved",
                           "loop.succeeded"]  # fmt: skip
+
+
+def test_the_replica_test_replays_only_production_requests_the_candidate_did_not_train_on(
+    projects: Callable[..., LoopProject],
+) -> None:
+    replay = "replay: 500, min_agreement: 0.0, max_accuracy_drop: 1.0"
+    lp = projects(strategy="direct", sets='"gate.max_regression=1.0"', replay=replay)
+    trained, held = seed(lp, lp.images(56), lp.images(24, offset=56))
+    loop = loops.start(lp.store, lp.alert("retrain"), lp.config)
+    done = lp.advance(loop.id)
+    assert (done.status, done.step) == ("succeeded", "done"), done.reason
+    assert done.state["holdout"] == held and done.state["gated_against"] == 1
+    test = lp.store.replica_tests.latest("tiny", 2, ["staging"])
+    assert test is not None and test.id == done.replica_test_id
+    phase = next(p for p in test.report["phases"] if p["name"] == "replay")
+    # 80 captured production requests; the 56 the candidate trained on are not replayed.
+    assert phase["details"]["recorded"] == len(held) == 24, phase
+    assert phase["details"]["replayed"] == 24 and len(trained) == 56
+    # Released: its dataset keeps the captures it trained on; the held-out ones are let go.
+    assert lp.store.captures.count(dataset_version=done.dataset_version) == 56
+    assert lp.store.captures.count(dataset_version=f"loop-{done.id}") == 0
 
 
 KILLED = """

@@ -57,6 +57,18 @@ class Env:
         aware = created.replace(tzinfo=UTC) if created.tzinfo is None else created
         return aware + timedelta(seconds=seconds)
 
+    def backdate(self, version: int, hours: float) -> None:
+        """tiny:``version`` was registered ``hours`` earlier."""
+        from sqlalchemy import update
+
+        from loopline.drivers.metadata.models import ModelVersion
+
+        when = datetime.now(UTC) - timedelta(hours=hours)
+        with self.store.session() as s:
+            s.execute(update(ModelVersion).where(ModelVersion.name == "tiny",
+                                                 ModelVersion.version == version)
+                      .values(created_at=when))  # fmt: skip
+
     def loop(self, version: int, rule: str = "acc") -> tuple[LoopContext, LoopRecord]:
         """A retrain loop for an alert on tiny:``version``, held by this test."""
         alert = self.store.alerts.open_alert(
@@ -132,14 +144,14 @@ def test_the_gate_scores_the_candidate_against_what_production_serves_now(
     assert scores["n"] == 10 and scores["candidate"]["accuracy"] == pytest.approx(0.4)
     if promoted_meanwhile:
         # tiny:2 beats tiny:1 (0.4 > 0.0) but trails tiny:3, which serves now (0.6).
-        assert done.state["gated_against"] == v3 and scores["incumbent"]["version"] == v3
-        assert scores["incumbent"]["accuracy"] == pytest.approx(0.6)
         assert (done.status, scores["passed"]) == ("rejected", False)
+        assert scores["incumbent"]["version"] == v3 and done.state["gated_against"] == v3
+        assert scores["incumbent"]["accuracy"] == pytest.approx(0.6)
         assert f"incumbent tiny:{v3} 0.600" in done.reason
         assert "after the alert on tiny:1" in done.reason
     else:
-        assert done.state["gated_against"] == v1 and scores["incumbent"]["version"] == v1
         assert (done.status, done.step, scores["passed"]) == ("running", "replica", True)
+        assert scores["incumbent"]["version"] == v1 and done.state["gated_against"] == v1
 
 
 def test_the_held_out_captures_are_the_newest_holdout_max(envs: Any) -> None:
@@ -169,8 +181,9 @@ def test_a_second_retrain_trains_on_the_first_ones_captures_and_the_new_ones(env
     lake.mkdir(parents=True)
     for i in range(3):
         (lake / f"{i}.png").write_bytes(png(500 + i))
-    v1 = env.register("bus")  # imported by hand: no build run, the project's config
-    a_ids = env.captures(["car"] * 12, env.after(v1))
+    v1 = env.register("bus")  # registered by hand: no build run, the project's config
+    env.backdate(v1, hours=1)
+    a_ids = env.captures(["car"] * 12, env.after(v1))  # an hour ago, before tiny:2
     ctx, first = env.loop(v1, rule="a")
     first = dataset(ctx, first)
     assert first is not None
@@ -212,11 +225,11 @@ def test_the_captures_a_loop_needs_survive_a_purge_until_it_ends(envs: Any) -> N
     ids = env.captures(["car"] * 6 + ["van"] * 6, env.after(v1))
     ctx, loop = env.loop(v1)
     ready = dataset(ctx, loop)
-    assert ready is not None and ready.state["captures_marked"] == 12
-    assert env.marked(loop_marker(loop.id)) == 12
+    assert ready is not None
     purged = env.store.captures.purge(max_total_bytes=0)  # the size cap takes the oldest first
     assert {r.prediction_id for r in purged.deleted} == set(old)
     assert all(env.store.captures.get(i) is not None for i in ids)
+    assert env.marked(loop_marker(loop.id)) == 12 and ready.state["captures_marked"] == 12
     done = ctx.finish(ready, "rejected", "not now")
     assert done.status == "rejected" and env.marked(loop_marker(loop.id)) == 0
     assert {r.prediction_id for r in env.store.captures.purge(max_total_bytes=0).deleted} == set(
@@ -270,8 +283,9 @@ def test_the_dataset_version_takes_over_the_loops_marks_and_keeps_them(envs: Any
     run_id = _run(env, ready, "succeeded", "ds-new", model_name="tiny", model_version=v2)
     built = _built(ctx, env.move(ready, step="build", run_id=run_id), run_id)
     assert built is not None and built.step == "gate" and built.dataset_version == "ds-new"
-    assert (trained, held) == (6, 6) and built.state["dataset_captures"] == trained
+    assert (trained, held) == (6, 6)
     assert env.marked("ds-new") == trained and env.marked(loop_marker(loop.id)) == held
+    assert built.state["dataset_captures"] == trained
     done = ctx.finish(built, "succeeded", None)  # released: its dataset keeps its captures
     assert env.marked("ds-new") == trained and env.marked(loop_marker(loop.id)) == 0
     assert release_captures(env.store, done) == 0

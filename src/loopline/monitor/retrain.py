@@ -21,6 +21,7 @@ from loopline.drivers.data.captures import PREFIX, CapturesSource, parse_time
 from loopline.drivers.metadata.loops import LoopRecord
 from loopline.monitor import retrain_data as data
 from loopline.monitor.clock import now as _now
+from loopline.monitor.clock import parse as parse  # re-exported (loop imports it)
 from loopline.monitor.clock import utc
 from loopline.monitor.retrain_data import release_captures
 

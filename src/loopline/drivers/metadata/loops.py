@@ -288,7 +288,6 @@ class LoopRepository:
             f"could not create the loop of alert {alert_id}: {open_key} kept changing"
         )
 
-
     def claim(self, loop_id: int, owner: str, stale_after_s: float) -> LoopRecord | None:
         """Hold the loop for ``owner``: the loop as now held, or None when another holds it.
 
