@@ -147,8 +147,8 @@ def test_the_gate_scores_the_candidate_against_what_production_serves_now(
         assert (done.status, scores["passed"]) == ("rejected", False)
         assert scores["incumbent"]["version"] == v3 and done.state["gated_against"] == v3
         assert scores["incumbent"]["accuracy"] == pytest.approx(0.6)
-        assert f"incumbent tiny:{v3} 0.600" in done.reason
-        assert "after the alert on tiny:1" in done.reason
+        assert f"incumbent tiny:{v3} 0.600" in str(done.reason)
+        assert "after the alert on tiny:1" in str(done.reason)
     else:
         assert (done.status, done.step, scores["passed"]) == ("running", "replica", True)
         assert scores["incumbent"]["version"] == v1 and done.state["gated_against"] == v1
@@ -170,7 +170,7 @@ def test_the_held_out_captures_are_the_newest_holdout_max(envs: Any) -> None:
     # Newer labelled captures after the dataset step are not scored: the held-out ones are.
     env.captures(["van"] * 5, start + timedelta(seconds=60))
     done = gate(ctx, env.move(ready, step="gate", model_version=v2))
-    assert done is not None and done.state["gate"]["n"] == 3, done.reason
+    assert done is not None and done.state["gate"]["n"] == 3, done
     assert done.state["gate"]["candidate"]["accuracy"] == 1.0
 
 
@@ -268,7 +268,7 @@ def test_a_candidate_rejected_by_the_builds_gate_keeps_no_captures(envs: Any) ->
     run_id = _run(env, ready, "rejected", "ds-rejected",
                   error="gate rejected the candidate: macro_f1 0.1 < 0.8")  # fmt: skip
     done = _built(ctx, env.move(ready, step="build", run_id=run_id), run_id)
-    assert done is not None and done.status == "rejected" and "macro_f1 0.1" in done.reason
+    assert done is not None and done.status == "rejected" and "macro_f1 0.1" in str(done.reason)
     assert env.marked("ds-rejected") == 0 and env.marked(loop_marker(loop.id)) == 0
 
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -280,7 +280,8 @@ def advance(
 
 def _run(ctx: LoopContext, loop: LoopRecord, table: dict[str, StepFn]) -> LoopRecord:
     """Run the held loop's steps until one waits or the loop ends."""
-    loop = _overdue(ctx, loop) or loop
+    if loop.status == "waiting_approval":  # (a running step is tried once more first)
+        loop = _overdue(ctx, loop) or loop
     while loop.status == "running":
         ended = _end_if_resolved(ctx.store, loop)
         if ended is not None:
@@ -322,7 +323,7 @@ def _ran(ctx: LoopContext, loop: LoopRecord) -> LoopRecord:
     return loop
 
 
-def _step_since(loop: LoopRecord) -> Any:
+def _step_since(loop: LoopRecord) -> datetime:
     """When the loop came to its step: its newest timeline entry of another step."""
     for event in reversed(loop.timeline):
         if event.get("step") != loop.step and event.get("at"):

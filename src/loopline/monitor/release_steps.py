@@ -16,7 +16,7 @@ from loopline.drivers.metadata.loops import LoopRecord
 from loopline.errors import Conflict
 from loopline.monitor.clock import now as _now
 from loopline.monitor.clock import parse, utc
-from loopline.monitor.retrain import ACTOR, LoopContext, build_config
+from loopline.monitor.retrain import ACTOR, LoopContext, build_config, replay_since
 
 if TYPE_CHECKING:
     from loopline.drivers.metadata.deployments import DeploymentState
@@ -66,6 +66,7 @@ def replica(ctx: LoopContext, loop: LoopRecord) -> LoopRecord | None:
                 artifacts=ctx.artifacts,
                 reporter=ctx.reporter,
                 reason=f"alert {loop.alert_id}",
+                replay_since=replay_since(loop),  # not what it was trained on
             )
         except Conflict as err:
             if not _staging_busy(err):

@@ -21,8 +21,7 @@ from loopline.drivers.data.captures import PREFIX, CapturesSource, parse_time
 from loopline.drivers.metadata.loops import LoopRecord
 from loopline.monitor import retrain_data as data
 from loopline.monitor.clock import now as _now
-from loopline.monitor.clock import parse as parse  # re-exported (loop imports it)
-from loopline.monitor.clock import utc
+from loopline.monitor.clock import parse, utc
 from loopline.monitor.retrain_data import release_captures
 
 if TYPE_CHECKING:
@@ -104,6 +103,13 @@ def captures(
         store=ctx.store,
         artifacts=ctx.artifacts,
     )
+
+
+def replay_since(loop: LoopRecord) -> datetime | None:
+    """Where the candidate's replica test replays production from: its training captures
+    were predicted before (None for a loop without a dataset step: replay them all)."""
+    until = loop.state.get("until")
+    return parse(until) if until else None
 
 
 def build_config(ctx: LoopContext, loop: LoopRecord) -> Config:
