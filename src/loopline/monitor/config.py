@@ -281,7 +281,9 @@ class DriftConfig(_Section):
     alpha: float = Field(0.001, gt=0.0, lt=1.0)
     ks_min_effect: float = Field(0.1, ge=0.0, le=1.0, description="KS D floor")
     psi_min: float = Field(0.1, ge=0.0, description="PSI floor for predicted classes")
-    persistence: int = Field(2, ge=1, description="adjacent windows (the newest) that must all drift to warn")
+    persistence: int = Field(
+        2, ge=1, description="adjacent windows (the newest) that must all drift to warn"
+    )
     input_stats: list[str] = [
         "brightness",
         "contrast",

@@ -417,6 +417,10 @@ def decide(
         )
     if done is None:
         raise Conflict(f"the loop of alert {alert_id} was decided or changed meanwhile")
+    if done.status == "rejected":
+        from loopline.monitor.retrain_data import release_captures
+
+        release_captures(store, done)  # what it kept for retraining, retention may take
     return done
 
 

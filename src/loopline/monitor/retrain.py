@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 from loopline.drivers.data.captures import PREFIX, CapturesSource, parse_time
 from loopline.drivers.metadata.loops import LoopRecord
 from loopline.monitor import retrain_data as data
-from loopline.monitor.clock import now as _now
 from loopline.monitor.clock import parse, utc
 from loopline.monitor.retrain_data import release_captures
 
@@ -60,21 +59,10 @@ class LoopContext:
     def finish(
         self, loop: LoopRecord, status: str, reason: str | None, **fields: Any
     ) -> LoopRecord:
-        """End the loop (succeeded, rejected or failed); the alert says why unless it succeeded."""
-        detail = reason or "done"
-        done = self.save(
-            loop,
-            event={"step": loop.step, "status": status, "detail": detail},
-            status=status,
-            step="done" if status == "succeeded" else loop.step,
-            reason=reason,
-            finished_at=_now(),
-            **fields,
-        )
-        self.note(done, status, detail)
+        """End the loop (succeeded, rejected or failed) and say so on its alert, in one
+        transaction (the alert's reason too, unless it succeeded)."""
+        done = self.store.loops.finish(loop.id, self.owner, status, reason, actor=ACTOR, **fields)
         release_captures(self.store, done)  # retention may take what it kept
-        if status != "succeeded" and reason:
-            self.store.alerts.set_reason(loop.alert_id, reason)
         return done
 
     def wait(self, loop: LoopRecord, reason: str, step: str | None = None) -> LoopRecord | None:
