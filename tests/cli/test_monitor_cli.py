@@ -88,7 +88,7 @@ def test_monitor_once_alerts_show_and_approve(tmp_path: Path) -> None:
     code, _, err = invoke("approve", str(alert_id), *c)
     assert code == 1 and "not waiting for approval" in one_line_error(err)
     code, _, err = invoke("reject", str(alert_id), "--reason", "late", *c)
-    assert code == 1 and "not waiting for approval" in one_line_error(err)
+    assert code == 1 and "has ended (succeeded); nothing to reject" in one_line_error(err)
 
 
 def test_reject_keeps_the_incumbent_and_says_why(tmp_path: Path) -> None:
