@@ -26,8 +26,10 @@ def demo(
     seed: Annotated[int, typer.Option(help="Seed of the lake, the traffic and training.")] = 0,
     json_out: JsonOpt = False,
 ) -> None:
-    """Build v1 on day images, serve it, drift to fog and night, and let the monitor's loop
-    retrain and redeploy; prints a live timeline, writes report.html and timeline.json.
+    """The whole closed loop, unattended, on simulated CCTV traffic (about 2 minutes).
+
+    Builds v1 on day images and serves it; fog and night set in; the monitor's loop
+    retrains and redeploys. Prints a live timeline, writes report.html and timeline.json.
 
     Exit 0 when accuracy recovered to within 10 points of its level before the drift, 1
     otherwise (the report says why).
