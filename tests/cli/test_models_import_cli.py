@@ -31,6 +31,12 @@ def test_import_show_and_import_again(tmp_path: Path) -> None:
     assert [(m["name"], m["version"], m["aliases"]) for m in json.loads(out)] == [
         ("pets", 1, ["candidate"])
     ]
+    # The listing shows no made-up metrics for it, and says where it came from.
+    code, out, err = invoke("models", *c)
+    assert code == 0, err
+    (row,) = [line.split() for line in out.splitlines() if line.strip().startswith("pets")]
+    assert row[:6] == ["pets", "1", "candidate", "-", "-", "imported"], row
+    assert "0.000" not in out
 
 
 def test_import_errors_are_one_line(tmp_path: Path) -> None:

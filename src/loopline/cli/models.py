@@ -67,9 +67,9 @@ def models_list(
             cell(m["name"]),
             str(m["version"]),
             cell(",".join(m["aliases"])),
-            f"{met.get('accuracy', 0):.3f}",
-            f"{met.get('macro_f1', 0):.3f}",
-            (m["dataset_version"] or "")[:8],
+            _short(met, "accuracy"),
+            _short(met, "macro_f1"),
+            (m["dataset_version"] or ("imported" if m["lineage"].get("imported") else ""))[:8],
             cell(m["run_id"] or ""),
             *archived,
         )
@@ -142,6 +142,12 @@ def models_show(
         )
     )
     console.print(escape(f"params {lin.get('params')}"), highlight=False)
+
+
+def _short(metrics: dict[str, Any], key: str) -> str:
+    """A metric for the listing; "-" where there is none (an imported model's, say)."""
+    value = metrics.get(key)
+    return f"{value:.3f}" if isinstance(value, int | float) else "-"
 
 
 def _num(metrics: dict[str, Any], key: str) -> str:
