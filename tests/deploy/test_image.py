@@ -42,10 +42,16 @@ def test_context_files() -> None:
     check = "runpy.run_path('/bundle/verify-bundle.py')['verify']('/bundle'); "
     assert docker.index(check) < docker.index("sys.path.append('/bundle')")
     assert files["verify-bundle.py"] == Path(prestart.__file__).read_bytes()
-    reqs = files["requirements-serve.txt"].decode().splitlines()[1:]
+    reqs = [r for r in files["requirements-serve.txt"].decode().splitlines()
+            if not r.startswith("#")]  # fmt: skip
     pins = dict(line.split("==") for line in reqs)
     assert pins["onnxruntime"] == metadata.version("onnxruntime")
     assert pins["fastapi"] == metadata.version("fastapi")
+    # Their own dependencies are pinned too, so no install floats to newer ones.
+    assert pins["pydantic_core"] == metadata.version("pydantic_core")
+    assert pins["anyio"] == metadata.version("anyio")  # starlette's
+    assert pins["psycopg[binary]"] == metadata.version("psycopg")
+    assert pins["psycopg-binary"] == metadata.version("psycopg-binary")  # its extra's
     assert not any(name.startswith(("torch", "onnx[", "optuna")) for name in pins)
     sources = [name for name in files if name.startswith("loopline/")]
     assert "loopline/deploy/server.py" in sources and "loopline/bundle.py" in sources

@@ -75,17 +75,62 @@ CMD ["python", "-I", "-B", "-c", \\
 
 
 def serve_requirements() -> str:
-    """``requirements-serve.txt``: the server's dependencies pinned to the installed versions."""
-    lines = ["# The serving image's dependencies, pinned to the versions Loopline was tested with."]
-    for name in SERVE_REQUIREMENTS:
-        try:
-            version = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            if name in OPTIONAL:
-                continue
-            raise
-        lines.append(f"{name}{EXTRAS.get(name, '')}=={version}")
+    """``requirements-serve.txt``: the server's dependencies and all of theirs, each pinned
+    to the version installed here (what Loopline was built and tested with), so an image or
+    a VM install gets the same packages, not whatever their ranges allow on the day.
+
+    Environment markers are evaluated for this interpreter and platform (CPython 3.11 on
+    Linux, as the image's ``python:3.11-slim``).
+    """
+    lines = [
+        "# The serving image's dependencies, and theirs, pinned to the versions Loopline was",
+        "# built and tested with.",
+    ]
+    top = {_key(name) for name in SERVE_REQUIREMENTS}
+    for key, (name, version) in sorted(_closure().items()):
+        extras = EXTRAS.get(key, "") if key in top else ""
+        lines.append(f"{name}{extras}=={version}")
     return "\n".join(lines) + "\n"
+
+
+def _key(name: str) -> str:
+    from packaging.utils import canonicalize_name
+
+    return str(canonicalize_name(name))
+
+
+def _closure() -> dict[str, tuple[str, str]]:
+    """Installed distributions the server needs: ``SERVE_REQUIREMENTS`` (less the optional
+    ones that are not installed) and, transitively, what each requires here, by key:
+    (name as published, version)."""
+    from packaging.requirements import Requirement
+
+    found: dict[str, tuple[str, str]] = {}
+    extras_seen: dict[str, set[str]] = {}
+    todo: list[tuple[str, set[str], bool]] = [
+        (name, {EXTRAS[name].strip("[]")} if name in EXTRAS else set(), True)
+        for name in SERVE_REQUIREMENTS
+    ]
+    while todo:
+        name, extras, top = todo.pop()
+        key = _key(name)
+        if key in found and extras <= extras_seen[key]:
+            continue
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            if top and name not in OPTIONAL:
+                raise
+            continue  # an optional server dependency, or one this platform does not use
+        found[key] = (dist.metadata["Name"], dist.version)
+        extras_seen[key] = extras_seen.get(key, set()) | extras
+        environments = [{"extra": e} for e in sorted(extras)] or [{"extra": ""}]
+        for raw in dist.requires or []:
+            req = Requirement(raw)
+            if req.marker is not None and not any(req.marker.evaluate(e) for e in environments):
+                continue
+            todo.append((req.name, set(req.extras), False))
+    return found
 
 
 def package_sources() -> dict[str, bytes]:
