@@ -158,7 +158,7 @@ def predictions(
 
 
 def _row(r: dict[str, Any]) -> dict[str, Any]:
-    from loopline.monitor.stream import as_utc
+    from loopline.clock import utc as as_utc
 
     actual = r["actual"]
     return {

@@ -35,6 +35,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from loopline.clock import now as _now
+from loopline.clock import parse, utc
 from loopline.drivers.metadata.loops import (
     OPEN_STATUSES,
     AlertNote,
@@ -44,8 +46,6 @@ from loopline.drivers.metadata.loops import (
     open_key,
 )
 from loopline.errors import ConfigError, Conflict, LooplineError, NotFound, StoreError
-from loopline.monitor.clock import now as _now
-from loopline.monitor.clock import parse, utc
 from loopline.monitor.release_steps import canary, release, replica
 from loopline.monitor.retrain import ACTOR, LoopContext, StepFn, candidate_steps
 

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from loopline.clock import utc
 from loopline.drivers.metadata.models import AlertEvent, utcnow
 from loopline.monitor.resolutions import EXPIRED, RETIRED
 
@@ -58,10 +59,6 @@ _CHUNK = 500  # ids per IN (...) query
 _EVENT_KINDS = ("firing", "resolved", "notified", "inhibited")
 INHIBITED_TEXT = "notification inhibited by a firing critical global alert of this version"
 RELEASED_TEXT = "(its notice was held back while a critical alert of this version fired)"
-
-
-def _aware(ts: datetime) -> datetime:
-    return ts if ts.tzinfo is not None else ts.replace(tzinfo=UTC)
 
 
 def _chunks(ids: Sequence[int]) -> Iterable[Sequence[int]]:
@@ -134,7 +131,7 @@ def recent_alerts(
     )
     return [
         *open_alerts,
-        *(a for a in resolved if a.resolved_at is not None and _aware(a.resolved_at) >= since),
+        *(a for a in resolved if a.resolved_at is not None and utc(a.resolved_at) >= since),
     ]
 
 
@@ -245,7 +242,7 @@ def loops_to_tell(store: MetadataStore, now: datetime) -> list[Any]:
     recs += [
         r
         for r in store.loops.list(status=FINISHED, limit=LOOP_SCAN)
-        if r.finished_at is not None and _aware(r.finished_at) >= since
+        if r.finished_at is not None and utc(r.finished_at) >= since
     ]
     return recs
 

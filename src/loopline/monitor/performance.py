@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from loopline.clock import utc as as_utc
 from loopline.errors import ConfigError
 from loopline.metrics import classification_report
 from loopline.monitor.config import LABELLED_METRICS
-from loopline.monitor.stream import as_utc
 from loopline.monitor.types import GLOBAL, Measurement, scope_name
 from loopline.monitor.windows import rule_scopes
 

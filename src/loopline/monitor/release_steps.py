@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from loopline.clock import now as _now
+from loopline.clock import parse, utc
 from loopline.drivers.metadata.loops import LoopRecord
 from loopline.errors import Conflict
-from loopline.monitor.clock import now as _now
-from loopline.monitor.clock import parse, utc
 from loopline.monitor.retrain import ACTOR, LoopContext, build_config, replay_since
 
 if TYPE_CHECKING:

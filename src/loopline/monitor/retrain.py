@@ -17,10 +17,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from loopline.clock import parse, utc
 from loopline.drivers.data.captures import PREFIX, CapturesSource, parse_time
 from loopline.drivers.metadata.loops import LoopRecord
 from loopline.monitor import retrain_data as data
-from loopline.monitor.clock import parse, utc
 from loopline.monitor.retrain_data import release_captures
 
 if TYPE_CHECKING:

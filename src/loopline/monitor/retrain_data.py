@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
+from loopline.clock import utc
 from loopline.drivers.data.captures import PREFIX, parse_time
 from loopline.errors import NotFound
-from loopline.monitor.clock import utc
 
 if TYPE_CHECKING:
     from loopline.config import Config

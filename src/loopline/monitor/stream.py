@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from loopline.clock import to_us, utc
 from loopline.monitor.types import Logged, Outcome
 
 if TYPE_CHECKING:
@@ -41,7 +42,6 @@ CURSOR_VERSION = 2
 MAX_SEEN = 20_000
 BACKFILL = 10_000  # newest rows a first pass reads: windows of 500 for 20 segment values
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_US = timedelta(microseconds=1)
 _DIGEST = 8
 
 Key = tuple[datetime, str]  # (time, id): the order both streams are read in
@@ -121,7 +121,7 @@ def _advance(
     last ``late_s`` before it that the previous passes had not seen."""
 
     def key(row: Any) -> Key:
-        return as_utc(row._mapping[time_key]), str(row.id)
+        return utc(row._mapping[time_key]), str(row.id)
 
     state = state or {}
     mark = _key(state.get("mark"))
@@ -141,7 +141,7 @@ def _advance(
         lowest = (mark[0] - late, "")
         floor = max(lowest, _key(state.get("floor")) or lowest)
         for i, t in keys_between(floor[0], mark[0]):
-            k = (as_utc(t), str(i))
+            k = (utc(t), str(i))
             if floor < k <= mark:
                 known[k] = _digest(k)
         missed = [k for k, d in known.items() if d not in seen]
@@ -183,8 +183,8 @@ def segment_values(row: Any, segments: list[str]) -> dict[str, str]:
 def _outcome(r: Any, segments: list[str]) -> Outcome:
     return Outcome(
         prediction_id=r.id,
-        at=as_utc(r.at),
-        labelled_at=as_utc(r.labelled_at),
+        at=utc(r.at),
+        labelled_at=utc(r.labelled_at),
         model_version=int(r.model_version),
         variant=r.variant,
         predicted=r.predicted,
@@ -197,7 +197,7 @@ def _outcome(r: Any, segments: list[str]) -> Outcome:
 def _logged(r: Any, segments: list[str]) -> Logged:
     return Logged(
         prediction_id=r.id,
-        at=as_utc(r.at),
+        at=utc(r.at),
         model_version=int(r.model_version),
         variant=r.variant,
         predicted=r.predicted,
@@ -206,22 +206,6 @@ def _logged(r: Any, segments: list[str]) -> Logged:
         input_stats=r.input_stats,
         segments=segment_values(r, segments),
     )
-
-
-def as_utc(value: datetime) -> datetime:
-    """Times as aware UTC (SQLite hands back naive UTC): the one normaliser the monitor
-    and the prediction log's reads share."""
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-def to_us(value: datetime) -> int:
-    """Integer microseconds since the epoch (exact; compact in JSON)."""
-    return (as_utc(value) - _EPOCH) // _US
-
-
-def from_us(us: int) -> datetime:
-    """The aware UTC time of ``to_us``."""
-    return _EPOCH + us * _US
 
 
 def _digest(k: Key) -> bytes:
@@ -243,4 +227,4 @@ def _pack_key(k: Key) -> list[str]:
 
 
 def _key(value: list[str] | None) -> Key | None:
-    return (as_utc(datetime.fromisoformat(value[0])), value[1]) if value else None
+    return (utc(datetime.fromisoformat(value[0])), value[1]) if value else None

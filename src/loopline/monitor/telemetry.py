@@ -34,9 +34,10 @@ passes until there are enough.
 from __future__ import annotations
 
 from collections import defaultdict
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from loopline.clock import parse
 from loopline.monitor.types import GLOBAL, Measurement, scope_name
 
 if TYPE_CHECKING:
@@ -51,13 +52,6 @@ def _number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     return float(value)
-
-
-def _parse(at: str | None) -> datetime | None:
-    if at is None:
-        return None
-    ts = datetime.fromisoformat(at)
-    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts
 
 
 def _worst_high(rule: AlertRule) -> bool:
@@ -121,7 +115,8 @@ def _telemetry(rule: AlertRule, view: VersionView) -> list[Measurement]:
     for device_id, rows in _device_samples(view, devices, since, per_device).items():
         values = []
         for row in rows:
-            at = _parse(row.get("at"))
+            stamp = row.get("at")
+            at = parse(stamp) if stamp is not None else None
             version = row.get("version")
             if (at is not None and at > now) or version not in (None, view.model_version):
                 continue

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from loopline.monitor.stream import from_us, to_us
+from loopline.clock import from_us, to_us
 from loopline.monitor.types import GLOBAL, Logged, Outcome, scope_name
 
 if TYPE_CHECKING:

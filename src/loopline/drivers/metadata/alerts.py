@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import builtins
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select, update
 
+from loopline.clock import utc
 from loopline.drivers.metadata.database import Database
 from loopline.drivers.metadata.models import Alert, AlertEvent, utcnow
 
@@ -44,12 +45,6 @@ def open_key(
 ) -> str:
     """The dedup key of an open alert: one per (rule, environment, model, version, scope)."""
     return f"{rule}|{environment}|{model_name}|{model_version}|{scope}"
-
-
-def _utc(ts: datetime | None) -> datetime | None:
-    if ts is None:
-        return None
-    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
 
 
 def _iso(ts: datetime | None) -> str | None:
@@ -109,14 +104,14 @@ class AlertRecord:
 
 
 def _record(row: Alert) -> AlertRecord:
-    started, updated = _utc(row.started_at), _utc(row.updated_at)
+    started, updated = utc(row.started_at), utc(row.updated_at)
     assert started is not None and updated is not None
     return AlertRecord(
         id=row.id, rule=row.rule, metric=row.metric, environment=row.environment,
         model_name=row.model_name, model_version=row.model_version, scope=row.scope,
         severity=row.severity, state=row.state, op=row.op, threshold=row.threshold,
         value=row.value, samples=row.samples, action=row.action, open_key=row.open_key,
-        started_at=started, fired_at=_utc(row.fired_at), resolved_at=_utc(row.resolved_at),
+        started_at=started, fired_at=utc(row.fired_at), resolved_at=utc(row.resolved_at),
         updated_at=updated, reason=row.reason, details=dict(row.details or {}),
     )  # fmt: skip
 
@@ -125,7 +120,7 @@ def _event_dict(e: AlertEvent) -> dict[str, Any]:
     return {
         "id": e.id,
         "alert_id": e.alert_id,
-        "at": _iso(_utc(e.at)),
+        "at": _iso(utc(e.at)),
         "kind": e.kind,
         "value": e.value,
         "actor": e.actor,
@@ -170,7 +165,7 @@ class AlertRepository:
         """
         if state not in OPEN_STATES:
             raise ValueError(f"an alert opens pending or firing, not {state!r}")
-        now = _utc(at) or utcnow()
+        now = utc(at) or utcnow()
         key = open_key(rule, environment, model_name, model_version, scope)
         stmt = (
             self._db.insert(Alert)
@@ -237,7 +232,7 @@ class AlertRepository:
             raise ValueError(
                 f"alert transition {expected_state}->{new_state} is not allowed; allowed: {allowed}"
             )
-        now = _utc(at) or utcnow()
+        now = utc(at) or utcnow()
         values: dict[str, Any] = {"state": new_state, "updated_at": now}
         if value is not None:
             values["value"] = value
@@ -293,7 +288,7 @@ class AlertRepository:
         values: dict[str, Any] = {
             "value": value,
             "samples": int(samples),
-            "updated_at": _utc(at) or utcnow(),
+            "updated_at": utc(at) or utcnow(),
         }
         if details is not None:
             values["details"] = dict(details)
@@ -317,7 +312,7 @@ class AlertRepository:
         at: datetime | None = None,
     ) -> int:
         """Add a note to an alert (notified, approved, retrain rejected, ...); its id."""
-        event = AlertEvent(alert_id=alert_id, at=_utc(at) or utcnow(), kind=kind, value=value,
+        event = AlertEvent(alert_id=alert_id, at=utc(at) or utcnow(), kind=kind, value=value,
                            actor=actor, message=message, details=dict(details or {}))  # fmt: skip
         with self._db.write() as s:
             s.add(event)

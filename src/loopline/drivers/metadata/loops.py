@@ -28,10 +28,10 @@ from typing import Any
 
 from sqlalchemy import case, or_, select, update
 
+from loopline.clock import utc
 from loopline.drivers.metadata.database import Database
 from loopline.drivers.metadata.models import Alert, AlertEvent, LoopRun, utcnow
 from loopline.errors import Conflict, NotFound
-from loopline.monitor.clock import utc
 
 STATUSES = ("running", "waiting_approval", "succeeded", "rejected", "failed")
 OPEN_STATUSES = ("running", "waiting_approval")

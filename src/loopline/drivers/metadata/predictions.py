@@ -8,9 +8,9 @@ from typing import Any
 from sqlalchemy import Row, case, func, or_, select
 from sqlalchemy.exc import IntegrityError
 
+from loopline.clock import utc as as_utc
 from loopline.drivers.metadata.database import Database
 from loopline.drivers.metadata.models import Feedback, Prediction, utcnow
-from loopline.monitor.stream import as_utc
 
 # The columns of ``predictions`` the prediction server writes.
 COLUMNS = (
