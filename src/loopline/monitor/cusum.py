@@ -216,7 +216,7 @@ def measure(
         evidence: dict[str, Any] = {"p0": p0, "p0_source": source, "p1": p1, "h": h}
         if not (0.0 < p1 < p0 < 1.0) or h <= 0.0:
             evidence["why"] = f"cusum_p1 {p1:g} is not below p0 {p0:g}: nothing to detect"
-            out.append(_measurement(rule, view, scope, None, 0, window, evidence))
+            out.append(Measurement.of(rule, view, scope, None, 0, window, evidence))
             continue
         saved = scopes_state.get(scope)
         cusum = BernoulliCusum.from_dict(saved) if saved else None
@@ -235,27 +235,5 @@ def measure(
             resolve_value=cusum.statistic, resolve_samples=cusum.n,
         )  # fmt: skip
         value = peak if cusum.n >= rule.min_samples else None
-        out.append(_measurement(rule, view, scope, value, cusum.n, window, evidence))
+        out.append(Measurement.of(rule, view, scope, value, cusum.n, window, evidence))
     return out
-
-
-def _measurement(
-    rule: AlertRule,
-    view: VersionView,
-    scope: str,
-    value: float | None,
-    samples: int,
-    window: str,
-    evidence: dict[str, Any],
-) -> Measurement:
-    return Measurement(
-        metric=rule.metric,
-        environment=view.environment,
-        model_name=view.model_name,
-        model_version=view.model_version,
-        scope=scope,
-        value=value,
-        samples=samples,
-        window=window,
-        evidence=evidence,
-    )

@@ -35,9 +35,9 @@ import numpy as np
 
 from loopline.errors import ConfigError
 from loopline.monitor.config import AlertRule, DriftConfig, MonitorConfig
-from loopline.monitor.estimate import NO_REFERENCE, window_label
+from loopline.monitor.estimate import NO_REFERENCE
 from loopline.monitor.reference import Reference
-from loopline.monitor.types import Logged, Measurement, VersionView
+from loopline.monitor.types import Logged, Measurement, VersionView, describe_window
 from loopline.monitor.windows import rule_scopes
 
 METRICS = ("drift.predictions", "drift.inputs", "drift.softmax")
@@ -221,16 +221,14 @@ def measure(
             n = seen.get(scope, 0)
             value, samples, evidence = None, n, _waiting(rule, persistence, n)
         out.append(
-            Measurement(
-                metric=rule.metric,
-                environment=view.environment,
-                model_name=view.model_name,
-                model_version=view.model_version,
-                scope=scope,
-                value=value,
-                samples=samples,
-                window=window_label(rule),
-                evidence=evidence,
+            Measurement.of(
+                rule,
+                view,
+                scope,
+                value,
+                samples,
+                describe_window(rule.window, rule.window_s),
+                evidence,
             )
         )
     return out

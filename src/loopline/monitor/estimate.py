@@ -14,20 +14,10 @@ from typing import Any
 import numpy as np
 
 from loopline.monitor.config import AlertRule, MonitorConfig
-from loopline.monitor.types import Measurement, VersionView
+from loopline.monitor.types import Measurement, VersionView, describe_window
 from loopline.monitor.windows import rule_scopes
 
 NO_REFERENCE = "the version's bundle has no monitoring reference (monitoring.json)"
-
-
-def window_label(rule: AlertRule) -> str:
-    """How a measurement names its window: ``last 200``, ``last 600s``, ``last 200 / 600s``."""
-    parts = []
-    if rule.window is not None:
-        parts.append(str(rule.window))
-    if rule.window_s is not None:
-        parts.append(f"{rule.window_s:g}s")
-    return "last " + " / ".join(parts) if parts else "all"
 
 
 def estimate_gap(
@@ -85,16 +75,14 @@ def measure(
             if gap is not None:
                 evidence["gap"] = gap
         out.append(
-            Measurement(
-                metric=rule.metric,
-                environment=view.environment,
-                model_name=view.model_name,
-                model_version=view.model_version,
-                scope=scope,
-                value=value,
-                samples=len(rows),
-                window=window_label(rule),
-                evidence=evidence,
+            Measurement.of(
+                rule,
+                view,
+                scope,
+                value,
+                len(rows),
+                describe_window(rule.window, rule.window_s),
+                evidence,
             )
         )
     return out

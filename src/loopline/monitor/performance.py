@@ -20,7 +20,7 @@ from loopline.clock import utc as as_utc
 from loopline.errors import ConfigError
 from loopline.metrics import classification_report
 from loopline.monitor.config import LABELLED_METRICS
-from loopline.monitor.types import GLOBAL, Measurement, scope_name
+from loopline.monitor.types import GLOBAL, Measurement, describe_window, scope_name
 from loopline.monitor.windows import rule_scopes
 
 if TYPE_CHECKING:
@@ -62,16 +62,14 @@ def measure(
             evidence["resolve_value"] = None if stale else resolve
             evidence["resolve_samples"] = len(wide)
         out.append(
-            Measurement(
-                metric=rule.metric,
-                environment=view.environment,
-                model_name=view.model_name,
-                model_version=view.model_version,
-                scope=scope,
-                value=value,
-                samples=len(samples),
-                window=describe_window(rule.window, rule.window_s),
-                evidence=evidence,
+            Measurement.of(
+                rule,
+                view,
+                scope,
+                value,
+                len(samples),
+                describe_window(rule.window, rule.window_s, "labelled"),
+                evidence,
             )
         )
     return out
@@ -95,15 +93,6 @@ def score(
     evidence["last_at"] = max(o.at for o in samples).isoformat()
     evidence["last_label_at"] = max(o.labelled_at for o in samples).isoformat()
     return (float(report[metric]) if n >= min_samples else None), evidence
-
-
-def describe_window(count: int | None, seconds: float | None) -> str:
-    """``last 50 labelled``, ``last 3600s``, ``last 50 labelled within 3600s``."""
-    if count is not None and seconds is not None:
-        return f"last {count} labelled within {seconds:g}s"
-    if seconds is not None:
-        return f"last {seconds:g}s"
-    return f"last {count} labelled" if count is not None else "all labelled"
 
 
 def current_metrics(

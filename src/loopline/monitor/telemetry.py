@@ -38,7 +38,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from loopline.clock import parse
-from loopline.monitor.types import GLOBAL, Measurement, scope_name
+from loopline.monitor.types import GLOBAL, Measurement, describe_window, scope_name
 
 if TYPE_CHECKING:
     from loopline.monitor.config import AlertRule, MonitorConfig
@@ -56,15 +56,6 @@ def _number(value: Any) -> float | None:
 
 def _worst_high(rule: AlertRule) -> bool:
     return rule.op in (">", ">=")
-
-
-def _window_text(rule: AlertRule) -> str:
-    parts = []
-    if rule.window is not None:
-        parts.append(f"last {rule.window}")
-    if rule.window_s is not None:
-        parts.append(f"{rule.window_s:g}s")
-    return " within ".join(parts) if parts else "latest"
 
 
 def measure(
@@ -125,7 +116,7 @@ def _telemetry(rule: AlertRule, view: VersionView) -> list[Measurement]:
                 values.append(value)
         if values:
             means[device_id] = (sum(values) / len(values), len(values))
-    window = f"telemetry {_window_text(rule)}"
+    window = f"telemetry {describe_window(rule.window, rule.window_s)}"
     if rule.scope == "segment":
         return [
             _measurement(rule, view, scope_name("device", d), mean, n, window, {"device": d})
@@ -148,14 +139,12 @@ def _worst(
     }
     if not enough:
         samples = max((n for _, n in values.values()), default=0)
-        return Measurement(rule.metric, view.environment, view.model_name, view.model_version,
-                           GLOBAL, None, samples, window, evidence)  # fmt: skip
+        return Measurement.of(rule, view, GLOBAL, None, samples, window, evidence)
     pick = max if _worst_high(rule) else min
     member = pick(enough, key=lambda k: enough[k][0])
     value, samples = enough[member]
     evidence[noun] = member
-    return Measurement(rule.metric, view.environment, view.model_name, view.model_version,
-                       GLOBAL, value, samples, window, evidence)  # fmt: skip
+    return Measurement.of(rule, view, GLOBAL, value, samples, window, evidence)
 
 
 def _measurement(
@@ -169,8 +158,7 @@ def _measurement(
 ) -> Measurement:
     if samples < rule.min_samples:
         value = None
-    return Measurement(rule.metric, view.environment, view.model_name, view.model_version,
-                       scope, value, samples, window, evidence)  # fmt: skip
+    return Measurement.of(rule, view, scope, value, samples, window, evidence)
 
 
 # -- serving counters ---------------------------------------------------------------------

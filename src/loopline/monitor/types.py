@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from loopline.drivers.metadata.store import MetadataStore
+    from loopline.monitor.config import AlertRule
     from loopline.monitor.reference import Reference
 
 GLOBAL = "global"
@@ -30,6 +31,19 @@ def scope_name(column: str, value: str) -> str:
         digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:12]
         value = f"{value[: MAX_SCOPE_VALUE - 13]}~{digest}"
     return f"{column[:MAX_SCOPE_VALUE]}={value}"
+
+
+def describe_window(count: int | None, seconds: float | None, unit: str = "") -> str:
+    """How a measurement names its window: ``last 50 labelled``, ``last 600s``,
+    ``last 50 labelled within 600s``; ``latest`` (or ``all <unit>``) without either."""
+    noun = f" {unit}" if unit else ""
+    if count is not None and seconds is not None:
+        return f"last {count}{noun} within {seconds:g}s"
+    if seconds is not None:
+        return f"last {seconds:g}s"
+    if count is not None:
+        return f"last {count}{noun}"
+    return f"all{noun}" if unit else "latest"
 
 
 @dataclass(frozen=True)
@@ -88,6 +102,21 @@ class Measurement:
     samples: int
     window: str
     evidence: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(
+        cls,
+        rule: AlertRule,
+        view: VersionView,
+        scope: str,
+        value: float | None,
+        samples: int,
+        window: str,
+        evidence: dict[str, Any] | None = None,
+    ) -> Measurement:
+        """A measurement of ``rule``'s metric for ``view``'s version."""
+        return cls(rule.metric, view.environment, view.model_name, view.model_version,
+                   scope, value, samples, window, evidence or {})  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return {
