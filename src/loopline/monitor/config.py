@@ -173,35 +173,22 @@ def default_rules() -> list[AlertRule]:
             severity="warning",
             action="notify",
         ),
-        AlertRule(
-            name="prediction-drift",
-            metric="drift.predictions",
-            op=">",
-            threshold=0.0,
-            window=25,
-            min_samples=25,
-            severity="warning",
-            action="notify",
-        ),
-        AlertRule(
-            name="input-drift",
-            metric="drift.inputs",
-            op=">",
-            threshold=0.0,
-            window=25,
-            min_samples=25,
-            severity="warning",
-            action="notify",
-        ),
-        AlertRule(
-            name="softmax-drift",
-            metric="drift.softmax",
-            op=">",
-            threshold=0.0,
-            window=25,
-            min_samples=25,
-            severity="warning",
-            action="notify",
+        *(
+            AlertRule(
+                name=f"{kind}-drift",
+                metric=metric,
+                op=">",
+                threshold=0.0,
+                window=25,
+                min_samples=25,
+                severity="warning",
+                action="notify",
+            )
+            for kind, metric in (
+                ("prediction", "drift.predictions"),
+                ("input", "drift.inputs"),
+                ("softmax", "drift.softmax"),
+            )
         ),
     ]
 
